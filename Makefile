@@ -1,0 +1,42 @@
+# Quick start: `make demo` (install, run the demo) and `make test` (install, lint, test).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# OpenMP in tblite: one thread per core is best on small machines.
+export OMP_NUM_THREADS ?= 2
+export OMP_STACKSIZE ?= 512M
+
+.PHONY: demo test lint format bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/demo_relax.py --out out/demo
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check deltaml tests examples benchmarks
+	$(BIN)/ruff format --check deltaml tests examples benchmarks
+
+test: lint
+	$(BIN)/python -m pytest
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix deltaml tests examples benchmarks
+	$(BIN)/ruff format deltaml tests examples benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_terms.py
+	$(BIN)/python benchmarks/bench_periodic_consistency.py
+
+clean:
+	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache

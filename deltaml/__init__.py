@@ -1,0 +1,67 @@
+"""deltaml: Δ-learning on top of GFN-xTB with a physical D3 dispersion term.
+
+The composite energy is ``E = E_baseline(GFN-xTB, own dispersion removed)
++ E_correction(learned) + E_D3``. Import the pieces from here::
+
+    from deltaml import DeltaCalculator, ZeroCorrection, XTBBaseline, D3Dispersion
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from deltaml.baseline import XTBBaseline, canonical_method, dispersion_free_parametrization
+from deltaml.calculator import DeltaCalculator, energy_budget
+from deltaml.correction import Correction, CorrectionResult, ZeroCorrection, record_differences
+from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
+from deltaml.errors import (
+    ChargeMultiplicityError,
+    DeltaMLError,
+    EmptyStructureError,
+    EngineError,
+    NonFiniteGeometryError,
+    OverlappingAtomsError,
+    ParameterError,
+    SCFConvergenceError,
+    SingularCellError,
+    StructureError,
+    TermMismatchError,
+    UnsupportedCapabilityError,
+    UnsupportedElementError,
+)
+from deltaml.structures import perpendicular_widths, supercell_repeats, validate_structure
+
+try:
+    __version__ = version("deltaml")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "ChargeMultiplicityError",
+    "Correction",
+    "CorrectionResult",
+    "D3Dispersion",
+    "DeltaCalculator",
+    "DeltaMLError",
+    "EmptyStructureError",
+    "EngineError",
+    "NonFiniteGeometryError",
+    "OverlappingAtomsError",
+    "ParameterError",
+    "SCFConvergenceError",
+    "SingularCellError",
+    "StructureError",
+    "TermMismatchError",
+    "UnsupportedCapabilityError",
+    "UnsupportedElementError",
+    "XTBBaseline",
+    "ZeroCorrection",
+    "__version__",
+    "canonical_method",
+    "damping_parameters",
+    "dispersion_free_parametrization",
+    "energy_budget",
+    "parse_dispersion_spec",
+    "perpendicular_widths",
+    "record_differences",
+    "supercell_repeats",
+    "validate_structure",
+]

@@ -1,0 +1,496 @@
+"""GFN-xTB baseline: an ASE calculator over tblite (default) or xtb-python.
+
+The baseline is the physical starting point of the Δ-model. Two engines sit
+behind one interface:
+
+* ``tblite`` (default): GFN2-xTB and GFN1-xTB for molecules and periodic cells,
+  energy, forces and stress. Its dispersion-free variants are exact: the method's
+  parametrization is exported from the library, its ``dispersion`` section (D4 for
+  GFN2, D3(BJ) for GFN1) is deleted and the rest is loaded back unchanged.
+* ``xtb`` (xtb-python): molecules for both methods, GFN1-xTB under periodic
+  boundaries. It cannot give stress, has no GFN2-xTB under periodic boundaries
+  and cannot switch off GFN2's self-consistent D4; these raise
+  :class:`~deltaml.errors.UnsupportedCapabilityError` before anything is computed.
+  Its dispersion-free GFN1-xTB subtracts GFN1's D3(BJ) (s6=1, s8=2.4, a1=0.63,
+  a2=5.0, no ATM) evaluated with simple-dftd3; the test suite measures that this
+  agrees with tblite's exact removal.
+
+Narrow periodic cells are evaluated on a supercell: tblite samples the Brillouin
+zone at Γ only, which for a molecular crystal with a 5 Å cell is off by up to
+tens of kJ/mol per molecule. A cell narrower than ``min_cell_width`` is repeated
+until every perpendicular width reaches it; energy, forces and stress are
+returned for the cell that was given (``results["supercell_repeats"]`` and the
+log say which supercell was used).
+
+Data flow: structures → **baseline** → composite calculator.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+from ase.units import Bohr, Hartree, kB
+from numpy.typing import NDArray
+
+from deltaml.errors import (
+    EngineError,
+    ParameterError,
+    SCFConvergenceError,
+    UnsupportedCapabilityError,
+)
+from deltaml.structures import (
+    DEFAULT_MIN_DISTANCE,
+    resolve_charge,
+    resolve_multiplicity,
+    supercell_repeats,
+    validate_structure,
+)
+
+__all__ = [
+    "SUPPORTED_ELEMENTS",
+    "XTBBaseline",
+    "canonical_method",
+    "dispersion_free_parametrization",
+]
+
+logger = logging.getLogger(__name__)
+
+#: GFN1-xTB and GFN2-xTB are parametrized for H to Rn.
+SUPPORTED_ELEMENTS = frozenset(range(1, 87))
+
+_METHOD_ALIASES = {
+    "gfn2": "GFN2-xTB",
+    "gfn2-xtb": "GFN2-xTB",
+    "gfn2xtb": "GFN2-xTB",
+    "gfn1": "GFN1-xTB",
+    "gfn1-xtb": "GFN1-xTB",
+    "gfn1xtb": "GFN1-xTB",
+}
+
+_ENGINES = ("tblite", "xtb")
+
+#: Parameters that change the Hamiltonian or the system: changing them rebuilds the engine.
+_REBUILD_KEYS = ("method", "engine", "remove_dispersion", "charge", "multiplicity")
+
+
+def canonical_method(method: str) -> str:
+    """Canonical name of a GFN method (``"gfn2"`` → ``"GFN2-xTB"``).
+
+    Raises
+    ------
+    ParameterError
+        If the method is not GFN1-xTB or GFN2-xTB.
+    """
+    key = str(method).strip().lower()
+    if key not in _METHOD_ALIASES:
+        raise ParameterError(
+            f"unknown baseline method {method!r}; choose GFN2-xTB or GFN1-xTB (aliases: gfn2, gfn1)"
+        )
+    return _METHOD_ALIASES[key]
+
+
+def _check_engine(engine: str) -> str:
+    if engine not in _ENGINES:
+        raise ParameterError(f"unknown engine {engine!r}; choose one of {_ENGINES}")
+    return engine
+
+
+class XTBBaseline(Calculator):
+    r"""ASE calculator for GFN2-xTB / GFN1-xTB with an optional exact removal of
+    the method's own dispersion.
+
+    ====================== ============ ======= =====================================
+     Keyword                Default      Unit    Description
+    ====================== ============ ======= =====================================
+     method                 "GFN2-xTB"   -       GFN2-xTB or GFN1-xTB (or gfn2, gfn1)
+     engine                 "tblite"     -       "tblite" or "xtb" (xtb-python)
+     remove_dispersion      False        -       drop the method's own D4/D3 term
+     charge                 None         e       total charge; None: sum of initial charges
+     multiplicity           None         -       2S+1; None: from initial magnetic moments
+     electronic_temperature 300.0        K       Fermi smearing temperature
+     accuracy               1.0          -       engine accuracy (smaller is tighter)
+     max_iterations         250          -       maximum SCF iterations
+     min_cell_width         7.0          Å       evaluate narrower cells on a supercell
+     min_distance           0.5          Å       closest allowed interatomic distance
+     verbosity              0            -       engine print level
+    ====================== ============ ======= =====================================
+
+    Results are in ASE units: ``energy``/``free_energy`` (eV; the electronic free
+    energy at the electronic temperature), ``forces`` (eV/Å), ``stress`` (eV/Å³,
+    Voigt order xx, yy, zz, yz, xz, xy; periodic cells only) and, for periodic
+    cells, ``supercell_repeats`` (the supercell actually evaluated).
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> atoms = molecule("H2O")
+    >>> atoms.calc = XTBBaseline(method="GFN2-xTB", remove_dispersion=True)
+    >>> energy = atoms.get_potential_energy()  # eV
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    default_parameters: dict[str, Any] = {
+        "method": "GFN2-xTB",
+        "engine": "tblite",
+        "remove_dispersion": False,
+        "charge": None,
+        "multiplicity": None,
+        "electronic_temperature": 300.0,
+        "accuracy": 1.0,
+        "max_iterations": 250,
+        "min_cell_width": 7.0,
+        "min_distance": DEFAULT_MIN_DISTANCE,
+        "verbosity": 0,
+    }
+
+    def __init__(self, atoms: Atoms | None = None, **kwargs: Any) -> None:
+        self._engine: _Engine | None = None
+        self._engine_key: tuple | None = None
+        Calculator.__init__(self, atoms=atoms, **kwargs)
+
+    # -- parameters -------------------------------------------------------------
+
+    def set(self, **kwargs: Any) -> dict:
+        """Set parameters; rebuild the engine only when the Hamiltonian changes.
+
+        Cheap settings (accuracy, electronic temperature, SCF iterations) are
+        pushed into the live engine; any change resets the results.
+        """
+        if "method" in kwargs:
+            kwargs["method"] = canonical_method(kwargs["method"])
+        if "engine" in kwargs:
+            _check_engine(kwargs["engine"])
+        changed = Calculator.set(self, **kwargs)
+        if changed:
+            self.reset()
+        if any(key in changed for key in _REBUILD_KEYS):
+            self._engine = None
+            self._engine_key = None
+        elif self._engine is not None:
+            self._engine.configure(self.parameters)
+        return changed
+
+    @property
+    def method(self) -> str:
+        """Canonical method name, e.g. ``"GFN2-xTB"``."""
+        return canonical_method(self.parameters.method)
+
+    def record(self) -> dict[str, Any]:
+        """Method record by value: everything that changes the baseline energy.
+
+        Returns
+        -------
+        dict
+            JSON-serialisable: method, engine and its version, whether the
+            method's own dispersion is removed (and which term that was, with
+            its damping parameters), electronic temperature (K), accuracy,
+            maximum SCF iterations, minimum cell width (Å).
+        """
+        p = self.parameters
+        own = _own_dispersion(self.method)
+        return {
+            "term": "baseline",
+            "method": self.method,
+            "engine": p.engine,
+            "engine_version": _engine_version(p.engine),
+            "remove_dispersion": bool(p.remove_dispersion),
+            "removed_dispersion": own if p.remove_dispersion else None,
+            "electronic_temperature_k": float(p.electronic_temperature),
+            "accuracy": float(p.accuracy),
+            "max_iterations": int(p.max_iterations),
+            "min_cell_width_a": float(p.min_cell_width),
+        }
+
+    # -- calculation ------------------------------------------------------------
+
+    def check_capabilities(self, atoms: Atoms, properties: list[str]) -> None:
+        """Raise before computing if the engine cannot provide ``properties``.
+
+        Raises
+        ------
+        UnsupportedCapabilityError
+            xtb engine with GFN2-xTB under periodic boundaries, with stress, or
+            with GFN2-xTB and ``remove_dispersion``.
+        """
+        p = self.parameters
+        if p.engine != "xtb":
+            return
+        if self.method == "GFN2-xTB" and atoms.pbc.any():
+            raise UnsupportedCapabilityError(
+                "xtb engine: GFN2-xTB is not available under periodic boundary "
+                "conditions in xtb-python; use engine='tblite' or GFN1-xTB"
+            )
+        if "stress" in properties:
+            raise UnsupportedCapabilityError(
+                "xtb engine: xtb-python does not compute stress (it returns a zero "
+                "virial); use engine='tblite' for stress and cell relaxations"
+            )
+        if self.method == "GFN2-xTB" and p.remove_dispersion:
+            raise UnsupportedCapabilityError(
+                "xtb engine: GFN2-xTB's self-consistent D4 cannot be switched off in "
+                "xtb-python; use engine='tblite' for dispersion-free GFN2-xTB"
+            )
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: list[str] | None = None,
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        """Evaluate the baseline; see the class docstring for the results."""
+        properties = properties or ["energy"]
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        p = self.parameters
+        if "stress" in properties and not atoms.pbc.any():
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        self.check_capabilities(atoms, properties)
+        charge = resolve_charge(atoms, p.charge)
+        multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity)
+        validate_structure(
+            atoms,
+            supported_elements=SUPPORTED_ELEMENTS,
+            method_name=self.method,
+            min_distance=p.min_distance,
+            charge=charge,
+            multiplicity=multiplicity,
+        )
+
+        repeats = supercell_repeats(atoms.cell.array, atoms.pbc, p.min_cell_width)
+        work = atoms.repeat(repeats) if repeats != (1, 1, 1) else atoms
+        n_cells = int(np.prod(repeats))
+        if n_cells > 1:
+            logger.info(
+                "%s: cell narrower than %.2f Å evaluated on a %dx%dx%d supercell",
+                self.method,
+                p.min_cell_width,
+                *repeats,
+            )
+
+        engine = self._get_engine(work, charge * n_cells, multiplicity, repeats)
+        energy, gradient, virial = engine.singlepoint()
+
+        n_atoms = len(atoms)
+        self.results["energy"] = energy * Hartree / n_cells
+        self.results["free_energy"] = self.results["energy"]
+        # Every image of an atom carries the same force; block 0 is the given cell.
+        self.results["forces"] = -gradient[:n_atoms] * (Hartree / Bohr)
+        if atoms.pbc.any():
+            self.results["supercell_repeats"] = np.array(repeats)
+            if virial is not None:
+                # The virial is extensive and the volume too: stress is unchanged.
+                stress = virial * Hartree / work.get_volume()
+                self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+
+    def _get_engine(
+        self, work: Atoms, charge: int, multiplicity: int, repeats: tuple[int, int, int]
+    ) -> _Engine:
+        """Reuse the engine while only positions or cell change."""
+        n_cells = int(np.prod(repeats))
+        # Unpaired electrons add up over the copies of the cell in a supercell.
+        uhf = (multiplicity - 1) * n_cells
+        key = (tuple(work.numbers), tuple(work.pbc), repeats, charge, uhf)
+        if self._engine is not None and key == self._engine_key:
+            self._engine.update(work)
+            return self._engine
+        cls = _TBLiteEngine if self.parameters.engine == "tblite" else _XTBEngine
+        self._engine = cls(self.method, work, charge, uhf, self.parameters)
+        self._engine_key = key
+        return self._engine
+
+
+# -- engines -------------------------------------------------------------------
+
+
+def _engine_version(engine: str) -> str:
+    from importlib.metadata import version
+
+    return version(engine)
+
+
+def _own_dispersion(method: str) -> dict[str, Any]:
+    """The dispersion model built into a GFN method, by value (from tblite)."""
+    return {"model": _param_dict(method)["dispersion"]}
+
+
+_PARAM_CACHE: dict[str, dict] = {}
+
+
+def _param_dict(method: str) -> dict:
+    """The full parametrization of a GFN method as exported by tblite."""
+    if method not in _PARAM_CACHE:
+        from tblite import library
+
+        exporter = {
+            "GFN2-xTB": library.export_gfn2_param,
+            "GFN1-xTB": library.export_gfn1_param,
+        }[method]
+        param = library.new_param()
+        exporter(param)
+        table = library.new_table()
+        library.dump_param(param, table)
+        _PARAM_CACHE[method] = library.table_to_dict(table)
+    return _PARAM_CACHE[method]
+
+
+def dispersion_free_parametrization(method: str) -> dict:
+    """tblite parametrization of ``method`` with its dispersion section removed."""
+    import copy
+
+    params = copy.deepcopy(_param_dict(canonical_method(method)))
+    del params["dispersion"]
+    params["meta"]["name"] = f"{params['meta']['name']} (dispersion removed)"
+    return params
+
+
+def _wrap_failure(engine: str, exc: Exception) -> EngineError:
+    message = f"{engine}: {exc}".strip()
+    if "converge" in message.lower():
+        return SCFConvergenceError(
+            f"{message} (raise max_iterations, the electronic temperature, or check the geometry)"
+        )
+    return EngineError(message)
+
+
+class _Engine:
+    """Interface of an engine: atomic units inside, ASE units never."""
+
+    def configure(self, parameters: Any) -> None:
+        raise NotImplementedError
+
+    def update(self, atoms: Atoms) -> None:
+        raise NotImplementedError
+
+    def singlepoint(self) -> tuple[float, NDArray[np.float64], NDArray[np.float64] | None]:
+        """Energy (Eh), gradient (Eh/Bohr, shape (n, 3)), virial (Eh, 3×3) or None.
+
+        The virial is returned whenever the engine has it (it costs nothing
+        extra), so a later stress request needs no second SCF.
+        """
+        raise NotImplementedError
+
+
+class _TBLiteEngine(_Engine):
+    def __init__(self, method: str, atoms: Atoms, charge: int, uhf: int, parameters: Any) -> None:
+        from tblite.interface import Calculator as TBLiteCalculator
+
+        spec: str | dict = method
+        if parameters.remove_dispersion:
+            spec = dispersion_free_parametrization(method)
+        try:
+            self._calc = TBLiteCalculator(
+                spec,
+                atoms.numbers,
+                atoms.positions / Bohr,
+                charge,
+                uhf,
+                atoms.cell.array / Bohr,
+                atoms.pbc,
+            )
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"tblite could not set up {method}: {exc}") from exc
+        self._result = None
+        self._periodic = bool(atoms.pbc.any())
+        self.configure(parameters)
+
+    def configure(self, parameters: Any) -> None:
+        self._calc.set("verbosity", int(parameters.verbosity))
+        self._calc.set("accuracy", float(parameters.accuracy))
+        self._calc.set("max-iter", int(parameters.max_iterations))
+        self._calc.set("temperature", float(parameters.electronic_temperature) * kB / Hartree)
+
+    def update(self, atoms: Atoms) -> None:
+        try:
+            self._calc.update(positions=atoms.positions / Bohr, lattice=atoms.cell.array / Bohr)
+        except (RuntimeError, ValueError) as exc:
+            raise EngineError(f"tblite rejected the geometry: {exc}") from exc
+
+    def singlepoint(self):
+        try:
+            # Restarting from the previous density saves SCF cycles along a trajectory.
+            self._result = self._calc.singlepoint(self._result)
+        except RuntimeError as exc:
+            self._result = None
+            raise _wrap_failure("tblite", exc) from exc
+        virial = self._result.get("virial") if self._periodic else None
+        return float(self._result.get("energy")), self._result.get("gradient"), virial
+
+
+class _XTBEngine(_Engine):
+    def __init__(self, method: str, atoms: Atoms, charge: int, uhf: int, parameters: Any) -> None:
+        from xtb.interface import Calculator as XTBCalculator
+        from xtb.interface import Param, XTBException
+
+        param = {"GFN2-xTB": Param.GFN2xTB, "GFN1-xTB": Param.GFN1xTB}[method]
+        try:
+            self._calc = XTBCalculator(
+                param,
+                atoms.numbers,
+                atoms.positions / Bohr,
+                charge,
+                uhf,
+                atoms.cell.array / Bohr,
+                atoms.pbc,
+            )
+        except XTBException as exc:
+            raise EngineError(f"xtb could not set up {method}: {exc}") from exc
+        self._remove_d3 = bool(parameters.remove_dispersion)  # GFN1 only, checked above
+        self._atoms = atoms.copy()
+        self._d3 = None
+        self.configure(parameters)
+
+    def configure(self, parameters: Any) -> None:
+        from xtb.libxtb import VERBOSITY_FULL, VERBOSITY_MUTED
+
+        self._calc.set_verbosity(VERBOSITY_FULL if parameters.verbosity > 0 else VERBOSITY_MUTED)
+        self._calc.set_accuracy(float(parameters.accuracy))
+        self._calc.set_max_iterations(int(parameters.max_iterations))
+        self._calc.set_electronic_temperature(float(parameters.electronic_temperature))
+
+    def update(self, atoms: Atoms) -> None:
+        from xtb.interface import XTBException
+
+        self._atoms = atoms.copy()
+        try:
+            self._calc.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+        except XTBException as exc:
+            raise EngineError(f"xtb rejected the geometry: {exc}") from exc
+
+    def singlepoint(self):
+        # xtb-python returns a zero virial for GFN1/GFN2: never pass it on.
+        from xtb.interface import XTBException
+
+        try:
+            result = self._calc.singlepoint()
+        except XTBException as exc:
+            raise _wrap_failure("xtb", exc) from exc
+        energy = float(result.get_energy())
+        gradient = np.array(result.get_gradient())
+        if self._remove_d3:
+            d3_energy, d3_gradient = self._gfn1_d3()
+            energy -= d3_energy
+            gradient -= d3_gradient
+        return energy, gradient, None
+
+    def _gfn1_d3(self) -> tuple[float, NDArray[np.float64]]:
+        from dftd3.interface import DispersionModel, RationalDampingParam
+
+        atoms = self._atoms
+        if self._d3 is None:
+            self._d3 = DispersionModel(
+                atoms.numbers, atoms.positions / Bohr, atoms.cell.array / Bohr, atoms.pbc
+            )
+        else:
+            self._d3.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+        # GFN1-xTB's own D3(BJ) damping parameters, read from tblite's export.
+        values = _param_dict("GFN1-xTB")["dispersion"]["d3"]
+        damping = RationalDampingParam(**{k: values[k] for k in ("s6", "s8", "s9", "a1", "a2")})
+        result = self._d3.get_dispersion(damping, grad=True)
+        return float(result["energy"]), result["gradient"]

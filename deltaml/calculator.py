@@ -1,0 +1,339 @@
+"""The composite ASE calculator: dispersion-free baseline + learned correction + D3.
+
+:class:`DeltaCalculator` owns one :class:`~deltaml.baseline.XTBBaseline` (with
+the method's own D4/D3 removed, so dispersion is counted once), one
+:class:`~deltaml.dispersion.D3Dispersion` and one correction following
+:class:`~deltaml.correction.Correction`. It reports the sum under ASE's names and
+every term under ``<property>_<term>`` (``energy_baseline``, ``forces_dispersion``,
+``stress_correction``, ...), so users can see the energy budget.
+
+Data flow: baseline, dispersion, correction (model) → **composite** → applications.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+
+from deltaml.baseline import SUPPORTED_ELEMENTS, XTBBaseline, canonical_method
+from deltaml.correction import Correction, record_differences
+from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
+from deltaml.errors import ParameterError, TermMismatchError
+from deltaml.structures import (
+    DEFAULT_MIN_DISTANCE,
+    resolve_charge,
+    resolve_multiplicity,
+    validate_structure,
+)
+
+__all__ = ["TERMS", "DeltaCalculator", "energy_budget"]
+
+#: Names of the terms, in the order they are summed.
+TERMS = ("baseline", "correction", "dispersion")
+
+#: Composite parameters handed to the baseline unchanged.
+_BASELINE_KEYS = (
+    "method",
+    "engine",
+    "charge",
+    "multiplicity",
+    "electronic_temperature",
+    "accuracy",
+    "max_iterations",
+    "min_cell_width",
+    "min_distance",
+)
+
+
+class DeltaCalculator(Calculator):
+    r"""Composite calculator: GFN-xTB (own dispersion removed) + correction + D3.
+
+    ====================== ============ ===== =========================================
+     Keyword                Default      Unit  Description
+    ====================== ============ ===== =========================================
+     method                 "GFN2-xTB"   -     baseline, GFN2-xTB or GFN1-xTB
+     engine                 "tblite"     -     baseline engine, "tblite" or "xtb"
+     baseline_dispersion    False        -     keep the baseline's own D4/D3 term
+     dispersion             "d3bj:pbe0"  -     D3 term "DAMPING:FUNCTIONAL[:atm]", or None
+     charge                 None         e     total charge; None: sum of initial charges
+     multiplicity           None         -     2S+1; None: from initial magnetic moments
+     electronic_temperature 300.0        K     baseline Fermi smearing temperature
+     accuracy               1.0          -     baseline engine accuracy
+     max_iterations         250          -     baseline maximum SCF iterations
+     min_cell_width         7.0          Å     baseline supercell threshold
+     min_distance           0.5          Å     closest allowed interatomic distance
+    ====================== ============ ===== =========================================
+
+    Parameters
+    ----------
+    atoms : ase.Atoms, optional
+        Structure to attach to.
+    correction : Correction
+        The learned correction. Required: pass ``ZeroCorrection()`` to run the
+        physical terms alone.
+    **kwargs
+        Keywords of the table above.
+
+    Notes
+    -----
+    Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å), ``stress``
+    (eV/Å³, Voigt; periodic cells only); per term ``energy_<term>``,
+    ``forces_<term>``, ``stress_<term>`` for ``baseline``, ``correction`` and
+    ``dispersion``; ``energy_uncertainty`` (eV), ``energies_uncertainty`` (eV) and
+    ``forces_uncertainty`` (eV/Å) when the correction provides them.
+
+    Keeping the baseline's own dispersion and adding D3 on top counts
+    dispersion twice (several kcal/mol of overbinding for dispersion-bound
+    dimers) and is refused.
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> atoms = molecule("H2O")
+    >>> atoms.calc = DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+    >>> energy = atoms.get_potential_energy()  # eV
+    >>> budget = {t: atoms.calc.results[f"energy_{t}"] for t in ("baseline", "dispersion")}
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    default_parameters: dict[str, Any] = {
+        "method": "GFN2-xTB",
+        "engine": "tblite",
+        "baseline_dispersion": False,
+        "dispersion": "d3bj:pbe0",
+        "charge": None,
+        "multiplicity": None,
+        "electronic_temperature": 300.0,
+        "accuracy": 1.0,
+        "max_iterations": 250,
+        "min_cell_width": 7.0,
+        "min_distance": DEFAULT_MIN_DISTANCE,
+    }
+
+    def __init__(
+        self,
+        atoms: Atoms | None = None,
+        *,
+        correction: Correction | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if correction is None:
+            raise ParameterError(
+                "no correction given: pass a fitted model, or correction=ZeroCorrection() "
+                "to run baseline + dispersion alone"
+            )
+        if not isinstance(correction, Correction):
+            raise ParameterError(
+                f"correction {type(correction).__name__} does not follow the Correction "
+                "protocol (name, trained_with, predict(atoms, forces=, stress=))"
+            )
+        self.correction = correction
+        self._baseline: XTBBaseline | None = None
+        self._dispersion: D3Dispersion | None = None
+        self._terms_checked = False
+        Calculator.__init__(self, atoms=atoms, **kwargs)
+        self._check_double_counting()
+
+    # -- parameters and terms ---------------------------------------------------
+
+    def set(self, **kwargs: Any) -> dict:
+        """Set parameters, forwarding them to the terms that use them."""
+        if "method" in kwargs:
+            kwargs["method"] = canonical_method(kwargs["method"])
+        if kwargs.get("dispersion") is not None:
+            parse_dispersion_spec(kwargs["dispersion"])  # fail now on a bad spec
+        changed = Calculator.set(self, **kwargs)
+        if not changed:
+            return changed
+        self.reset()
+        self._terms_checked = False
+        if self._baseline is not None:
+            forward = {k: changed[k] for k in _BASELINE_KEYS if k in changed}
+            if "baseline_dispersion" in changed:
+                forward["remove_dispersion"] = not changed["baseline_dispersion"]
+            if forward:
+                self._baseline.set(**forward)
+        if {"dispersion", "min_distance"} & set(changed):
+            self._dispersion = None
+        if hasattr(self, "correction"):  # set() also runs inside Calculator.__init__
+            self._check_double_counting()
+        return changed
+
+    def _check_double_counting(self) -> None:
+        p = self.parameters
+        if p.baseline_dispersion and p.dispersion is not None:
+            raise ParameterError(
+                f"baseline_dispersion=True keeps {canonical_method(p.method)}'s own "
+                f"dispersion and dispersion={p.dispersion!r} adds D3 on top: dispersion "
+                "would be counted twice; set dispersion=None or baseline_dispersion=False"
+            )
+
+    @property
+    def baseline(self) -> XTBBaseline:
+        """The baseline term (built on first use)."""
+        if self._baseline is None:
+            p = self.parameters
+            self._baseline = XTBBaseline(
+                **{k: p[k] for k in _BASELINE_KEYS},
+                remove_dispersion=not p.baseline_dispersion,
+            )
+        return self._baseline
+
+    @property
+    def dispersion(self) -> D3Dispersion | None:
+        """The D3 term, or ``None`` without one (built on first use)."""
+        spec = self.parameters.dispersion
+        if spec is None:
+            return None
+        if self._dispersion is None:
+            self._dispersion = D3Dispersion.from_spec(
+                spec, min_distance=self.parameters.min_distance
+            )
+        return self._dispersion
+
+    def terms_record(self) -> dict[str, Any]:
+        """Records by value of the physical terms: ``{"baseline": ..., "dispersion": ...}``."""
+        dispersion = self.dispersion
+        return {
+            "baseline": self.baseline.record(),
+            "dispersion": None if dispersion is None else dispersion.record(),
+        }
+
+    def check_correction(self) -> None:
+        """Refuse a correction fitted against other physical terms.
+
+        Raises
+        ------
+        TermMismatchError
+            Listing every differing value (e.g. a damping parameter or the method).
+        """
+        trained = getattr(self.correction, "trained_with", None)
+        if trained is not None:
+            lines = record_differences(trained, self.terms_record())
+            if lines:
+                raise TermMismatchError(
+                    f"correction {self.correction.name!r} was fitted against other terms "
+                    "than this calculator's (trained != now):\n  " + "\n  ".join(lines)
+                )
+        self._terms_checked = True
+
+    # -- calculation ------------------------------------------------------------
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: list[str] | None = None,
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        """Evaluate every term and their sum; see the class docstring."""
+        properties = properties or ["energy"]
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        want_stress = "stress" in properties
+        if want_stress and not atoms.pbc.any():
+            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        if not self._terms_checked:
+            self.check_correction()
+        p = self.parameters
+        charge = resolve_charge(atoms, p.charge)
+        validate_structure(
+            atoms,
+            supported_elements=SUPPORTED_ELEMENTS,
+            method_name=canonical_method(p.method),
+            min_distance=p.min_distance,
+            charge=charge,
+            multiplicity=resolve_multiplicity(atoms, charge, p.multiplicity),
+        )
+        wanted = ["energy", "forces"] + (["stress"] if want_stress else [])
+        self.baseline.check_capabilities(atoms, wanted)
+
+        terms: dict[str, dict[str, Any]] = {
+            "baseline": _term_results(self.baseline, atoms, wanted),
+        }
+        want_forces = "forces" in properties or want_stress
+        predicted = self.correction.predict(atoms, forces=want_forces, stress=want_stress)
+        terms["correction"] = {
+            "energy": float(predicted.energy),
+            "forces": predicted.forces,
+            "stress": predicted.stress,
+        }
+        dispersion = self.dispersion
+        if dispersion is not None:
+            terms["dispersion"] = _term_results(dispersion, atoms, wanted)
+        else:
+            terms["dispersion"] = {
+                "energy": 0.0,
+                "forces": np.zeros((len(atoms), 3)),
+                "stress": np.zeros(6) if want_stress else None,
+            }
+
+        self.results["energy"] = sum(t["energy"] for t in terms.values())
+        self.results["free_energy"] = self.results["energy"]
+        for name, values in terms.items():
+            self.results[f"energy_{name}"] = values["energy"]
+        for prop, wanted_prop in (("forces", want_forces), ("stress", want_stress)):
+            if not wanted_prop:
+                continue
+            parts = [terms[name][prop] for name in TERMS]
+            missing = [name for name, part in zip(TERMS, parts, strict=True) if part is None]
+            if missing:
+                raise PropertyNotImplementedError(
+                    f"term(s) {missing} returned no {prop}; the composite cannot sum them"
+                )
+            for name, part in zip(TERMS, parts, strict=True):
+                self.results[f"{prop}_{name}"] = np.asarray(part, dtype=float)
+            self.results[prop] = np.sum(parts, axis=0)
+        if "supercell_repeats" in self.baseline.results:
+            self.results["supercell_repeats"] = self.baseline.results["supercell_repeats"]
+        if predicted.energy_uncertainty is not None:
+            self.results["energy_uncertainty"] = float(predicted.energy_uncertainty)
+        if predicted.energies_uncertainty is not None:
+            self.results["energies_uncertainty"] = np.asarray(predicted.energies_uncertainty)
+        if predicted.forces_uncertainty is not None:
+            self.results["forces_uncertainty"] = np.asarray(predicted.forces_uncertainty)
+
+
+def _term_results(calc: Calculator, atoms: Atoms, properties: list[str]) -> dict[str, Any]:
+    """Properties of one term calculator, reusing its cache and engine."""
+    out: dict[str, Any] = {"stress": None}
+    for prop in properties:
+        out[prop] = calc.get_property(prop, atoms)
+    return out
+
+
+def energy_budget(atoms: Atoms, calc: DeltaCalculator) -> dict[str, Any]:
+    """Energy, largest force and the per-term budget of one structure.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure; not modified (a copy is evaluated).
+    calc : DeltaCalculator
+        The composite.
+
+    Returns
+    -------
+    dict
+        ``energy`` (eV), ``max_force`` (eV/Å, largest atomic force norm),
+        ``terms`` (``{term: energy in eV}``), ``n_atoms``, ``energy_uncertainty``
+        (eV or ``None``), ``supercell_repeats`` (list or ``None``) and
+        ``records`` (the physical terms by value).
+    """
+    work = atoms.copy()
+    work.calc = calc
+    forces = work.get_forces()
+    results = calc.results
+    repeats = results.get("supercell_repeats")
+    return {
+        "n_atoms": len(work),
+        "energy": float(results["energy"]),
+        "max_force": float(np.linalg.norm(forces, axis=1).max()),
+        "terms": {name: float(results[f"energy_{name}"]) for name in TERMS},
+        "energy_uncertainty": results.get("energy_uncertainty"),
+        "supercell_repeats": None if repeats is None else [int(r) for r in repeats],
+        "records": calc.terms_record(),
+    }

@@ -1,0 +1,291 @@
+"""D3 dispersion term through simple-dftd3, with its parameters recorded by value.
+
+The composite adds this term to the dispersion-free baseline and the learned
+correction. Damping functions: ``d3bj`` (rational), ``d3zero``, ``d3bjm``
+(modified rational), ``d3zerom`` (modified zero) and ``d3op`` (optimized power);
+the damping parameters of a density functional are looked up by name in
+simple-dftd3's parameter table, and can be overridden one by one. The optional
+three-body Axilrod–Teller–Muto term is off by default.
+
+Names are not enough to identify a term (libraries have renamed functionals
+before), so :meth:`D3Dispersion.record` holds the numbers actually used
+(s6, s8, a1, a2, s9, ...), which a trained model compares against.
+
+Data flow: structures → **dispersion** → composite calculator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+from typing import Any
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.units import Bohr, Hartree
+
+from deltaml.errors import EngineError, ParameterError
+from deltaml.structures import DEFAULT_MIN_DISTANCE, validate_structure
+
+__all__ = ["DAMPING_FUNCTIONS", "D3Dispersion", "damping_parameters", "parse_dispersion_spec"]
+
+#: Damping name → (simple-dftd3 damping class name, key in its parameter table).
+DAMPING_FUNCTIONS = {
+    "d3bj": ("RationalDampingParam", "bj"),
+    "d3zero": ("ZeroDampingParam", "zero"),
+    "d3bjm": ("ModifiedRationalDampingParam", "bjm"),
+    "d3zerom": ("ModifiedZeroDampingParam", "zerom"),
+    "d3op": ("OptimizedPowerDampingParam", "op"),
+}
+_DAMPING_ALIASES = {"d3mbj": "d3bjm", "d3mzero": "d3zerom", "bj": "d3bj", "zero": "d3zero"}
+
+#: D3 reference C6 coefficients exist for H to Pu.
+SUPPORTED_ELEMENTS = frozenset(range(1, 95))
+
+
+def _damping_name(damping: str) -> str:
+    key = str(damping).strip().lower()
+    key = _DAMPING_ALIASES.get(key, key)
+    if key not in DAMPING_FUNCTIONS:
+        raise ParameterError(
+            f"unknown D3 damping {damping!r}; choose one of {sorted(DAMPING_FUNCTIONS)}"
+        )
+    return key
+
+
+def _damping_class(damping: str) -> type:
+    import dftd3.interface
+
+    return getattr(dftd3.interface, DAMPING_FUNCTIONS[damping][0])
+
+
+def damping_parameters(
+    method: str | None, damping: str = "d3bj", atm: bool = False, tweaks: dict | None = None
+) -> dict[str, float]:
+    """Numerical damping parameters of a D3 variant.
+
+    Parameters
+    ----------
+    method : str or None
+        Density functional whose parameters to look up (case-insensitive, e.g.
+        ``"pbe0"``). ``None`` takes every parameter from ``tweaks``.
+    damping : str, default="d3bj"
+        Damping function, one of :data:`DAMPING_FUNCTIONS`.
+    atm : bool, default=False
+        Include the three-body ATM term (s9 from the table, usually 1); else s9 = 0.
+    tweaks : dict, optional
+        Values that override the table (s6, s8, s9, a1, a2, rs6, rs8, alp, bet).
+
+    Returns
+    -------
+    dict
+        The keyword arguments of the simple-dftd3 damping class, by value.
+
+    Raises
+    ------
+    ParameterError
+        Unknown damping, a functional without parameters for that damping, or
+        missing/unknown parameter names.
+    """
+    from dftd3.parameters import get_all_damping_params, get_damping_param
+
+    damping = _damping_name(damping)
+    table_key = DAMPING_FUNCTIONS[damping][1]
+    accepted = {
+        name
+        for name in inspect.signature(_damping_class(damping).new_param).parameters
+        if name != "self"
+    }
+    values: dict[str, float] = {}
+    if method is not None:
+        try:
+            values = dict(get_damping_param(str(method).lower(), defaults=[table_key]))
+        except KeyError:
+            known = sorted(get_all_damping_params(defaults=[table_key]))
+            raise ParameterError(
+                f"no {damping} parameters for functional {method!r} in simple-dftd3 "
+                f"{version('dftd3')}; functionals with {damping} parameters: "
+                f"{', '.join(known)}"
+            ) from None
+        values = {k: float(v) for k, v in values.items() if k in accepted}
+        values["s9"] = values.get("s9", 1.0) if atm else 0.0
+    for key, value in (tweaks or {}).items():
+        if key not in accepted:
+            raise ParameterError(
+                f"unknown {damping} damping parameter {key!r}; accepted: {sorted(accepted)}"
+            )
+        values[key] = float(value)
+    if method is None and "s9" not in (tweaks or {}):
+        values["s9"] = 1.0 if atm else 0.0
+    missing = sorted(
+        name
+        for name, par in inspect.signature(_damping_class(damping).new_param).parameters.items()
+        if par.default is inspect.Parameter.empty and name not in values
+    )
+    if missing:
+        raise ParameterError(
+            f"{damping} damping needs {missing}: give a functional name or params_tweaks"
+        )
+    return values
+
+
+def parse_dispersion_spec(spec: str) -> dict[str, Any]:
+    """Parse ``"DAMPING:FUNCTIONAL[:atm]"`` (e.g. ``"d3bj:pbe0"``).
+
+    Returns
+    -------
+    dict
+        Keywords ``damping``, ``method`` and ``atm`` for :class:`D3Dispersion`.
+
+    Raises
+    ------
+    ParameterError
+        If the text does not have that form.
+    """
+    parts = [part.strip() for part in str(spec).split(":")]
+    if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and parts[2] != "atm"):
+        raise ParameterError(
+            f"dispersion {spec!r} is not of the form DAMPING:FUNCTIONAL[:atm], "
+            "e.g. 'd3bj:pbe0' or 'd3zero:b3lyp:atm'"
+        )
+    return {"damping": _damping_name(parts[0]), "method": parts[1].lower(), "atm": len(parts) == 3}
+
+
+class D3Dispersion(Calculator):
+    r"""ASE calculator for DFT-D3 dispersion (simple-dftd3) with recorded parameters.
+
+    ================= ========== ===== ==============================================
+     Keyword           Default    Unit  Description
+    ================= ========== ===== ==============================================
+     method            "pbe0"     -     functional whose damping parameters are used
+     damping           "d3bj"     -     d3bj, d3zero, d3bjm, d3zerom or d3op
+     atm               False      -     include the three-body ATM term
+     params_tweaks     None       -     dict overriding single damping parameters
+     realspace_cutoff  None       Å     dict with disp2, disp3, cn cut-offs
+     min_distance      0.5        Å     closest allowed interatomic distance
+    ================= ========== ===== ==============================================
+
+    Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å), ``stress``
+    (eV/Å³, Voigt order; periodic cells only).
+
+    Examples
+    --------
+    >>> from ase.build import molecule
+    >>> atoms = molecule("C6H6")
+    >>> atoms.calc = D3Dispersion(method="pbe0", damping="d3bj")
+    >>> energy = atoms.get_potential_energy()  # eV
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    default_parameters: dict[str, Any] = {
+        "method": "pbe0",
+        "damping": "d3bj",
+        "atm": False,
+        "params_tweaks": None,
+        "realspace_cutoff": None,
+        "min_distance": DEFAULT_MIN_DISTANCE,
+    }
+
+    def __init__(self, atoms: Atoms | None = None, **kwargs: Any) -> None:
+        self._model = None
+        self._damping = None
+        Calculator.__init__(self, atoms=atoms, **kwargs)
+
+    @classmethod
+    def from_spec(cls, spec: str, **kwargs: Any) -> D3Dispersion:
+        """Build from ``"DAMPING:FUNCTIONAL[:atm]"``, e.g. ``"d3bj:pbe0"``."""
+        return cls(**parse_dispersion_spec(spec), **kwargs)
+
+    def set(self, **kwargs: Any) -> dict:
+        """Set parameters; checks them at once and resets the results on any change."""
+        if "damping" in kwargs:
+            kwargs["damping"] = _damping_name(kwargs["damping"])
+        changed = Calculator.set(self, **kwargs)
+        if changed:
+            self.reset()
+            self._damping = None
+            if "realspace_cutoff" in changed:
+                self._model = None
+            self.parameters_by_value()  # fail now on unknown names, not at first use
+        return changed
+
+    def parameters_by_value(self) -> dict[str, float]:
+        """Damping parameters actually used (s6, s8, s9, a1, a2, ...)."""
+        p = self.parameters
+        return damping_parameters(p.method, p.damping, p.atm, p.params_tweaks)
+
+    def record(self) -> dict[str, Any]:
+        """Term record by value and by name (JSON-serialisable)."""
+        p = self.parameters
+        return {
+            "term": "dispersion",
+            "model": "D3",
+            "damping": _damping_name(p.damping),
+            "method": None if p.method is None else str(p.method).lower(),
+            "atm": bool(p.atm),
+            "parameters": self.parameters_by_value(),
+            "realspace_cutoff_a": dict(p.realspace_cutoff or {}),
+            "engine": "dftd3",
+            "engine_version": version("dftd3"),
+        }
+
+    def calculate(
+        self,
+        atoms: Atoms | None = None,
+        properties: list[str] | None = None,
+        system_changes: list[str] = all_changes,
+    ) -> None:
+        """Evaluate the D3 energy, forces and (periodic) stress."""
+        properties = properties or ["energy"]
+        Calculator.calculate(self, atoms, properties, system_changes)
+        atoms = self.atoms
+        if "stress" in properties and not atoms.pbc.any():
+            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        validate_structure(
+            atoms,
+            supported_elements=SUPPORTED_ELEMENTS,
+            method_name="DFT-D3",
+            min_distance=self.parameters.min_distance,
+        )
+        model = self._get_model(atoms, system_changes)
+        if self._damping is None:
+            cls = _damping_class(_damping_name(self.parameters.damping))
+            self._damping = cls(**self.parameters_by_value())
+        try:
+            res = model.get_dispersion(self._damping, grad=True)
+        except RuntimeError as exc:
+            raise EngineError(f"dftd3: {exc}") from exc
+        self.results["energy"] = float(res["energy"]) * Hartree
+        self.results["free_energy"] = self.results["energy"]
+        self.results["forces"] = -res["gradient"] * (Hartree / Bohr)
+        if atoms.pbc.any():
+            stress = res["virial"] * Hartree / atoms.get_volume()
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+
+    def _get_model(self, atoms: Atoms, system_changes: list[str]):
+        """Reuse the dispersion model while only positions or cell change."""
+        from dftd3.interface import DispersionModel
+
+        structural = set(system_changes) - {"positions", "cell"}
+        if self._model is not None and not structural:
+            try:
+                self._model.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+                return self._model
+            except RuntimeError as exc:
+                raise EngineError(f"dftd3 rejected the geometry: {exc}") from exc
+        try:
+            model = DispersionModel(
+                atoms.numbers, atoms.positions / Bohr, atoms.cell.array / Bohr, atoms.pbc
+            )
+            cutoff = self.parameters.realspace_cutoff
+            if cutoff:
+                model.set_realspace_cutoff(
+                    cutoff.get("disp2", 60.0 * Bohr) / Bohr,
+                    cutoff.get("disp3", 40.0 * Bohr) / Bohr,
+                    cutoff.get("cn", 40.0 * Bohr) / Bohr,
+                )
+        except RuntimeError as exc:
+            raise EngineError(f"dftd3 could not set up the dispersion model: {exc}") from exc
+        self._model = model
+        return model

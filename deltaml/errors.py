@@ -1,0 +1,83 @@
+"""Exception hierarchy of deltaml.
+
+Every error raised on purpose by deltaml derives from :class:`DeltaMLError`, and
+also from the builtin (or ASE) exception that matches its meaning, as
+``tblite/exceptions.py`` does. So ``except ValueError`` keeps working for code that
+does not know deltaml, and ASE's calculator taxonomy is respected: problems with
+the input of a calculator are :class:`ase.calculators.calculator.InputError`,
+failures of an engine are :class:`ase.calculators.calculator.CalculationFailed`.
+
+This module is the bottom layer of the package and imports nothing from it.
+"""
+
+from __future__ import annotations
+
+from ase.calculators.calculator import CalculationFailed, InputError
+
+__all__ = [
+    "ChargeMultiplicityError",
+    "DeltaMLError",
+    "EmptyStructureError",
+    "EngineError",
+    "NonFiniteGeometryError",
+    "OverlappingAtomsError",
+    "ParameterError",
+    "SCFConvergenceError",
+    "SingularCellError",
+    "StructureError",
+    "TermMismatchError",
+    "UnsupportedCapabilityError",
+    "UnsupportedElementError",
+]
+
+
+class DeltaMLError(Exception):
+    """Base class of every error raised on purpose by deltaml."""
+
+
+class StructureError(DeltaMLError, InputError, ValueError):
+    """A structure that cannot be evaluated (base class of the structure checks)."""
+
+
+class EmptyStructureError(StructureError):
+    """The structure has no atoms."""
+
+
+class NonFiniteGeometryError(StructureError):
+    """Positions or cell contain NaN or infinite values."""
+
+
+class OverlappingAtomsError(StructureError):
+    """Two atoms are closer than the minimum allowed distance."""
+
+
+class UnsupportedElementError(StructureError):
+    """An element is not supported by the chosen method."""
+
+
+class SingularCellError(StructureError):
+    """The cell vectors of a periodic structure are (nearly) linearly dependent."""
+
+
+class ChargeMultiplicityError(StructureError):
+    """Charge and multiplicity are inconsistent with the number of electrons."""
+
+
+class ParameterError(DeltaMLError, InputError, ValueError):
+    """An unknown or invalid calculator parameter (method, damping, engine, ...)."""
+
+
+class UnsupportedCapabilityError(DeltaMLError, InputError, NotImplementedError):
+    """The chosen engine cannot compute what was asked (raised before computing)."""
+
+
+class TermMismatchError(DeltaMLError, InputError, ValueError):
+    """A correction is combined with physical terms other than those it was fitted with."""
+
+
+class EngineError(DeltaMLError, CalculationFailed):
+    """An electronic-structure or dispersion library failed during a calculation."""
+
+
+class SCFConvergenceError(EngineError):
+    """The self-consistent field iterations did not converge."""

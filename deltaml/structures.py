@@ -1,0 +1,261 @@
+"""Structure validation and cell geometry.
+
+This module holds the one validation entry point, :func:`validate_structure`,
+that every calculator and every data loader calls before a structure reaches an
+engine, plus the small cell-geometry helpers the periodic baseline needs
+(perpendicular widths, the smallest wide-enough supercell).
+
+It sits at the bottom of the data flow: it imports only :mod:`deltaml.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from ase import Atoms
+from ase.data import chemical_symbols
+from ase.neighborlist import neighbor_list
+from numpy.typing import NDArray
+
+from deltaml.errors import (
+    ChargeMultiplicityError,
+    EmptyStructureError,
+    NonFiniteGeometryError,
+    OverlappingAtomsError,
+    SingularCellError,
+    UnsupportedElementError,
+)
+
+__all__ = [
+    "DEFAULT_MIN_DISTANCE",
+    "perpendicular_widths",
+    "resolve_charge",
+    "resolve_multiplicity",
+    "supercell_repeats",
+    "validate_structure",
+]
+
+#: Default minimum interatomic distance, Å. Shorter than any chemical bond
+#: (H2: 0.74 Å) yet long enough to catch duplicated or collapsed atoms.
+DEFAULT_MIN_DISTANCE = 0.5
+
+#: A periodic cell whose volume per atom is below this (Å³) is treated as singular.
+_MIN_VOLUME_PER_ATOM = 1e-3
+
+
+def validate_structure(
+    atoms: Atoms,
+    *,
+    supported_elements: Iterable[int] | None = None,
+    method_name: str = "this method",
+    min_distance: float = DEFAULT_MIN_DISTANCE,
+    charge: float | None = None,
+    multiplicity: int | None = None,
+) -> None:
+    """Check that a structure can be evaluated, raising a specific error if not.
+
+    The checks run in order: empty structure, non-finite positions or cell,
+    singular periodic cell, unsupported elements, overlapping atoms (with periodic
+    images), and charge/multiplicity against the electron count.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure to check. Positions in Å.
+    supported_elements : iterable of int, optional
+        Atomic numbers the method supports; ``None`` accepts every element.
+    method_name : str, default="this method"
+        Name used in the unsupported-element message.
+    min_distance : float, default=0.5
+        Minimum allowed distance between two atoms (including periodic images), Å.
+        ``0`` disables the check.
+    charge : float, optional
+        Total charge, e. ``None`` skips the electron-count check.
+    multiplicity : int, optional
+        Spin multiplicity 2S+1. ``None`` means the lowest one compatible with the
+        electron count (1 for even, 2 for odd).
+
+    Raises
+    ------
+    EmptyStructureError, NonFiniteGeometryError, SingularCellError,
+    UnsupportedElementError, OverlappingAtomsError, ChargeMultiplicityError
+        Each names the offending atoms, values and what is allowed.
+    """
+    if len(atoms) == 0:
+        raise EmptyStructureError("the structure has no atoms")
+    _check_finite(atoms)
+    _check_cell(atoms)
+    if supported_elements is not None:
+        _check_elements(atoms, set(supported_elements), method_name)
+    if min_distance > 0:
+        _check_distances(atoms, min_distance)
+    if charge is not None:
+        _check_electrons(atoms, charge, multiplicity)
+
+
+def _check_finite(atoms: Atoms) -> None:
+    positions = atoms.positions
+    bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise NonFiniteGeometryError(
+            f"position of atom {i} ({atoms.get_chemical_symbols()[i]}) is not finite: "
+            f"{positions[i].tolist()} Å ({bad.size} atom(s) affected)"
+        )
+    if not np.isfinite(atoms.cell.array).all():
+        raise NonFiniteGeometryError(f"the cell is not finite: {atoms.cell.array.tolist()} Å")
+
+
+def _check_cell(atoms: Atoms) -> None:
+    """A periodic direction needs a cell vector independent of the other ones."""
+    if not atoms.pbc.any():
+        return
+    periodic = atoms.cell.array[atoms.pbc]
+    # Volume (3D), area (2D) or length (1D) spanned by the periodic vectors.
+    measure = float(np.sqrt(max(np.linalg.det(periodic @ periodic.T), 0.0)))
+    needed = (_MIN_VOLUME_PER_ATOM * len(atoms)) ** (periodic.shape[0] / 3.0)
+    if measure < needed:
+        raise SingularCellError(
+            f"the cell of a structure periodic along {atoms.pbc.tolist()} is singular: "
+            f"its periodic vectors {periodic.tolist()} Å span {measure:.3g} "
+            f"(Å^{periodic.shape[0]}); set three independent cell vectors or pbc=False"
+        )
+
+
+def _check_elements(atoms: Atoms, supported: set[int], method_name: str) -> None:
+    unknown = sorted(set(atoms.numbers.tolist()) - supported)
+    if unknown:
+        names = ", ".join(
+            f"{chemical_symbols[z] if 0 <= z < len(chemical_symbols) else '?'} (Z={z})"
+            for z in unknown
+        )
+        zmin, zmax = min(supported), max(supported)
+        raise UnsupportedElementError(
+            f"element(s) {names} not supported by {method_name}, which covers "
+            f"Z={zmin}..{zmax} ({chemical_symbols[zmin]}..{chemical_symbols[zmax]})"
+        )
+
+
+def _check_distances(atoms: Atoms, min_distance: float) -> None:
+    if len(atoms) == 1 and not atoms.pbc.any():
+        return
+    i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
+    if d.size:
+        k = int(np.argmin(d))
+        symbols = atoms.get_chemical_symbols()
+        a, b = int(i[k]), int(j[k])
+        image = " (periodic image)" if a == b else ""
+        raise OverlappingAtomsError(
+            f"atoms {a} ({symbols[a]}) and {b} ({symbols[b]}){image} are "
+            f"{d[k]:.3f} Å apart (minimum {min_distance} Å)"
+        )
+
+
+def _check_electrons(atoms: Atoms, charge: float, multiplicity: int | None) -> None:
+    if not float(charge).is_integer():
+        raise ChargeMultiplicityError(f"total charge must be an integer, got {charge}")
+    n_electrons = int(atoms.numbers.sum()) - int(charge)
+    if n_electrons < 0:
+        raise ChargeMultiplicityError(
+            f"charge {int(charge)} leaves {n_electrons} electrons "
+            f"(nuclear charge {int(atoms.numbers.sum())})"
+        )
+    if multiplicity is None:
+        return
+    if int(multiplicity) != multiplicity or multiplicity < 1:
+        raise ChargeMultiplicityError(
+            f"multiplicity must be a positive integer (2S+1), got {multiplicity}"
+        )
+    unpaired = int(multiplicity) - 1
+    if unpaired > n_electrons or (n_electrons - unpaired) % 2:
+        parity = "even" if n_electrons % 2 == 0 else "odd"
+        allowed = "1, 3, 5, ..." if n_electrons % 2 == 0 else "2, 4, 6, ..."
+        raise ChargeMultiplicityError(
+            f"multiplicity {multiplicity} is impossible with charge {int(charge)}: "
+            f"{n_electrons} electrons ({parity}) allow multiplicity {allowed}"
+        )
+
+
+def resolve_charge(atoms: Atoms, charge: float | None) -> int:
+    """Total charge: the given one, else the sum of the initial charges (e).
+
+    Follows ``tblite/ase.py``: ``None`` means ``atoms.get_initial_charges().sum()``.
+    """
+    total = atoms.get_initial_charges().sum() if charge is None else charge
+    rounded = round(float(total))
+    if abs(total - rounded) > 1e-6:
+        raise ChargeMultiplicityError(f"total charge must be an integer, got {float(total)} e")
+    return int(rounded)
+
+
+def resolve_multiplicity(atoms: Atoms, charge: int, multiplicity: int | None) -> int:
+    """Spin multiplicity: the given one, else from the initial magnetic moments.
+
+    With no magnetic moments set, the lowest multiplicity compatible with the
+    electron count (1 for an even, 2 for an odd number of electrons).
+    """
+    if multiplicity is not None:
+        return int(multiplicity)
+    unpaired = int(np.rint(abs(atoms.get_initial_magnetic_moments().sum())))
+    n_electrons = int(atoms.numbers.sum()) - charge
+    if unpaired == 0 and n_electrons % 2:
+        unpaired = 1
+    return unpaired + 1
+
+
+def perpendicular_widths(cell: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Distances between opposite faces of a cell, Å.
+
+    Parameters
+    ----------
+    cell : ndarray of shape (3, 3)
+        Cell vectors as rows, Å.
+
+    Returns
+    -------
+    ndarray of shape (3,)
+        ``V / |a_j × a_k|`` for each cell vector ``a_i``: the width of the cell
+        perpendicular to the two other vectors, Å.
+    """
+    cell = np.asarray(cell, dtype=float)
+    volume = abs(np.linalg.det(cell))
+    areas = np.array(
+        [np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
+    )
+    return volume / areas
+
+
+def supercell_repeats(
+    cell: NDArray[np.float64], pbc: NDArray[np.bool_], min_width: float
+) -> tuple[int, int, int]:
+    """Smallest diagonal supercell whose perpendicular widths all reach ``min_width``.
+
+    Parameters
+    ----------
+    cell : ndarray of shape (3, 3)
+        Cell vectors as rows, Å.
+    pbc : ndarray of shape (3,) of bool
+        Periodic directions; non-periodic ones are never repeated.
+    min_width : float
+        Minimum perpendicular width, Å. ``0`` gives ``(1, 1, 1)``.
+
+    Returns
+    -------
+    tuple of three int
+        Repeats along the three cell vectors.
+    """
+    pbc = np.asarray(pbc, dtype=bool)
+    if min_width <= 0 or not pbc.any():
+        return (1, 1, 1)
+    if pbc.all():
+        widths = perpendicular_widths(cell)
+    else:
+        # Non-periodic vectors may be zero; give them unit length to measure widths.
+        filled = np.asarray(cell, dtype=float).copy()
+        normals = np.linalg.svd(filled[pbc])[2][pbc.sum() :]
+        for axis, normal in zip(np.flatnonzero(~pbc), normals, strict=False):
+            filled[axis] = normal
+        widths = perpendicular_widths(filled)
+    repeats = np.where(pbc, np.ceil(min_width / widths - 1e-9), 1).astype(int)
+    return tuple(int(max(r, 1)) for r in repeats)
