@@ -1,0 +1,108 @@
+"""Shared structure builders for the test suite.
+
+Each builder returns a fresh ``ase.Atoms``; random perturbations use their own
+``numpy.random.default_rng(seed)`` so that nothing random happens at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+
+# Cubic CO2 crystal (Pa-3, Z=4), the structure of tblite's ASE example.
+_CO2_POSITIONS = np.array(
+    [
+        [0.9441259872, 0.9437851680, 0.9543505632],
+        [3.7179966528, 0.9556570368, 3.7316862240],
+        [3.7159517376, 3.7149292800, 0.9692330016],
+        [0.9529872864, 3.7220864832, 3.7296981120],
+        [1.6213905408, 1.6190616096, 1.6313879040],
+        [0.2656685664, 0.2694175776, 0.2776540416],
+        [4.3914553920, 1.6346256864, 3.0545920000],
+        [3.0440834880, 0.2764611744, 4.4080419264],
+        [4.3910577696, 3.0416409504, 0.2881058304],
+        [3.0399936576, 4.3879335936, 1.6497353376],
+        [0.2741322432, 4.4003734944, 3.0573754368],
+        [1.6312174944, 3.0434586528, 4.4023048032],
+    ]
+)
+CO2_CELL_A = 5.68032  # Å
+
+
+def _rattle(atoms: Atoms, amplitude: float, seed: int) -> Atoms:
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.normal(scale=amplitude, size=atoms.positions.shape)
+    return atoms
+
+
+@pytest.fixture
+def water() -> Atoms:
+    """Water monomer, slightly distorted so that no force vanishes by symmetry."""
+    return _rattle(molecule("H2O"), 0.02, seed=1)
+
+
+@pytest.fixture
+def ethanol() -> Atoms:
+    """Ethanol, slightly distorted (9 atoms, C/H/O)."""
+    return _rattle(molecule("CH3CH2OH"), 0.02, seed=2)
+
+
+@pytest.fixture
+def co2_crystal() -> Atoms:
+    """Cubic CO2 crystal, 12 atoms, a = 5.68 Å (narrower than the 7 Å default width)."""
+    atoms = Atoms("C4O8", positions=_CO2_POSITIONS, cell=[CO2_CELL_A] * 3, pbc=True)
+    return atoms
+
+
+@pytest.fixture
+def co2_crystal_strained(co2_crystal: Atoms) -> Atoms:
+    """CO2 crystal with a sheared, rattled cell: no stress component vanishes by symmetry."""
+    atoms = co2_crystal
+    strain = np.array([[0.01, 0.004, -0.003], [0.004, -0.008, 0.005], [-0.003, 0.005, 0.006]])
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+    return _rattle(atoms, 0.02, seed=3)
+
+
+@pytest.fixture
+def make_dimer() -> Callable[[float, str], Atoms]:
+    """Builder of a cofacial dimer of a molecule at a centre-of-mass distance (Å)."""
+
+    def build(distance: float, name: str = "C6H6") -> Atoms:
+        monomer = molecule(name)
+        monomer.center()
+        other = monomer.copy()
+        other.translate([0.0, 0.0, distance])
+        return monomer + other
+
+    return build
+
+
+@pytest.fixture
+def rotation() -> np.ndarray:
+    """A fixed proper rotation matrix (det = +1)."""
+    rng = np.random.default_rng(7)
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q *= np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+@pytest.fixture
+def water_chain() -> Atoms:
+    """One water molecule in a sheared cell 2.9 Å wide along a (an H-bonded chain).
+
+    With the default 7 Å minimum width it is evaluated on a cheap 3×1×1 supercell,
+    which makes the supercell path affordable in finite-difference tests.
+    """
+    atoms = molecule("H2O")
+    atoms.rotate(90, "y")  # molecular plane ⟂ a, dipole along a
+    cell = np.array([[2.9, 0.0, 0.0], [0.3, 7.6, 0.0], [-0.2, 0.4, 7.4]])
+    atoms.set_cell(cell)
+    atoms.pbc = True
+    atoms.center()
+    return _rattle(atoms, 0.02, seed=4)

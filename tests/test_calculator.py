@@ -1,0 +1,344 @@
+"""Tests of deltaml.calculator: the composite of baseline + correction + D3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.filters import FrechetCellFilter
+from ase.md import velocitydistribution
+from ase.md.langevin import Langevin
+from ase.md.verlet import VelocityVerlet
+from ase.optimize import BFGS, FIRE
+from ase.units import fs, kcal, mol
+
+from deltaml.baseline import XTBBaseline
+from deltaml.calculator import DeltaCalculator, energy_budget
+from deltaml.correction import CorrectionResult, ZeroCorrection
+from deltaml.dispersion import D3Dispersion
+from deltaml.errors import ParameterError, TermMismatchError, UnsupportedCapabilityError
+
+TIGHT = {"accuracy": 0.01}
+
+
+class HarmonicCorrection:
+    """A smooth analytic stand-in for a learned correction, with uncertainty.
+
+    E = k Σ_i |r_i − r̄|² over atoms (r̄: centroid), translation and rotation
+    invariant; the stress of a molecule's correction is zero, and for a crystal
+    the correction is defined on minimum-image vectors to the first atom.
+    """
+
+    name = "harmonic"
+
+    def __init__(self, k: float = 0.05, trained_with: dict | None = None) -> None:
+        self.k = k
+        self.trained_with = trained_with
+
+    def predict(self, atoms: Atoms, *, forces: bool, stress: bool) -> CorrectionResult:
+        centred = atoms.positions - atoms.positions.mean(axis=0)
+        energy = self.k * float((centred**2).sum())
+        return CorrectionResult(
+            energy=energy,
+            forces=-2.0 * self.k * centred if forces else None,
+            # Σ r_i r_i^T scales with the strain: virial = -2k Σ r r^T, stress = -virial/V.
+            stress=(
+                (2.0 * self.k * centred.T @ centred / atoms.get_volume()).flat[[0, 4, 8, 5, 2, 1]]
+                if stress
+                else None
+            ),
+            energy_uncertainty=0.01 * len(atoms),
+            forces_uncertainty=np.full(len(atoms), 0.02),
+        )
+
+
+def _composite(**kwargs) -> DeltaCalculator:
+    kwargs.setdefault("correction", ZeroCorrection())
+    return DeltaCalculator(**kwargs)
+
+
+def _energy(atoms: Atoms, calc) -> float:
+    work = atoms.copy()
+    work.calc = calc
+    return work.get_potential_energy()
+
+
+# -- the sum and the budget ------------------------------------------------------------
+
+
+def test_sum_of_terms_equals_independent_term_calculators(ethanol):
+    calc = _composite(correction=HarmonicCorrection(), **TIGHT)
+    ethanol.calc = calc
+    energy, forces = ethanol.get_potential_energy(), ethanol.get_forces()
+    baseline = XTBBaseline(remove_dispersion=True, **TIGHT)
+    d3 = D3Dispersion(method="pbe0", damping="d3bj")
+    e_base, e_d3 = _energy(ethanol, baseline), _energy(ethanol, d3)
+    e_corr = HarmonicCorrection().predict(ethanol, forces=False, stress=False).energy
+    assert calc.results["energy_baseline"] == pytest.approx(e_base, abs=1e-8)
+    assert calc.results["energy_dispersion"] == pytest.approx(e_d3, abs=1e-10)
+    assert calc.results["energy_correction"] == pytest.approx(e_corr, abs=1e-12)
+    assert energy == pytest.approx(e_base + e_d3 + e_corr, abs=1e-8)
+    np.testing.assert_allclose(
+        forces,
+        calc.results["forces_baseline"]
+        + calc.results["forces_dispersion"]
+        + calc.results["forces_correction"],
+        atol=1e-12,
+    )
+    assert calc.results["free_energy"] == energy
+
+
+def test_uncertainty_passed_through_only_when_given(water):
+    water.calc = calc = _composite(correction=HarmonicCorrection())
+    water.get_forces()
+    assert calc.results["energy_uncertainty"] == pytest.approx(0.03)
+    np.testing.assert_allclose(calc.results["forces_uncertainty"], 0.02)
+    water.calc = calc = _composite()
+    water.get_forces()
+    assert "energy_uncertainty" not in calc.results  # never a fake zero
+
+
+def test_energy_budget_terms_add_up(ethanol):
+    budget = energy_budget(ethanol, _composite())
+    assert sum(budget["terms"].values()) == pytest.approx(budget["energy"], abs=1e-10)
+    assert budget["terms"]["correction"] == 0.0
+    assert budget["terms"]["dispersion"] < 0.0
+    assert budget["max_force"] > 0.0
+    assert budget["records"]["baseline"]["remove_dispersion"] is True
+
+
+# -- derivatives -----------------------------------------------------------------------
+
+
+def test_forces_match_finite_differences_molecule(ethanol):
+    """Composite with a non-zero correction; step 1e-3 Å, tolerance 5e-4 eV/Å."""
+    ethanol.calc = _composite(correction=HarmonicCorrection(), **TIGHT)
+    np.testing.assert_allclose(
+        ethanol.get_forces(), calculate_numerical_forces(ethanol, 1e-3), atol=5e-4
+    )
+
+
+@pytest.mark.slow
+def test_forces_and_stress_match_finite_differences_crystal(water_chain):
+    """Composite on a narrow cell (3×1×1 supercell path) with a non-zero correction.
+    Steps 1e-3 Å and strain 1e-4; tolerances 5e-4 eV/Å and 1e-5 eV/Å³."""
+    atoms = water_chain
+    atoms.calc = _composite(correction=HarmonicCorrection(), **TIGHT)
+    stress = atoms.get_stress()
+    terms = {t: atoms.calc.results[f"stress_{t}"] for t in ("baseline", "dispersion", "correction")}
+    np.testing.assert_allclose(
+        atoms.get_forces(), calculate_numerical_forces(atoms, 1e-3), atol=5e-4
+    )
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, 1e-4), atol=1e-5)
+    for term, value in terms.items():
+        assert np.abs(value).max() > 1e-6, term  # each term contributes to the check
+
+
+def test_stress_of_molecule_is_not_implemented(water):
+    water.calc = _composite()
+    with pytest.raises(PropertyNotImplementedError, match="periodic"):
+        water.get_stress()
+
+
+# -- invariances -------------------------------------------------------------------------
+
+
+def test_energy_invariant_to_rotation_translation_permutation(ethanol, rotation):
+    calc = _composite(correction=HarmonicCorrection(), **TIGHT)
+    reference = _energy(ethanol, calc)
+    moved = ethanol.copy()
+    moved.positions = moved.positions @ rotation.T + np.array([-4.0, 2.5, 9.0])
+    shuffled = ethanol[np.random.default_rng(5).permutation(len(ethanol))]
+    assert _energy(moved, calc) == pytest.approx(reference, abs=1e-6)
+    assert _energy(shuffled, calc) == pytest.approx(reference, abs=1e-6)
+
+
+def test_equivalent_cell_gives_proportional_energy(water_chain):
+    calc = _composite(**TIGHT)
+    single = _energy(water_chain, calc)
+    assert _energy(water_chain.repeat((3, 1, 1)), calc) == pytest.approx(3 * single, abs=1e-6)
+
+
+def test_size_extensive_separated_molecules():
+    """Methane and benzene 30 Å apart: sum of the parts to 5e-6 eV (the D3 C6 tail
+    at 30 Å is ~1e-7 eV)."""
+    methane, benzene = molecule("CH4"), molecule("C6H6")
+    far = benzene.copy()
+    far.translate([30.0, 0.0, 0.0])
+    calc = _composite()
+    parts = _energy(methane, calc) + _energy(benzene, calc)
+    assert _energy(methane + far, calc) == pytest.approx(parts, abs=5e-6)
+
+
+# -- dispersion counted once -------------------------------------------------------------
+
+
+def _interaction(calc, dimer: Atoms, n_first: int) -> float:
+    return _energy(dimer, calc) - _energy(dimer[:n_first], calc) - _energy(dimer[n_first:], calc)
+
+
+@pytest.mark.parametrize("distance", [4.0, 6.0, 9.0, 12.0])
+def test_interaction_tail_is_dispersion_free_baseline_plus_d3(make_dimer, distance):
+    """No double counting: along a benzene dimer pulled apart, the composite's
+    interaction energy is the dispersion-free baseline's plus D3's, to 1e-7 eV."""
+    dimer = make_dimer(distance)
+    n = len(dimer) // 2
+    composite = _interaction(_composite(), dimer, n)
+    free = _interaction(XTBBaseline(remove_dispersion=True), dimer, n)
+    d3 = _interaction(D3Dispersion(method="pbe0", damping="d3bj"), dimer, n)
+    assert composite == pytest.approx(free + d3, abs=1e-7)
+
+
+def test_stacking_d3_on_full_gfn2_would_overbind(make_dimer):
+    """Why the baseline's own dispersion is removed: at 3.8 Å (stacked benzene),
+    GFN2 (with D4) + D3 binds more than the composite by roughly a whole dispersion
+    term — more than 2 kcal/mol here (the brief measured ~3.5 kcal/mol)."""
+    dimer = make_dimer(3.8)
+    n = len(dimer) // 2
+    composite = _interaction(_composite(), dimer, n)
+    full_gfn2 = _interaction(XTBBaseline(), dimer, n)
+    d3 = _interaction(D3Dispersion(method="pbe0", damping="d3bj"), dimer, n)
+    overbinding = composite - (full_gfn2 + d3)
+    assert overbinding > 2.0 * kcal / mol
+
+
+def test_double_counting_is_refused():
+    with pytest.raises(ParameterError, match="counted twice"):
+        DeltaCalculator(correction=ZeroCorrection(), baseline_dispersion=True)
+    calc = DeltaCalculator(correction=ZeroCorrection(), baseline_dispersion=True, dispersion=None)
+    with pytest.raises(ParameterError, match="counted twice"):
+        calc.set(dispersion="d3bj:pbe0")
+
+
+def test_baseline_dispersion_without_d3_is_the_full_method(ethanol):
+    calc = _composite(baseline_dispersion=True, dispersion=None)
+    assert _energy(ethanol, calc) == pytest.approx(_energy(ethanol, XTBBaseline()), abs=1e-8)
+
+
+# -- the correction --------------------------------------------------------------------
+
+
+def test_correction_is_required():
+    with pytest.raises(ParameterError, match="correction=ZeroCorrection"):
+        DeltaCalculator()
+    with pytest.raises(ParameterError, match="does not follow the Correction protocol"):
+        DeltaCalculator(correction=object())
+
+
+def test_correction_fitted_against_other_terms_is_refused(water):
+    record = _composite().terms_record()
+    water.calc = _composite(correction=HarmonicCorrection(trained_with=record))
+    assert np.isfinite(water.get_potential_energy())  # same terms: accepted
+
+    altered = _composite(dispersion="d3bj:pbe").terms_record()
+    water.calc = _composite(correction=HarmonicCorrection(trained_with=altered))
+    with pytest.raises(TermMismatchError, match=r"dispersion\.parameters\.a1: 0\.4289 != 0\.4145"):
+        water.get_potential_energy()
+
+    gfn1 = _composite(method="gfn1").terms_record()
+    water.calc = _composite(correction=HarmonicCorrection(trained_with=gfn1))
+    with pytest.raises(TermMismatchError, match=r"baseline\.method: 'GFN1-xTB' != 'GFN2-xTB'"):
+        water.get_potential_energy()
+
+
+# -- parameters and engines ---------------------------------------------------------------
+
+
+def test_set_forwards_cheap_parameters_without_rebuilding(ethanol):
+    ethanol.calc = calc = _composite()
+    e_gfn2 = ethanol.get_potential_energy()
+    engine = calc.baseline._engine
+    calc.set(accuracy=0.1)
+    ethanol.get_potential_energy()
+    assert calc.baseline._engine is engine
+    calc.set(method="gfn1")
+    e_gfn1 = ethanol.get_potential_energy()
+    assert calc.baseline._engine is not engine
+    assert calc.terms_record()["baseline"]["method"] == "GFN1-xTB"
+    assert abs(e_gfn1 - e_gfn2) > 1.0  # different Hamiltonians, different energy zero
+    calc.set(dispersion="d3zero:pbe0")
+    assert calc.terms_record()["dispersion"]["damping"] == "d3zero"
+
+
+def test_xtb_engine_composite_matches_tblite_for_gfn1(ethanol):
+    a = _energy(ethanol, _composite(method="gfn1", engine="xtb", **TIGHT))
+    b = _energy(ethanol, _composite(method="gfn1", engine="tblite", **TIGHT))
+    assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_xtb_engine_gfn2_composite_is_refused(ethanol):
+    """GFN2's D4 cannot be removed in xtb-python: refused, not silently doubled."""
+    ethanol.calc = _composite(engine="xtb")
+    with pytest.raises(UnsupportedCapabilityError, match="D4 cannot be switched off"):
+        ethanol.get_potential_energy()
+
+
+def test_docstring_table_matches_default_parameters():
+    from test_baseline import _check_table
+
+    _check_table(DeltaCalculator)
+
+
+# -- with ASE optimizers and MD -------------------------------------------------------------
+
+
+def test_bfgs_relaxation_converges(water):
+    water.calc = _composite()
+    start = water.get_potential_energy()
+    assert BFGS(water, logfile=None).run(fmax=0.01, steps=100)
+    assert water.get_potential_energy() < start
+    assert np.linalg.norm(water.get_forces(), axis=1).max() < 0.01
+
+
+@pytest.mark.slow
+def test_fire_cell_relaxation_lowers_enthalpy(water_chain):
+    water_chain.calc = _composite()
+    filtered = FrechetCellFilter(water_chain)
+    start = water_chain.get_potential_energy()
+    FIRE(filtered, logfile=None).run(fmax=0.05, steps=15)
+    assert water_chain.get_potential_energy() < start
+    assert water_chain.calc.results["supercell_repeats"][0] >= 2
+
+
+def test_velocity_verlet_conserves_energy(ethanol):
+    """NVE, 0.25 fs steps, 40 steps from 300 K: total energy drift below 5 meV."""
+    ethanol.calc = _composite(**TIGHT)
+    # thermalize_momenta replaces MaxwellBoltzmannDistribution from ASE 3.29 on.
+    thermalize = getattr(
+        velocitydistribution,
+        "thermalize_momenta",
+        velocitydistribution.MaxwellBoltzmannDistribution,
+    )
+    thermalize(ethanol, temperature_K=300, rng=np.random.default_rng(3))
+    total = [ethanol.get_total_energy()]
+    dyn = VelocityVerlet(ethanol, timestep=0.25 * fs, logfile=None)
+    dyn.attach(lambda: total.append(ethanol.get_total_energy()), interval=5)
+    dyn.run(40)
+    assert np.ptp(total) < 5e-3
+
+
+def test_langevin_is_reproducible_with_a_seed(water):
+    """Same seed, same trajectory (to 1e-8 Å: tblite's OpenMP reductions are not
+    bit-for-bit repeatable); another seed moves the atoms differently (>1e-4 Å)."""
+
+    def run(seed: int) -> np.ndarray:
+        atoms = water.copy()
+        atoms.calc = _composite()
+        dyn = Langevin(
+            atoms,
+            0.5 * fs,
+            temperature_K=300,
+            friction=0.02,
+            rng=np.random.default_rng(seed),
+            fixcm=False,
+            logfile=None,
+        )
+        dyn.run(10)
+        return atoms.positions.copy()
+
+    first, second, other = run(9), run(9), run(10)
+    np.testing.assert_allclose(first, second, atol=1e-8, rtol=0)
+    assert np.abs(first - other).max() > 1e-4
