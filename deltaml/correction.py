@@ -144,13 +144,9 @@ def record_differences(
         for i, (a, b) in enumerate(zip(expected, actual, strict=True)):
             lines += record_differences(a, b, path=f"{path}[{i}]", rel_tol=rel_tol)
         return lines
-    numbers = (int, float)
-    if (
-        isinstance(expected, numbers)
-        and isinstance(actual, numbers)
-        and not isinstance(expected, bool)
-        and not isinstance(actual, bool)
-    ):
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        same = type(expected) is type(actual) and expected == actual  # a flag is not 0/1
+    elif isinstance(expected, int | float) and isinstance(actual, int | float):
         same = math.isclose(float(expected), float(actual), rel_tol=rel_tol, abs_tol=0.0)
     else:
         same = expected == actual
