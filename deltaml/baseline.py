@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.units import Bohr, Hartree, kB
 from numpy.typing import NDArray
 
@@ -247,10 +247,10 @@ class XTBBaseline(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         p = self.parameters
-        if "stress" in properties and not atoms.pbc.any():
-            from ase.calculators.calculator import PropertyNotImplementedError
-
-            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        if "stress" in properties and not atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                "stress is only defined for cells periodic in all three directions"
+            )
         self.check_capabilities(atoms, properties)
         charge = resolve_charge(atoms, p.charge)
         multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity)
@@ -284,7 +284,7 @@ class XTBBaseline(Calculator):
         self.results["forces"] = -gradient[:n_atoms] * (Hartree / Bohr)
         if atoms.pbc.any():
             self.results["supercell_repeats"] = np.array(repeats)
-            if virial is not None:
+            if virial is not None and atoms.pbc.all():
                 # The virial is extensive and the volume too: stress is unchanged.
                 stress = virial * Hartree / work.get_volume()
                 self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
@@ -397,7 +397,7 @@ class _TBLiteEngine(_Engine):
         except (RuntimeError, ValueError) as exc:
             raise EngineError(f"tblite could not set up {method}: {exc}") from exc
         self._result = None
-        self._periodic = bool(atoms.pbc.any())
+        self._periodic = bool(atoms.pbc.all())
         self.configure(parameters)
 
     def configure(self, parameters: Any) -> None:

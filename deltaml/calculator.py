@@ -126,19 +126,29 @@ class DeltaCalculator(Calculator):
                 "no correction given: pass a fitted model, or correction=ZeroCorrection() "
                 "to run baseline + dispersion alone"
             )
-        if not isinstance(correction, Correction):
-            raise ParameterError(
-                f"correction {type(correction).__name__} does not follow the Correction "
-                "protocol (name, trained_with, predict(atoms, forces=, stress=))"
-            )
-        self.correction = correction
         self._baseline: XTBBaseline | None = None
         self._dispersion: D3Dispersion | None = None
-        self._terms_checked = False
         Calculator.__init__(self, atoms=atoms, **kwargs)
+        self.correction = correction
         self._check_double_counting()
 
     # -- parameters and terms ---------------------------------------------------
+
+    @property
+    def correction(self) -> Correction:
+        """The learned correction; replacing it resets the results and re-checks it."""
+        return self._correction
+
+    @correction.setter
+    def correction(self, value: Correction) -> None:
+        if not isinstance(value, Correction):
+            raise ParameterError(
+                f"correction {type(value).__name__} does not follow the Correction protocol "
+                "(name, trained_with, predict(atoms, forces=, stress=))"
+            )
+        self._correction = value
+        self._terms_checked = False
+        self.reset()
 
     def set(self, **kwargs: Any) -> dict:
         """Set parameters, forwarding them to the terms that use them."""
@@ -159,7 +169,7 @@ class DeltaCalculator(Calculator):
                 self._baseline.set(**forward)
         if {"dispersion", "min_distance"} & set(changed):
             self._dispersion = None
-        if hasattr(self, "correction"):  # set() also runs inside Calculator.__init__
+        if hasattr(self, "_correction"):  # set() also runs inside Calculator.__init__
             self._check_double_counting()
         return changed
 
@@ -234,8 +244,10 @@ class DeltaCalculator(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         want_stress = "stress" in properties
-        if want_stress and not atoms.pbc.any():
-            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        if want_stress and not atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                "stress is only defined for cells periodic in all three directions"
+            )
         if not self._terms_checked:
             self.check_correction()
         p = self.parameters

@@ -240,8 +240,10 @@ class D3Dispersion(Calculator):
         properties = properties or ["energy"]
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
-        if "stress" in properties and not atoms.pbc.any():
-            raise PropertyNotImplementedError("stress is only defined for periodic cells")
+        if "stress" in properties and not atoms.pbc.all():
+            raise PropertyNotImplementedError(
+                "stress is only defined for cells periodic in all three directions"
+            )
         validate_structure(
             atoms,
             supported_elements=SUPPORTED_ELEMENTS,
@@ -259,7 +261,7 @@ class D3Dispersion(Calculator):
         self.results["energy"] = float(res["energy"]) * Hartree
         self.results["free_energy"] = self.results["energy"]
         self.results["forces"] = -res["gradient"] * (Hartree / Bohr)
-        if atoms.pbc.any():
+        if atoms.pbc.all():
             stress = res["virial"] * Hartree / atoms.get_volume()
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
 

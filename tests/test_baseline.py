@@ -367,3 +367,13 @@ def _check_table(cls) -> None:
     assert set(rows) == set(cls.default_parameters)
     for key, default in cls.default_parameters.items():
         assert rows[key] == (f'"{default}"' if isinstance(default, str) else str(default)), key
+
+
+def test_partially_periodic_chain_has_energy_but_no_stress(water_chain):
+    """A chain periodic along a only: supercell along a, no stress (ill-defined)."""
+    water_chain.pbc = [True, False, False]
+    water_chain.calc = XTBBaseline()
+    assert np.isfinite(water_chain.get_potential_energy())
+    assert tuple(water_chain.calc.results["supercell_repeats"]) == (3, 1, 1)
+    with pytest.raises(PropertyNotImplementedError, match="all three directions"):
+        water_chain.get_stress()
