@@ -44,6 +44,7 @@ from deltaml.errors import (
 )
 from deltaml.structures import (
     DEFAULT_MIN_DISTANCE,
+    engine_frame,
     resolve_charge,
     resolve_multiplicity,
     supercell_repeats,
@@ -384,15 +385,10 @@ class _TBLiteEngine(_Engine):
         spec: str | dict = method
         if parameters.remove_dispersion:
             spec = dispersion_free_parametrization(method)
+        positions, cell = engine_frame(atoms)
         try:
             self._calc = TBLiteCalculator(
-                spec,
-                atoms.numbers,
-                atoms.positions / Bohr,
-                charge,
-                uhf,
-                atoms.cell.array / Bohr,
-                atoms.pbc,
+                spec, atoms.numbers, positions / Bohr, charge, uhf, cell / Bohr, atoms.pbc
             )
         except (RuntimeError, ValueError) as exc:
             raise EngineError(f"tblite could not set up {method}: {exc}") from exc
@@ -407,8 +403,9 @@ class _TBLiteEngine(_Engine):
         self._calc.set("temperature", float(parameters.electronic_temperature) * kB / Hartree)
 
     def update(self, atoms: Atoms) -> None:
+        positions, cell = engine_frame(atoms)
         try:
-            self._calc.update(positions=atoms.positions / Bohr, lattice=atoms.cell.array / Bohr)
+            self._calc.update(positions=positions / Bohr, lattice=cell / Bohr)
         except (RuntimeError, ValueError) as exc:
             raise EngineError(f"tblite rejected the geometry: {exc}") from exc
 
@@ -429,15 +426,10 @@ class _XTBEngine(_Engine):
         from xtb.interface import Param, XTBException
 
         param = {"GFN2-xTB": Param.GFN2xTB, "GFN1-xTB": Param.GFN1xTB}[method]
+        positions, cell = engine_frame(atoms)
         try:
             self._calc = XTBCalculator(
-                param,
-                atoms.numbers,
-                atoms.positions / Bohr,
-                charge,
-                uhf,
-                atoms.cell.array / Bohr,
-                atoms.pbc,
+                param, atoms.numbers, positions / Bohr, charge, uhf, cell / Bohr, atoms.pbc
             )
         except XTBException as exc:
             raise EngineError(f"xtb could not set up {method}: {exc}") from exc
@@ -458,8 +450,9 @@ class _XTBEngine(_Engine):
         from xtb.interface import XTBException
 
         self._atoms = atoms.copy()
+        positions, cell = engine_frame(atoms)
         try:
-            self._calc.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+            self._calc.update(positions / Bohr, cell / Bohr)
         except XTBException as exc:
             raise EngineError(f"xtb rejected the geometry: {exc}") from exc
 
@@ -483,12 +476,11 @@ class _XTBEngine(_Engine):
         from dftd3.interface import DispersionModel, RationalDampingParam
 
         atoms = self._atoms
+        positions, cell = engine_frame(atoms)
         if self._d3 is None:
-            self._d3 = DispersionModel(
-                atoms.numbers, atoms.positions / Bohr, atoms.cell.array / Bohr, atoms.pbc
-            )
+            self._d3 = DispersionModel(atoms.numbers, positions / Bohr, cell / Bohr, atoms.pbc)
         else:
-            self._d3.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+            self._d3.update(positions / Bohr, cell / Bohr)
         # GFN1-xTB's own D3(BJ) damping parameters, read from tblite's export.
         values = _param_dict("GFN1-xTB")["dispersion"]["d3"]
         damping = RationalDampingParam(**{k: values[k] for k in ("s6", "s8", "s9", "a1", "a2")})

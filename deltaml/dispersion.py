@@ -20,12 +20,13 @@ import inspect
 from importlib.metadata import version
 from typing import Any
 
+import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.units import Bohr, Hartree
 
 from deltaml.errors import EngineError, ParameterError
-from deltaml.structures import DEFAULT_MIN_DISTANCE, validate_structure
+from deltaml.structures import DEFAULT_MIN_DISTANCE, engine_frame, validate_structure
 
 __all__ = ["DAMPING_FUNCTIONS", "D3Dispersion", "damping_parameters", "parse_dispersion_spec"]
 
@@ -39,6 +40,16 @@ DAMPING_FUNCTIONS = {
 }
 _DAMPING_ALIASES = {"d3mbj": "d3bjm", "d3mzero": "d3zerom", "bj": "d3bj", "zero": "d3zero"}
 
+#: simple-dftd3's real-space cut-offs (Å): pairs, triples, coordination number,
+#: and the widths of the smooth switching of the pair and triple sums.
+_DEFAULT_CUTOFFS = {
+    "disp2": 60.0 * Bohr,
+    "disp3": 40.0 * Bohr,
+    "cn": 40.0 * Bohr,
+    "width2": 0.0,
+    "width3": 0.0,
+}
+
 #: D3 reference C6 coefficients exist for H to Pu.
 SUPPORTED_ELEMENTS = frozenset(range(1, 95))
 
@@ -51,6 +62,20 @@ def _damping_name(damping: str) -> str:
             f"unknown D3 damping {damping!r}; choose one of {sorted(DAMPING_FUNCTIONS)}"
         )
     return key
+
+
+def _check_cutoffs(cutoff: dict | None) -> None:
+    for key, value in (cutoff or {}).items():
+        if key not in _DEFAULT_CUTOFFS:
+            raise ParameterError(
+                f"unknown realspace_cutoff key {key!r}; accepted: {sorted(_DEFAULT_CUTOFFS)} (Å)"
+            )
+        lowest = 0.0 if key.startswith("width") else 1e-3
+        if not np.isfinite(value) or value < lowest:
+            raise ParameterError(
+                f"realspace_cutoff {key} = {value} Å is not allowed: "
+                f"{'non-negative' if lowest == 0 else 'positive'} finite length in Å expected"
+            )
 
 
 def _damping_class(damping: str) -> type:
@@ -109,6 +134,11 @@ def damping_parameters(
             ) from None
         values = {k: float(v) for k, v in values.items() if k in accepted}
         values["s9"] = values.get("s9", 1.0) if atm else 0.0
+    if not atm and float((tweaks or {}).get("s9", 0.0)) != 0.0:
+        raise ParameterError(
+            f"params_tweaks sets s9 = {tweaks['s9']} (the ATM three-body scale) but atm=False; "
+            "set atm=True to include the three-body term"
+        )
     for key, value in (tweaks or {}).items():
         if key not in accepted:
             raise ParameterError(
@@ -143,6 +173,8 @@ def parse_dispersion_spec(spec: str) -> dict[str, Any]:
         If the text does not have that form.
     """
     parts = [part.strip() for part in str(spec).split(":")]
+    if len(parts) == 3:
+        parts[2] = parts[2].lower()
     if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and parts[2] != "atm"):
         raise ParameterError(
             f"dispersion {spec!r} is not of the form DAMPING:FUNCTIONAL[:atm], "
@@ -161,7 +193,7 @@ class D3Dispersion(Calculator):
      damping           "d3bj"     -     d3bj, d3zero, d3bjm, d3zerom or d3op
      atm               False      -     include the three-body ATM term
      params_tweaks     None       -     dict overriding single damping parameters
-     realspace_cutoff  None       Å     dict with disp2, disp3, cn cut-offs
+     realspace_cutoff  None       Å     dict: disp2, disp3, cn cut-offs, width2/3
      min_distance      0.5        Å     closest allowed interatomic distance
     ================= ========== ===== ==============================================
 
@@ -201,6 +233,8 @@ class D3Dispersion(Calculator):
         """Set parameters; checks them at once and resets the results on any change."""
         if "damping" in kwargs:
             kwargs["damping"] = _damping_name(kwargs["damping"])
+        if "realspace_cutoff" in kwargs:
+            _check_cutoffs(kwargs["realspace_cutoff"])
         changed = Calculator.set(self, **kwargs)
         if changed:
             self.reset()
@@ -269,24 +303,20 @@ class D3Dispersion(Calculator):
         """Reuse the dispersion model while only positions or cell change."""
         from dftd3.interface import DispersionModel
 
+        positions, cell = engine_frame(atoms)
         structural = set(system_changes) - {"positions", "cell"}
         if self._model is not None and not structural:
             try:
-                self._model.update(atoms.positions / Bohr, atoms.cell.array / Bohr)
+                self._model.update(positions / Bohr, cell / Bohr)
                 return self._model
             except RuntimeError as exc:
                 raise EngineError(f"dftd3 rejected the geometry: {exc}") from exc
         try:
-            model = DispersionModel(
-                atoms.numbers, atoms.positions / Bohr, atoms.cell.array / Bohr, atoms.pbc
-            )
+            model = DispersionModel(atoms.numbers, positions / Bohr, cell / Bohr, atoms.pbc)
             cutoff = self.parameters.realspace_cutoff
             if cutoff:
-                model.set_realspace_cutoff(
-                    cutoff.get("disp2", 60.0 * Bohr) / Bohr,
-                    cutoff.get("disp3", 40.0 * Bohr) / Bohr,
-                    cutoff.get("cn", 40.0 * Bohr) / Bohr,
-                )
+                values = {**_DEFAULT_CUTOFFS, **cutoff}
+                model.set_realspace_cutoff(*(values[key] / Bohr for key in _DEFAULT_CUTOFFS))
         except RuntimeError as exc:
             raise EngineError(f"dftd3 could not set up the dispersion model: {exc}") from exc
         self._model = model

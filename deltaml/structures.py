@@ -92,6 +92,8 @@ def validate_structure(
         _check_distances(atoms, min_distance)
     if charge is not None:
         _check_electrons(atoms, charge, multiplicity)
+    elif multiplicity is not None:
+        _check_multiplicity_value(multiplicity)
 
 
 def _check_finite(atoms: Atoms) -> None:
@@ -163,17 +165,23 @@ def _check_electrons(atoms: Atoms, charge: float, multiplicity: int | None) -> N
         )
     if multiplicity is None:
         return
-    if int(multiplicity) != multiplicity or multiplicity < 1:
-        raise ChargeMultiplicityError(
-            f"multiplicity must be a positive integer (2S+1), got {multiplicity}"
-        )
+    _check_multiplicity_value(multiplicity)
     unpaired = int(multiplicity) - 1
     if unpaired > n_electrons or (n_electrons - unpaired) % 2:
         parity = "even" if n_electrons % 2 == 0 else "odd"
-        allowed = "1, 3, 5, ..." if n_electrons % 2 == 0 else "2, 4, 6, ..."
+        possible = list(range(n_electrons % 2 + 1, n_electrons + 2, 2))
+        shown = possible if len(possible) <= 4 else [*possible[:3], "...", possible[-1]]
+        allowed = ", ".join(map(str, shown))
         raise ChargeMultiplicityError(
             f"multiplicity {multiplicity} is impossible with charge {int(charge)}: "
             f"{n_electrons} electrons ({parity}) allow multiplicity {allowed}"
+        )
+
+
+def _check_multiplicity_value(multiplicity: float) -> None:
+    if int(multiplicity) != multiplicity or multiplicity < 1:
+        raise ChargeMultiplicityError(
+            f"multiplicity must be a positive integer (2S+1), got {multiplicity}"
         )
 
 
@@ -253,9 +261,61 @@ def supercell_repeats(
     else:
         # Non-periodic vectors may be zero; give them unit length to measure widths.
         filled = np.asarray(cell, dtype=float).copy()
-        normals = np.linalg.svd(filled[pbc])[2][pbc.sum() :]
-        for axis, normal in zip(np.flatnonzero(~pbc), normals, strict=False):
+        normals = _complement(filled[pbc], int((~pbc).sum()))
+        for axis, normal in zip(np.flatnonzero(~pbc), normals, strict=True):
             filled[axis] = normal
         widths = perpendicular_widths(filled)
     repeats = np.where(pbc, np.ceil(min_width / widths - 1e-9), 1).astype(int)
     return tuple(int(max(r, 1)) for r in repeats)
+
+
+#: Room left around a structure along a non-periodic direction in :func:`engine_frame`, Å.
+_FRAME_MARGIN = 5.0
+
+
+def _complement(periodic: NDArray[np.float64], count: int) -> NDArray[np.float64]:
+    """Orthonormal vectors perpendicular to the rows of ``periodic``."""
+    return np.linalg.svd(np.atleast_2d(periodic))[2][len(periodic) :][:count]
+
+
+def engine_frame(atoms: Atoms) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Positions and cell to hand an engine for a partially periodic structure, Å.
+
+    Engines wrap positions into the cell along every cell vector, periodic or not
+    (simple-dftd3 then moves an atom below a slab by a whole cell vector), and a
+    zero vector along a non-periodic direction gives NaN or a failed
+    diagonalisation. Along each non-periodic direction the cell vector is
+    therefore replaced by one perpendicular to the periodic vectors and longer
+    than the structure, and all atoms are translated into the cell along it.
+    A rigid translation changes neither energy nor forces; periodic vectors are
+    untouched. Fully periodic and non-periodic structures are returned as they are.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure, Å.
+
+    Returns
+    -------
+    positions : ndarray of shape (n_atoms, 3)
+        Cartesian positions, Å (a rigid translation of ``atoms.positions``).
+    cell : ndarray of shape (3, 3)
+        Cell vectors as rows, Å.
+    """
+    pbc = atoms.pbc
+    positions = atoms.positions
+    cell = atoms.cell.array
+    if pbc.all() or not pbc.any():
+        return positions, cell
+    cell = cell.copy()
+    shift = np.zeros(3)
+    normals = _complement(cell[pbc], int((~pbc).sum()))
+    for axis, normal in zip(np.flatnonzero(~pbc), normals, strict=True):
+        height = positions @ normal
+        cell[axis] = normal * (np.ptp(height) + 2 * _FRAME_MARGIN)
+        shift += normal * (_FRAME_MARGIN - height.min())
+    if np.linalg.det(cell) < 0:  # keep a right-handed cell
+        axis = np.flatnonzero(~pbc)[-1]
+        shift -= cell[axis]
+        cell[axis] = -cell[axis]
+    return positions + shift, cell

@@ -377,3 +377,22 @@ def test_partially_periodic_chain_has_energy_but_no_stress(water_chain):
     assert tuple(water_chain.calc.results["supercell_repeats"]) == (3, 1, 1)
     with pytest.raises(PropertyNotImplementedError, match="all three directions"):
         water_chain.get_stress()
+
+
+@pytest.mark.parametrize("engine", ["tblite", "xtb"])
+def test_partially_periodic_frame_does_not_matter(water_chain, engine):
+    """Along a non-periodic direction, neither a translation (atoms outside the cell)
+    nor a zero cell vector changes energy or forces (engines wrap positions along
+    every cell vector, so deltaml hands them a frame that contains the structure)."""
+    water_chain.pbc = [True, False, False]
+    kwargs = {"method": "gfn1", "engine": engine, **TIGHT}
+    water_chain.calc = XTBBaseline(**kwargs)
+    energy, forces = water_chain.get_potential_energy(), water_chain.get_forces()
+    moved = water_chain.copy()
+    moved.translate([0.0, -9.0, 12.0])
+    flat = water_chain.copy()
+    flat.cell = [water_chain.cell[0], [0, 0, 0], [0, 0, 0]]
+    for other in (moved, flat):
+        other.calc = XTBBaseline(**kwargs)
+        assert other.get_potential_energy() == pytest.approx(energy, abs=1e-6)
+        np.testing.assert_allclose(other.get_forces(), forces, atol=1e-5)
