@@ -20,7 +20,12 @@ zone at Γ only, which for a molecular crystal with a 5 Å cell is off by up to
 tens of kJ/mol per molecule. A cell narrower than ``min_cell_width`` is repeated
 until every perpendicular width reaches it; energy, forces and stress are
 returned for the cell that was given (``results["supercell_repeats"]`` and the
-log say which supercell was used).
+log say which supercell was used). Charge and multiplicity are per given cell;
+the copies in a supercell add up (open-shell cells are coupled high-spin). The
+supercell chosen from the width changes by a whole repeat when a cell crosses
+``min_cell_width`` during a cell relaxation or NPT run, and the energy jumps by
+the Γ-point error (2 meV per cell measured for an H-bonded water chain); fix it
+with ``supercell=(n1, n2, n3)`` for such runs.
 
 Data flow: structures → **baseline** → composite calculator.
 """
@@ -94,10 +99,53 @@ def canonical_method(method: str) -> str:
     return _METHOD_ALIASES[key]
 
 
-def _check_engine(engine: str) -> str:
-    if engine not in _ENGINES:
-        raise ParameterError(f"unknown engine {engine!r}; choose one of {_ENGINES}")
-    return engine
+def check_baseline_parameters(values: dict[str, Any]) -> None:
+    """Refuse out-of-range baseline settings before they are stored.
+
+    Parameters
+    ----------
+    values : dict
+        Some or all of :attr:`XTBBaseline.default_parameters`.
+
+    Raises
+    ------
+    ParameterError
+        Naming the parameter, its value and the allowed range.
+    """
+    if "engine" in values and values["engine"] not in _ENGINES:
+        raise ParameterError(f"unknown engine {values['engine']!r}; choose one of {_ENGINES}")
+    if values.get("engine") == "xtb":
+        _require_xtb()
+    positive = {"electronic_temperature": "K", "accuracy": ""}
+    for key, unit in positive.items():
+        if key in values and not (np.isfinite(values[key]) and values[key] > 0):
+            raise ParameterError(f"{key} must be positive, got {values[key]} {unit}".rstrip())
+    if "max_iterations" in values and not (
+        int(values["max_iterations"]) == values["max_iterations"] and values["max_iterations"] >= 1
+    ):
+        raise ParameterError(
+            f"max_iterations must be a positive integer, got {values['max_iterations']}"
+        )
+    for key in ("min_cell_width", "min_distance"):
+        if key in values and not (np.isfinite(values[key]) and values[key] >= 0):
+            raise ParameterError(f"{key} must be a non-negative length in Å, got {values[key]}")
+    supercell = values.get("supercell")
+    if supercell is not None and (
+        len(supercell) != 3 or any(int(n) != n or n < 1 for n in supercell)
+    ):
+        raise ParameterError(
+            f"supercell must be three positive integers (n1, n2, n3), got {supercell!r}"
+        )
+
+
+def _require_xtb() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("xtb") is None:
+        raise ParameterError(
+            "engine='xtb' needs xtb-python, which is not installed (it has wheels for "
+            "CPython <= 3.11 only); use engine='tblite' or install xtb"
+        )
 
 
 class XTBBaseline(Calculator):
@@ -116,6 +164,7 @@ class XTBBaseline(Calculator):
      accuracy               1.0          -       engine accuracy (smaller is tighter)
      max_iterations         250          -       maximum SCF iterations
      min_cell_width         7.0          Å       evaluate narrower cells on a supercell
+     supercell              None         -       fixed repeats (n1, n2, n3) instead
      min_distance           0.5          Å       closest allowed interatomic distance
      verbosity              0            -       engine print level
     ====================== ============ ======= =====================================
@@ -145,6 +194,7 @@ class XTBBaseline(Calculator):
         "accuracy": 1.0,
         "max_iterations": 250,
         "min_cell_width": 7.0,
+        "supercell": None,
         "min_distance": DEFAULT_MIN_DISTANCE,
         "verbosity": 0,
     }
@@ -164,8 +214,7 @@ class XTBBaseline(Calculator):
         """
         if "method" in kwargs:
             kwargs["method"] = canonical_method(kwargs["method"])
-        if "engine" in kwargs:
-            _check_engine(kwargs["engine"])
+        check_baseline_parameters(kwargs)
         changed = Calculator.set(self, **kwargs)
         if changed:
             self.reset()
@@ -189,8 +238,11 @@ class XTBBaseline(Calculator):
         dict
             JSON-serialisable: method, engine and its version, whether the
             method's own dispersion is removed (and which term that was, with
-            its damping parameters), electronic temperature (K), accuracy,
-            maximum SCF iterations, minimum cell width (Å).
+            its damping parameters), a SHA-256 fingerprint of the method's full
+            parametrization as tblite exports it (so that a library release
+            that changes parameters is detected), electronic temperature (K),
+            accuracy, minimum cell width (Å) and fixed supercell. The SCF
+            iteration limit is left out: it does not change a converged energy.
         """
         p = self.parameters
         own = _own_dispersion(self.method)
@@ -201,10 +253,11 @@ class XTBBaseline(Calculator):
             "engine_version": _engine_version(p.engine),
             "remove_dispersion": bool(p.remove_dispersion),
             "removed_dispersion": own if p.remove_dispersion else None,
+            "parametrization_sha256": _param_fingerprint(self.method),
             "electronic_temperature_k": float(p.electronic_temperature),
             "accuracy": float(p.accuracy),
-            "max_iterations": int(p.max_iterations),
             "min_cell_width_a": float(p.min_cell_width),
+            "supercell": None if p.supercell is None else [int(n) for n in p.supercell],
         }
 
     # -- calculation ------------------------------------------------------------
@@ -254,7 +307,7 @@ class XTBBaseline(Calculator):
             )
         self.check_capabilities(atoms, properties)
         charge = resolve_charge(atoms, p.charge)
-        multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity)
+        multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity, f_in_core=True)
         validate_structure(
             atoms,
             supported_elements=SUPPORTED_ELEMENTS,
@@ -262,20 +315,27 @@ class XTBBaseline(Calculator):
             min_distance=p.min_distance,
             charge=charge,
             multiplicity=multiplicity,
+            f_in_core=True,
         )
 
-        repeats = supercell_repeats(atoms.cell.array, atoms.pbc, p.min_cell_width)
+        repeats = self._repeats(atoms)
         work = atoms.repeat(repeats) if repeats != (1, 1, 1) else atoms
         n_cells = int(np.prod(repeats))
+        # Charge and unpaired electrons are per given cell; the copies of the cell in
+        # a supercell add up (open-shell cells are thus coupled high-spin).
+        uhf = (multiplicity - 1) * n_cells
         if n_cells > 1:
             logger.info(
-                "%s: cell narrower than %.2f Å evaluated on a %dx%dx%d supercell",
+                "%s: cell evaluated on a %dx%dx%d supercell (min_cell_width %.2f Å; "
+                "supercell charge %d, unpaired electrons %d)",
                 self.method,
-                p.min_cell_width,
                 *repeats,
+                p.min_cell_width,
+                charge * n_cells,
+                uhf,
             )
 
-        engine = self._get_engine(work, charge * n_cells, multiplicity, repeats)
+        engine = self._get_engine(work, charge * n_cells, uhf, repeats)
         energy, gradient, virial = engine.singlepoint()
 
         n_atoms = len(atoms)
@@ -290,13 +350,20 @@ class XTBBaseline(Calculator):
                 stress = virial * Hartree / work.get_volume()
                 self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
 
+    def _repeats(self, atoms: Atoms) -> tuple[int, int, int]:
+        """The supercell to evaluate: fixed by ``supercell`` or from ``min_cell_width``."""
+        p = self.parameters
+        if not atoms.pbc.any():
+            return (1, 1, 1)
+        if p.supercell is not None:
+            pairs = zip(p.supercell, atoms.pbc, strict=True)
+            return tuple(int(n) if periodic else 1 for n, periodic in pairs)
+        return supercell_repeats(atoms.cell.array, atoms.pbc, p.min_cell_width)
+
     def _get_engine(
-        self, work: Atoms, charge: int, multiplicity: int, repeats: tuple[int, int, int]
+        self, work: Atoms, charge: int, uhf: int, repeats: tuple[int, int, int]
     ) -> _Engine:
         """Reuse the engine while only positions or cell change."""
-        n_cells = int(np.prod(repeats))
-        # Unpaired electrons add up over the copies of the cell in a supercell.
-        uhf = (multiplicity - 1) * n_cells
         key = (tuple(work.numbers), tuple(work.pbc), repeats, charge, uhf)
         if self._engine is not None and key == self._engine_key:
             self._engine.update(work)
@@ -339,6 +406,14 @@ def _param_dict(method: str) -> dict:
         library.dump_param(param, table)
         _PARAM_CACHE[method] = library.table_to_dict(table)
     return _PARAM_CACHE[method]
+
+
+def _param_fingerprint(method: str) -> str:
+    import hashlib
+    import json
+
+    text = json.dumps(_param_dict(method), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dispersion_free_parametrization(method: str) -> dict:
@@ -477,12 +552,18 @@ class _XTBEngine(_Engine):
 
         atoms = self._atoms
         positions, cell = engine_frame(atoms)
-        if self._d3 is None:
-            self._d3 = DispersionModel(atoms.numbers, positions / Bohr, cell / Bohr, atoms.pbc)
-        else:
-            self._d3.update(positions / Bohr, cell / Bohr)
+        try:
+            if self._d3 is None:
+                self._d3 = DispersionModel(atoms.numbers, positions / Bohr, cell / Bohr, atoms.pbc)
+            else:
+                self._d3.update(positions / Bohr, cell / Bohr)
+        except RuntimeError as exc:
+            raise EngineError(f"dftd3 (removing GFN1-xTB's D3 from xtb): {exc}") from exc
         # GFN1-xTB's own D3(BJ) damping parameters, read from tblite's export.
         values = _param_dict("GFN1-xTB")["dispersion"]["d3"]
         damping = RationalDampingParam(**{k: values[k] for k in ("s6", "s8", "s9", "a1", "a2")})
-        result = self._d3.get_dispersion(damping, grad=True)
+        try:
+            result = self._d3.get_dispersion(damping, grad=True)
+        except RuntimeError as exc:
+            raise EngineError(f"dftd3 (removing GFN1-xTB's D3 from xtb): {exc}") from exc
         return float(result["energy"]), result["gradient"]

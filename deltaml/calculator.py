@@ -18,7 +18,12 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
-from deltaml.baseline import SUPPORTED_ELEMENTS, XTBBaseline, canonical_method
+from deltaml.baseline import (
+    SUPPORTED_ELEMENTS,
+    XTBBaseline,
+    canonical_method,
+    check_baseline_parameters,
+)
 from deltaml.correction import Correction, record_differences
 from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
 from deltaml.errors import ParameterError, TermMismatchError
@@ -44,6 +49,7 @@ _BASELINE_KEYS = (
     "accuracy",
     "max_iterations",
     "min_cell_width",
+    "supercell",
     "min_distance",
 )
 
@@ -64,6 +70,7 @@ class DeltaCalculator(Calculator):
      accuracy               1.0          -     baseline engine accuracy
      max_iterations         250          -     baseline maximum SCF iterations
      min_cell_width         7.0          Å     baseline supercell threshold
+     supercell              None         -     fixed baseline supercell (n1, n2, n3)
      min_distance           0.5          Å     closest allowed interatomic distance
     ====================== ============ ===== =========================================
 
@@ -111,6 +118,7 @@ class DeltaCalculator(Calculator):
         "accuracy": 1.0,
         "max_iterations": 250,
         "min_cell_width": 7.0,
+        "supercell": None,
         "min_distance": DEFAULT_MIN_DISTANCE,
     }
 
@@ -130,7 +138,7 @@ class DeltaCalculator(Calculator):
         self._dispersion: D3Dispersion | None = None
         Calculator.__init__(self, atoms=atoms, **kwargs)
         self.correction = correction
-        self._check_double_counting()
+        _check_double_counting(self.parameters)
 
     # -- parameters and terms ---------------------------------------------------
 
@@ -152,10 +160,14 @@ class DeltaCalculator(Calculator):
 
     def set(self, **kwargs: Any) -> dict:
         """Set parameters, forwarding them to the terms that use them."""
+        # Check everything before storing anything: a refused set() changes nothing.
         if "method" in kwargs:
             kwargs["method"] = canonical_method(kwargs["method"])
         if kwargs.get("dispersion") is not None:
-            parse_dispersion_spec(kwargs["dispersion"])  # fail now on a bad spec
+            parse_dispersion_spec(kwargs["dispersion"])
+        check_baseline_parameters(kwargs)
+        if self.parameters is not None:
+            _check_double_counting({**self.parameters, **kwargs})
         changed = Calculator.set(self, **kwargs)
         if not changed:
             return changed
@@ -169,18 +181,7 @@ class DeltaCalculator(Calculator):
                 self._baseline.set(**forward)
         if {"dispersion", "min_distance"} & set(changed):
             self._dispersion = None
-        if hasattr(self, "_correction"):  # set() also runs inside Calculator.__init__
-            self._check_double_counting()
         return changed
-
-    def _check_double_counting(self) -> None:
-        p = self.parameters
-        if p.baseline_dispersion and p.dispersion is not None:
-            raise ParameterError(
-                f"baseline_dispersion=True keeps {canonical_method(p.method)}'s own "
-                f"dispersion and dispersion={p.dispersion!r} adds D3 on top: dispersion "
-                "would be counted twice; set dispersion=None or baseline_dispersion=False"
-            )
 
     @property
     def baseline(self) -> XTBBaseline:
@@ -212,6 +213,26 @@ class DeltaCalculator(Calculator):
             "baseline": self.baseline.record(),
             "dispersion": None if dispersion is None else dispersion.record(),
         }
+
+    def _check_terms_unchanged(self) -> None:
+        """The terms are owned by the composite: refuse settings changed behind its back."""
+        p = self.parameters
+        expected = {("baseline", k): p[k] for k in _BASELINE_KEYS}
+        expected["baseline", "remove_dispersion"] = not p.baseline_dispersion
+        actual = {key: self.baseline.parameters[key[1]] for key in expected}
+        dispersion = self.dispersion
+        if dispersion is not None:
+            wanted = {**parse_dispersion_spec(p.dispersion), "min_distance": p.min_distance}
+            wanted.update(params_tweaks=None, realspace_cutoff=None)
+            for name, value in wanted.items():
+                expected["dispersion", name] = value
+                actual["dispersion", name] = dispersion.parameters[name]
+        changed = [".".join(key) for key in expected if expected[key] != actual[key]]
+        if changed:
+            raise ParameterError(
+                f"term setting(s) {changed} were changed on a term directly; change them "
+                "with DeltaCalculator.set() so that the composite and its record agree"
+            )
 
     def check_correction(self) -> None:
         """Refuse a correction fitted against other physical terms.
@@ -248,6 +269,7 @@ class DeltaCalculator(Calculator):
             raise PropertyNotImplementedError(
                 "stress is only defined for cells periodic in all three directions"
             )
+        self._check_terms_unchanged()
         if not self._terms_checked:
             self.check_correction()
         p = self.parameters
@@ -258,7 +280,8 @@ class DeltaCalculator(Calculator):
             method_name=canonical_method(p.method),
             min_distance=p.min_distance,
             charge=charge,
-            multiplicity=resolve_multiplicity(atoms, charge, p.multiplicity),
+            multiplicity=resolve_multiplicity(atoms, charge, p.multiplicity, f_in_core=True),
+            f_in_core=True,
         )
         wanted = ["energy", "forces"] + (["stress"] if want_stress else [])
         self.baseline.check_capabilities(atoms, wanted)
@@ -307,6 +330,17 @@ class DeltaCalculator(Calculator):
             self.results["energies_uncertainty"] = np.asarray(predicted.energies_uncertainty)
         if predicted.forces_uncertainty is not None:
             self.results["forces_uncertainty"] = np.asarray(predicted.forces_uncertainty)
+
+
+def _check_double_counting(parameters: dict[str, Any]) -> None:
+    """Refuse the baseline's own dispersion together with a D3 term."""
+    if parameters["baseline_dispersion"] and parameters["dispersion"] is not None:
+        raise ParameterError(
+            f"baseline_dispersion=True keeps {canonical_method(parameters['method'])}'s own "
+            f"dispersion and dispersion={parameters['dispersion']!r} adds D3 on top: "
+            "dispersion would be counted twice; set dispersion=None or "
+            "baseline_dispersion=False"
+        )
 
 
 def _term_results(calc: Calculator, atoms: Atoms, properties: list[str]) -> dict[str, Any]:

@@ -221,6 +221,7 @@ class D3Dispersion(Calculator):
 
     def __init__(self, atoms: Atoms | None = None, **kwargs: Any) -> None:
         self._model = None
+        self._model_key: tuple | None = None
         self._damping = None
         Calculator.__init__(self, atoms=atoms, **kwargs)
 
@@ -231,17 +232,19 @@ class D3Dispersion(Calculator):
 
     def set(self, **kwargs: Any) -> dict:
         """Set parameters; checks them at once and resets the results on any change."""
+        # Check the merged settings before storing them: a refused set() changes nothing.
         if "damping" in kwargs:
             kwargs["damping"] = _damping_name(kwargs["damping"])
         if "realspace_cutoff" in kwargs:
             _check_cutoffs(kwargs["realspace_cutoff"])
+        merged = {**(self.parameters or self.get_default_parameters()), **kwargs}
+        damping_parameters(
+            merged["method"], merged["damping"], merged["atm"], merged["params_tweaks"]
+        )
         changed = Calculator.set(self, **kwargs)
         if changed:
             self.reset()
             self._damping = None
-            if "realspace_cutoff" in changed:
-                self._model = None
-            self.parameters_by_value()  # fail now on unknown names, not at first use
         return changed
 
     def parameters_by_value(self) -> dict[str, float]:
@@ -259,7 +262,7 @@ class D3Dispersion(Calculator):
             "method": None if p.method is None else str(p.method).lower(),
             "atm": bool(p.atm),
             "parameters": self.parameters_by_value(),
-            "realspace_cutoff_a": dict(p.realspace_cutoff or {}),
+            "realspace_cutoff_a": {**_DEFAULT_CUTOFFS, **(p.realspace_cutoff or {})},
             "engine": "dftd3",
             "engine_version": version("dftd3"),
         }
@@ -300,24 +303,30 @@ class D3Dispersion(Calculator):
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
 
     def _get_model(self, atoms: Atoms, system_changes: list[str]):
-        """Reuse the dispersion model while only positions or cell change."""
+        """Reuse the dispersion model while the atoms, pbc and cut-offs stay the same.
+
+        The key is checked rather than ``system_changes``: after a failed call ASE
+        already holds the new atoms while the model still belongs to the old ones.
+        """
         from dftd3.interface import DispersionModel
 
         positions, cell = engine_frame(atoms)
-        structural = set(system_changes) - {"positions", "cell"}
-        if self._model is not None and not structural:
+        cutoff = self.parameters.realspace_cutoff
+        key = (tuple(atoms.numbers), tuple(atoms.pbc), tuple(sorted((cutoff or {}).items())))
+        if self._model is not None and key == self._model_key:
             try:
                 self._model.update(positions / Bohr, cell / Bohr)
                 return self._model
             except RuntimeError as exc:
                 raise EngineError(f"dftd3 rejected the geometry: {exc}") from exc
+        self._model = None
         try:
             model = DispersionModel(atoms.numbers, positions / Bohr, cell / Bohr, atoms.pbc)
-            cutoff = self.parameters.realspace_cutoff
             if cutoff:
                 values = {**_DEFAULT_CUTOFFS, **cutoff}
                 model.set_realspace_cutoff(*(values[key] / Bohr for key in _DEFAULT_CUTOFFS))
         except RuntimeError as exc:
             raise EngineError(f"dftd3 could not set up the dispersion model: {exc}") from exc
         self._model = model
+        self._model_key = key
         return model

@@ -29,6 +29,8 @@ from deltaml.errors import (
 
 __all__ = [
     "DEFAULT_MIN_DISTANCE",
+    "electron_count",
+    "engine_frame",
     "perpendicular_widths",
     "resolve_charge",
     "resolve_multiplicity",
@@ -52,6 +54,7 @@ def validate_structure(
     min_distance: float = DEFAULT_MIN_DISTANCE,
     charge: float | None = None,
     multiplicity: int | None = None,
+    f_in_core: bool = False,
 ) -> None:
     """Check that a structure can be evaluated, raising a specific error if not.
 
@@ -75,6 +78,9 @@ def validate_structure(
     multiplicity : int, optional
         Spin multiplicity 2S+1. ``None`` means the lowest one compatible with the
         electron count (1 for even, 2 for odd).
+    f_in_core : bool, default=False
+        Count the electrons as GFN-xTB does, with the 4f shell of Ce–Yb in the
+        core (3 valence electrons each), which changes the parity for even Z.
 
     Raises
     ------
@@ -91,7 +97,7 @@ def validate_structure(
     if min_distance > 0:
         _check_distances(atoms, min_distance)
     if charge is not None:
-        _check_electrons(atoms, charge, multiplicity)
+        _check_electrons(atoms, charge, multiplicity, f_in_core)
     elif multiplicity is not None:
         _check_multiplicity_value(multiplicity)
 
@@ -154,10 +160,29 @@ def _check_distances(atoms: Atoms, min_distance: float) -> None:
         )
 
 
-def _check_electrons(atoms: Atoms, charge: float, multiplicity: int | None) -> None:
+#: Lanthanides whose 4f electrons GFN-xTB keeps in the core (3 valence electrons).
+_F_IN_CORE = range(58, 71)
+
+
+def electron_count(atoms: Atoms, charge: int, *, f_in_core: bool = False) -> int:
+    """Number of electrons of a structure with a total charge (e).
+
+    With ``f_in_core``, each of Ce–Yb counts 3 electrons (GFN-xTB's
+    convention); only the parity and the validity of a multiplicity depend on it.
+    """
+    numbers = atoms.numbers
+    if f_in_core:
+        in_core = (numbers >= _F_IN_CORE.start) & (numbers < _F_IN_CORE.stop)
+        numbers = np.where(in_core, 3, numbers)
+    return int(numbers.sum()) - int(charge)
+
+
+def _check_electrons(
+    atoms: Atoms, charge: float, multiplicity: int | None, f_in_core: bool
+) -> None:
     if not float(charge).is_integer():
         raise ChargeMultiplicityError(f"total charge must be an integer, got {charge}")
-    n_electrons = int(atoms.numbers.sum()) - int(charge)
+    n_electrons = electron_count(atoms, int(charge), f_in_core=f_in_core)
     if n_electrons < 0:
         raise ChargeMultiplicityError(
             f"charge {int(charge)} leaves {n_electrons} electrons "
@@ -197,7 +222,9 @@ def resolve_charge(atoms: Atoms, charge: float | None) -> int:
     return int(rounded)
 
 
-def resolve_multiplicity(atoms: Atoms, charge: int, multiplicity: int | None) -> int:
+def resolve_multiplicity(
+    atoms: Atoms, charge: int, multiplicity: int | None, *, f_in_core: bool = False
+) -> int:
     """Spin multiplicity: the given one, else from the initial magnetic moments.
 
     With no magnetic moments set, the lowest multiplicity compatible with the
@@ -206,7 +233,7 @@ def resolve_multiplicity(atoms: Atoms, charge: int, multiplicity: int | None) ->
     if multiplicity is not None:
         return int(multiplicity)
     unpaired = int(np.rint(abs(atoms.get_initial_magnetic_moments().sum())))
-    n_electrons = int(atoms.numbers.sum()) - charge
+    n_electrons = electron_count(atoms, charge, f_in_core=f_in_core)
     if unpaired == 0 and n_electrons % 2:
         unpaired = 1
     return unpaired + 1
