@@ -1,5 +1,6 @@
 # Quick start: `make demo` (install, run the demo) and `make test` (install, lint, test).
-PYTHON ?= python3
+# Python 3.11 where available (xtb-python has wheels up to 3.11 only).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 # OpenMP in tblite: one thread per core is best on small machines.
@@ -17,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
 demo: $(VENV)/.installed

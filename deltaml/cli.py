@@ -33,6 +33,11 @@ def main() -> None:
     show_default=True,
     help="D3 term DAMPING:FUNCTIONAL[:atm], or 'none'",
 )
+@click.option(
+    "--baseline-dispersion",
+    is_flag=True,
+    help="keep the baseline's own D4/D3 (then use --dispersion none)",
+)
 @click.option("--charge", type=int, default=None, help="total charge, e")
 @click.option("--multiplicity", type=int, default=None, help="spin multiplicity 2S+1")
 @click.option("--index", default=-1, show_default=True, help="frame of the file to read")
@@ -42,6 +47,7 @@ def single_point(
     method: str,
     engine: str,
     dispersion: str,
+    baseline_dispersion: bool,
     charge: int | None,
     multiplicity: int | None,
     index: int,
@@ -50,11 +56,15 @@ def single_point(
     """Energy, largest force and per-term budget of STRUCTURE (no learned term yet)."""
     try:
         atoms = read(structure, index=index)
+    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
+        raise click.ClickException(f"cannot read {structure}: {exc}") from exc
+    try:
         calc = DeltaCalculator(
             correction=ZeroCorrection(),
             method=method,
             engine=engine,
             dispersion=None if dispersion.lower() == "none" else dispersion,
+            baseline_dispersion=baseline_dispersion,
             charge=charge,
             multiplicity=multiplicity,
         )

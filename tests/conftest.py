@@ -6,12 +6,18 @@ Each builder returns a fresh ``ase.Atoms``; random perturbations use their own
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import molecule
+
+#: Tests of the xtb engine need xtb-python, which has wheels for CPython <= 3.11 only.
+requires_xtb = pytest.mark.skipif(
+    importlib.util.find_spec("xtb") is None, reason="xtb-python is not installed"
+)
 
 # Cubic CO2 crystal (Pa-3, Z=4), the structure of tblite's ASE example.
 _CO2_POSITIONS = np.array(

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.calculator import CalculationFailed, PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from conftest import requires_xtb
 from dftd3.ase import DFTD3
 
 from deltaml.baseline import XTBBaseline, dispersion_free_parametrization
@@ -76,6 +77,7 @@ def test_gfn2_dispersion_removal_removes_long_range_attraction():
 # -- engines -----------------------------------------------------------------------
 
 
+@requires_xtb
 @pytest.mark.parametrize("method", ["GFN2-xTB", "GFN1-xTB"])
 def test_tblite_and_xtb_agree_on_molecule(ethanol, method):
     """Same method, two independent implementations: energies agree to 1e-5 eV and
@@ -88,6 +90,7 @@ def test_tblite_and_xtb_agree_on_molecule(ethanol, method):
     np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=1e-4)
 
 
+@requires_xtb
 def test_xtb_dispersion_free_gfn1_matches_tblite(ethanol):
     a = ethanol.copy()
     a.calc = XTBBaseline(method="gfn1", engine="tblite", remove_dispersion=True, **TIGHT)
@@ -97,7 +100,7 @@ def test_xtb_dispersion_free_gfn1_matches_tblite(ethanol):
     np.testing.assert_allclose(a.get_forces(), b.get_forces(), atol=1e-4)
 
 
-@pytest.mark.parametrize("engine", ["tblite", "xtb"])
+@pytest.mark.parametrize("engine", ["tblite", pytest.param("xtb", marks=requires_xtb)])
 def test_periodic_gfn1_isolated_molecule_matches_molecular(ethanol, engine):
     """A molecule alone in a 15 Å periodic box has (nearly) its molecular energy:
     5 meV tolerance (measured for CO2: tblite 0.4 meV, xtb 2.3 meV)."""
@@ -110,6 +113,7 @@ def test_periodic_gfn1_isolated_molecule_matches_molecular(ethanol, engine):
     assert periodic == pytest.approx(molecular, abs=5e-3)
 
 
+@requires_xtb
 def test_xtb_refuses_gfn2_under_pbc(co2_crystal):
     co2_crystal.calc = XTBBaseline(method="gfn2", engine="xtb")
     with pytest.raises(
@@ -118,6 +122,7 @@ def test_xtb_refuses_gfn2_under_pbc(co2_crystal):
         co2_crystal.get_potential_energy()
 
 
+@requires_xtb
 def test_xtb_refuses_stress_instead_of_zeros(co2_crystal):
     co2_crystal.calc = XTBBaseline(method="gfn1", engine="xtb", min_cell_width=0.0)
     assert np.isfinite(co2_crystal.get_potential_energy())
@@ -125,6 +130,7 @@ def test_xtb_refuses_stress_instead_of_zeros(co2_crystal):
         co2_crystal.get_stress()
 
 
+@requires_xtb
 def test_xtb_refuses_dispersion_free_gfn2(water):
     water.calc = XTBBaseline(method="gfn2", engine="xtb", remove_dispersion=True)
     with pytest.raises(UnsupportedCapabilityError, match="D4 cannot be switched off"):
@@ -379,7 +385,7 @@ def test_partially_periodic_chain_has_energy_but_no_stress(water_chain):
         water_chain.get_stress()
 
 
-@pytest.mark.parametrize("engine", ["tblite", "xtb"])
+@pytest.mark.parametrize("engine", ["tblite", pytest.param("xtb", marks=requires_xtb)])
 def test_partially_periodic_frame_does_not_matter(water_chain, engine):
     """Along a non-periodic direction, neither a translation (atoms outside the cell)
     nor a zero cell vector changes energy or forces (engines wrap positions along
@@ -396,3 +402,78 @@ def test_partially_periodic_frame_does_not_matter(water_chain, engine):
         other.calc = XTBBaseline(**kwargs)
         assert other.get_potential_energy() == pytest.approx(energy, abs=1e-6)
         np.testing.assert_allclose(other.get_forces(), forces, atol=1e-5)
+
+
+def test_out_of_range_parameters_are_refused():
+    cases = {
+        "electronic_temperature": (
+            -100.0,
+            r"electronic_temperature must be positive, got -100\.0 K",
+        ),
+        "accuracy": (0.0, "accuracy must be positive, got 0.0"),
+        "max_iterations": (0, "max_iterations must be a positive integer, got 0"),
+        "min_cell_width": (-1.0, "min_cell_width must be a non-negative length"),
+        "supercell": ((2, 0, 1), r"supercell must be three positive integers"),
+    }
+    for key, (value, message) in cases.items():
+        with pytest.raises(ParameterError, match=message):
+            XTBBaseline(**{key: value})
+    calc = XTBBaseline()
+    with pytest.raises(ParameterError, match="accuracy must be positive"):
+        calc.set(accuracy=-1.0)
+    assert calc.parameters.accuracy == 1.0  # a refused set() changes nothing
+
+
+def test_engine_failure_is_calculation_failed_with_the_engine_message(water, monkeypatch):
+    water.calc = calc = XTBBaseline()
+    water.get_potential_energy()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("library says no")
+
+    monkeypatch.setattr(calc._engine._calc, "singlepoint", broken)
+    water.positions[0] += 0.01
+    with pytest.raises(CalculationFailed, match="tblite: library says no"):
+        water.get_potential_energy()
+
+
+def test_open_shell_cell_on_a_supercell_is_high_spin(water_chain):
+    """Charge and multiplicity are per cell: a cation doublet cell on its 3×1×1
+    supercell is the explicit supercell with charge 3 and 3 unpaired electrons."""
+    water_chain.calc = XTBBaseline(charge=1, multiplicity=2, **TIGHT)
+    big = water_chain.repeat((3, 1, 1))
+    big.calc = XTBBaseline(charge=3, multiplicity=4, **TIGHT)
+    assert water_chain.get_potential_energy() == pytest.approx(
+        big.get_potential_energy() / 3, abs=1e-6
+    )
+
+
+def test_f_in_core_lanthanide_electron_count():
+    """GFN-xTB keeps Ce 4f in the core (3 valence electrons): CeH3 is a closed shell
+    for the method although Z(Ce) + 3 = 61 is odd."""
+    ceh3 = Atoms("CeH3", positions=[[0, 0, 0], [2.1, 0, 0], [-1.05, 1.82, 0], [-1.05, -1.82, 0]])
+    ceh3.calc = XTBBaseline()
+    assert np.isfinite(ceh3.get_potential_energy())
+    ceh3.calc = XTBBaseline(multiplicity=2)
+    with pytest.raises(ChargeMultiplicityError, match="6 electrons"):
+        ceh3.get_potential_energy()
+
+
+def test_record_fingerprints_the_parametrization():
+    gfn2, gfn1 = XTBBaseline().record(), XTBBaseline(method="gfn1").record()
+    assert len(gfn2["parametrization_sha256"]) == 64
+    assert gfn2["parametrization_sha256"] != gfn1["parametrization_sha256"]
+    assert "max_iterations" not in gfn2  # does not change a converged energy
+
+
+@pytest.mark.slow
+def test_triclinic_narrow_cell_equals_explicit_supercell(co2_crystal_strained):
+    """Sheared CO2 cell: evaluated on 2×2×2, it matches the explicit 2×2×2 supercell
+    evaluated as it is (min_cell_width=0)."""
+    cell = co2_crystal_strained
+    cell.calc = XTBBaseline()
+    big = cell.repeat((2, 2, 2))
+    big.calc = XTBBaseline(min_cell_width=0.0)
+    assert cell.get_potential_energy() == pytest.approx(big.get_potential_energy() / 8, abs=1e-6)
+    np.testing.assert_allclose(cell.get_forces(), big.get_forces()[: len(cell)], atol=1e-5)
+    np.testing.assert_allclose(cell.get_stress(), big.get_stress(), atol=1e-7)

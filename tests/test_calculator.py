@@ -14,6 +14,7 @@ from ase.md.langevin import Langevin
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import BFGS, FIRE
 from ase.units import fs, kcal, mol
+from conftest import requires_xtb
 
 from deltaml.baseline import XTBBaseline
 from deltaml.calculator import DeltaCalculator, energy_budget
@@ -27,9 +28,9 @@ TIGHT = {"accuracy": 0.01}
 class HarmonicCorrection:
     """A smooth analytic stand-in for a learned correction, with uncertainty.
 
-    E = k Σ_i |r_i − r̄|² over atoms (r̄: centroid), translation and rotation
-    invariant; the stress of a molecule's correction is zero, and for a crystal
-    the correction is defined on minimum-image vectors to the first atom.
+    E = k Σ_i |r_i − r̄|² over atoms (r̄: centroid of the given positions),
+    translation and rotation invariant. Under a homogeneous strain every r_i − r̄
+    is strained, which gives its stress (a toy: it is not periodic-image aware).
     """
 
     name = "harmonic"
@@ -182,8 +183,8 @@ def _interaction(calc, dimer: Atoms, n_first: int) -> float:
 
 @pytest.mark.parametrize("distance", [4.0, 6.0, 9.0, 12.0])
 def test_interaction_tail_is_dispersion_free_baseline_plus_d3(make_dimer, distance):
-    """No double counting: along a benzene dimer pulled apart, the composite's
-    interaction energy is the dispersion-free baseline's plus D3's, to 1e-7 eV."""
+    """Along a benzene dimer pulled apart, the composite's interaction energy is the
+    dispersion-free baseline's plus D3's (each from its own calculator), to 1e-7 eV."""
     dimer = make_dimer(distance)
     n = len(dimer) // 2
     composite = _interaction(_composite(), dimer, n)
@@ -263,12 +264,14 @@ def test_set_forwards_cheap_parameters_without_rebuilding(ethanol):
     assert calc.terms_record()["dispersion"]["damping"] == "d3zero"
 
 
+@requires_xtb
 def test_xtb_engine_composite_matches_tblite_for_gfn1(ethanol):
     a = _energy(ethanol, _composite(method="gfn1", engine="xtb", **TIGHT))
     b = _energy(ethanol, _composite(method="gfn1", engine="tblite", **TIGHT))
     assert a == pytest.approx(b, abs=1e-5)
 
 
+@requires_xtb
 def test_xtb_engine_gfn2_composite_is_refused(ethanol):
     """GFN2's D4 cannot be removed in xtb-python: refused, not silently doubled."""
     ethanol.calc = _composite(engine="xtb")
@@ -342,3 +345,64 @@ def test_langevin_is_reproducible_with_a_seed(water):
     first, second, other = run(9), run(9), run(10)
     np.testing.assert_allclose(first, second, atol=1e-8, rtol=0)
     assert np.abs(first - other).max() > 1e-4
+
+
+def test_dispersion_tail_scales_as_r6_once():
+    """No double counting, by the shape of the tail of an argon dimer: R⁶·E_int of
+    the dispersion-free baseline is negligible (< 1 % of D3's), the composite's is
+    D3's, and full GFN2's (its own D4) is of the same size as D3's — so adding D3
+    to full GFN2 would double the C6 tail. (Measured R⁶·E_int at 5–12 Å, eV Å⁶:
+    free GFN2 -0.02 … -8e-5, D3 -48 … -42, GFN2 with D4 -61 … -46.)"""
+    distances = np.array([6.0, 8.0, 10.0, 12.0])
+
+    def scaled(calc) -> np.ndarray:
+        values = []
+        for distance in distances:
+            dimer = Atoms("Ar2", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, distance]])
+            values.append(_interaction(calc, dimer, 1))
+        return np.array(values) * distances**6
+
+    free = scaled(XTBBaseline(remove_dispersion=True, **TIGHT))
+    composite = scaled(_composite(**TIGHT))
+    d3 = scaled(D3Dispersion(method="pbe0", damping="d3bj"))
+    full = scaled(XTBBaseline(**TIGHT))
+    assert np.all(d3 < 0) and np.ptp(d3) < 0.2 * abs(d3.mean())  # C6 regime
+    assert np.all(np.abs(free) < 0.01 * np.abs(d3))
+    np.testing.assert_allclose(composite, d3, rtol=0.01)
+    assert np.all((full / d3 > 0.8) & (full / d3 < 1.5))
+
+
+def test_refused_set_changes_nothing(water):
+    water.calc = calc = _composite()
+    energy = water.get_potential_energy()
+    with pytest.raises(ParameterError, match="counted twice"):
+        calc.set(baseline_dispersion=True)
+    assert calc.parameters.baseline_dispersion is False
+    assert calc.terms_record()["baseline"]["remove_dispersion"] is True
+    with pytest.raises(ParameterError, match="electronic_temperature must be positive"):
+        calc.set(electronic_temperature=0.0)
+    assert calc.parameters.electronic_temperature == 300.0
+    water.positions[0] += 1e-4
+    water.positions[0] -= 1e-4
+    assert water.get_potential_energy() == pytest.approx(energy, abs=1e-8)
+
+
+def test_terms_changed_behind_the_composites_back_are_refused(water):
+    water.calc = calc = _composite()
+    water.get_potential_energy()
+    calc.dispersion.set(method="pbe", damping="d3zero")
+    water.positions[0] += 0.01
+    with pytest.raises(ParameterError, match=r"dispersion\.damping.*DeltaCalculator\.set"):
+        water.get_potential_energy()
+
+
+def test_fixed_supercell_is_used_and_recorded(water_chain):
+    """supercell=(n1, n2, n3) overrides min_cell_width (for smooth cell relaxations)."""
+    calc = _composite(supercell=(4, 1, 1), **TIGHT)
+    energy = _energy(water_chain, calc)
+    assert tuple(calc.results["supercell_repeats"]) == (4, 1, 1)
+    assert calc.terms_record()["baseline"]["supercell"] == [4, 1, 1]
+    explicit = water_chain.repeat((4, 1, 1))
+    assert _energy(explicit, _composite(min_cell_width=0.0, **TIGHT)) == pytest.approx(
+        4 * energy, abs=1e-5
+    )

@@ -16,6 +16,7 @@ import pytest
 from ase import Atoms
 from ase.io import read, write
 from click.testing import CliRunner, Result
+from conftest import requires_xtb
 
 from deltaml.calculator import DeltaCalculator
 from deltaml.cli import main
@@ -172,6 +173,7 @@ def test_bad_options_fail_with_the_specific_message(water, tmp_path, args, messa
     assert result.stdout == ""
 
 
+@requires_xtb
 def test_xtb_engine_refuses_periodic_gfn2_before_computing(co2_crystal, tmp_path):
     path = write_structure(co2_crystal, tmp_path)
     result = run_cli("single-point", str(path), "--engine", "xtb", "--method", "gfn2")
@@ -185,3 +187,25 @@ def test_missing_file_is_a_usage_error(tmp_path):
     result = run_cli("single-point", str(tmp_path / "absent.xyz"))
     assert result.exit_code == 2
     assert "does not exist" in result.stderr
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "broken.xyz"
+    path.write_text("3\nwater\nO 0 0\n")
+    result = run_cli("single-point", str(path))
+    assert result.exit_code == 1
+    assert re.search(r"Error: cannot read .*broken\.xyz", result.stderr)
+    assert "Traceback" not in result.output
+
+
+def test_baseline_dispersion_runs_the_full_method(water, tmp_path):
+    """--baseline-dispersion --dispersion none: plain GFN2-xTB with its own D4."""
+    path = write_structure(water, tmp_path)
+    result = run_cli("single-point", str(path), "--baseline-dispersion", "--dispersion", "none")
+    assert result.exit_code == 0, result.output
+    expected = reference(path, baseline_dispersion=True, dispersion=None)
+    assert parse_text(result.stdout)["energy"] == pytest.approx(expected["energy"], abs=PRINT_TOL)
+    assert "own dispersion kept" in result.stdout
+    doubled = run_cli("single-point", str(path), "--baseline-dispersion")
+    assert doubled.exit_code == 1
+    assert "counted twice" in doubled.stderr

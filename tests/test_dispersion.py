@@ -642,3 +642,33 @@ def test_set_resets_results(water):
     e_zero = water.get_potential_energy()
     assert e_zero != pytest.approx(e_bj, rel=1e-6)
     assert e_zero == pytest.approx(evaluate(water, D3Dispersion(damping="d3zero"))["energy"])
+
+
+def test_model_is_not_reused_after_a_failed_call(water):
+    """After a call refused by validation, ASE holds the new atoms but the old model
+    must not be updated with them: the next result equals a fresh calculator's."""
+    calc = D3Dispersion()
+    water.calc = calc
+    water.get_potential_energy()
+    other = Atoms("SH2", positions=water.positions)
+    other.positions[1] = other.positions[0] + [0.1, 0.0, 0.0]  # overlapping: refused
+    other.calc = calc
+    with pytest.raises(OverlappingAtomsError):
+        other.get_potential_energy()
+    other.positions[1] = [1.3, 0.0, 0.3]
+    fresh = other.copy()
+    fresh.calc = D3Dispersion()
+    assert other.get_potential_energy() == pytest.approx(fresh.get_potential_energy(), abs=1e-12)
+
+
+def test_refused_set_changes_nothing():
+    calc = D3Dispersion()
+    with pytest.raises(ParameterError, match="pbe7"):
+        calc.set(method="pbe7")
+    assert calc.parameters.method == "pbe0"
+
+
+def test_record_holds_effective_cutoffs():
+    record = D3Dispersion(realspace_cutoff={"disp2": 40.0}).record()
+    assert record["realspace_cutoff_a"]["disp2"] == 40.0
+    assert record["realspace_cutoff_a"]["cn"] == pytest.approx(40.0 * 0.52917721, rel=1e-6)
