@@ -25,7 +25,7 @@ from deltaml.baseline import (
     check_baseline_parameters,
 )
 from deltaml.correction import Correction, record_differences
-from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
+from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import ParameterError, TermMismatchError
 from deltaml.structures import (
     DEFAULT_MIN_DISTANCE,
@@ -164,7 +164,8 @@ class DeltaCalculator(Calculator):
         if "method" in kwargs:
             kwargs["method"] = canonical_method(kwargs["method"])
         if kwargs.get("dispersion") is not None:
-            parse_dispersion_spec(kwargs["dispersion"])
+            spec = parse_dispersion_spec(kwargs["dispersion"])
+            damping_parameters(spec["method"], spec["damping"], spec["atm"])
         check_baseline_parameters(kwargs)
         if self.parameters is not None:
             _check_double_counting({**self.parameters, **kwargs})

@@ -382,6 +382,9 @@ def test_refused_set_changes_nothing(water):
     with pytest.raises(ParameterError, match="electronic_temperature must be positive"):
         calc.set(electronic_temperature=0.0)
     assert calc.parameters.electronic_temperature == 300.0
+    with pytest.raises(ParameterError, match="no d3bj parameters for functional 'pbe7'"):
+        calc.set(dispersion="d3bj:pbe7")
+    assert calc.parameters.dispersion == "d3bj:pbe0"
     water.positions[0] += 1e-4
     water.positions[0] -= 1e-4
     assert water.get_potential_energy() == pytest.approx(energy, abs=1e-8)
