@@ -145,10 +145,20 @@ def _check_elements(atoms: Atoms, supported: set[int], method_name: str) -> None
         )
 
 
+#: Molecules up to this size are checked with a dense distance matrix (faster than a
+#: neighbour list below a few hundred atoms; this check runs at every MD step).
+_DENSE_DISTANCE_LIMIT = 300
+
+
 def _check_distances(atoms: Atoms, min_distance: float) -> None:
     if len(atoms) == 1 and not atoms.pbc.any():
         return
-    i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
+    if not atoms.pbc.any() and len(atoms) <= _DENSE_DISTANCE_LIMIT:
+        d_all = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
+        i, j = np.nonzero(np.triu(d_all < min_distance, k=1))
+        d = d_all[i, j]
+    else:
+        i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
     if d.size:
         k = int(np.argmin(d))
         symbols = atoms.get_chemical_symbols()
