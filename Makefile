@@ -35,7 +35,11 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix deltaml tests examples benchmarks
 	$(BIN)/ruff format deltaml tests examples benchmarks
 
-bench: $(VENV)/.installed
+$(VENV)/.installed-bench: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_terms.py
 	$(BIN)/python benchmarks/bench_periodic_consistency.py
 
