@@ -672,3 +672,44 @@ def test_record_holds_effective_cutoffs():
     record = D3Dispersion(realspace_cutoff={"disp2": 40.0}).record()
     assert record["realspace_cutoff_a"]["disp2"] == 40.0
     assert record["realspace_cutoff_a"]["cn"] == pytest.approx(40.0 * 0.52917721, rel=1e-6)
+
+
+def test_table_values_reproduce_the_library_for_every_functional():
+    """By-value parameters (from simple-dftd3's table) give the library's own
+    by-name energy for every functional and damping it knows, with and without
+    ATM — except d3zero:opbe, where table and library disagree and deltaml warns."""
+    import dftd3.interface
+    from dftd3.parameters import get_all_damping_params
+
+    from deltaml.dispersion import DAMPING_FUNCTIONS, ParameterTableWarning, _compare_with_library
+
+    probe = molecule("CH3OH") + molecule("H2O")
+    probe.positions[6:] += [3.0, 0.0, 0.0]
+    model = dftd3.interface.DispersionModel(probe.numbers, probe.positions / Bohr)
+    compared, mismatched = 0, []
+    _compare_with_library.cache_clear()
+    for damping, (class_name, key) in DAMPING_FUNCTIONS.items():
+        cls = getattr(dftd3.interface, class_name)
+        for name in get_all_damping_params(defaults=[key]):
+            for atm in (False, True):
+                try:
+                    by_name = cls(method=name, atm=atm)
+                except RuntimeError:
+                    continue  # only in the table, not in the library
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        values = damping_parameters(name, damping, atm)
+                    except ParameterError:
+                        mismatched.append(f"{damping}:{name}")  # incomplete table entry
+                        continue
+                named = model.get_dispersion(by_name, grad=False)["energy"]
+                ours = model.get_dispersion(cls(**values), grad=False)["energy"]
+                compared += 1
+                if abs(named - ours) > 1e-12:
+                    mismatched.append(f"{damping}:{name}")
+                    assert any(w.category is ParameterTableWarning for w in caught)
+                else:
+                    assert not caught
+    assert compared > 400
+    assert sorted(set(mismatched)) == ["d3zero:cf22d", "d3zero:opbe"]
