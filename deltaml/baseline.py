@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import Calculator, all_changes
 from ase.units import Bohr, Hartree, kB
 from numpy.typing import NDArray
 
@@ -52,8 +52,10 @@ from deltaml.errors import (
 from deltaml.structures import (
     DEFAULT_MIN_DISTANCE,
     engine_frame,
+    require_3d_for_stress,
     resolve_charge,
     resolve_multiplicity,
+    stress_from_virial,
     supercell_repeats,
     validate_structure,
 )
@@ -303,10 +305,7 @@ class XTBBaseline(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         p = self.parameters
-        if "stress" in properties and not atoms.pbc.all():
-            raise PropertyNotImplementedError(
-                "stress is only defined for cells periodic in all three directions"
-            )
+        require_3d_for_stress(atoms, properties)
         self.check_capabilities(atoms, properties)
         charge = resolve_charge(atoms, p.charge)
         multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity, f_in_core=True)
@@ -349,8 +348,7 @@ class XTBBaseline(Calculator):
             self.results["supercell_repeats"] = np.array(repeats)
             if virial is not None and atoms.pbc.all():
                 # The virial is extensive and the volume too: stress is unchanged.
-                stress = virial * Hartree / work.get_volume()
-                self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+                self.results["stress"] = stress_from_virial(virial, work.get_volume())
 
     def _repeats(self, atoms: Atoms) -> tuple[int, int, int]:
         """The supercell to evaluate: fixed by ``supercell`` or from ``min_cell_width``."""

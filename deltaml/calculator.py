@@ -29,6 +29,7 @@ from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersio
 from deltaml.errors import ParameterError, TermMismatchError
 from deltaml.structures import (
     DEFAULT_MIN_DISTANCE,
+    require_3d_for_stress,
     resolve_charge,
     resolve_multiplicity,
     validate_structure,
@@ -266,10 +267,7 @@ class DeltaCalculator(Calculator):
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         want_stress = "stress" in properties
-        if want_stress and not atoms.pbc.all():
-            raise PropertyNotImplementedError(
-                "stress is only defined for cells periodic in all three directions"
-            )
+        require_3d_for_stress(atoms, properties)
         self._check_terms_unchanged()
         if not self._terms_checked:
             self.check_correction()

@@ -23,11 +23,17 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import Calculator, all_changes
 from ase.units import Bohr, Hartree
 
 from deltaml.errors import EngineError, ParameterError
-from deltaml.structures import DEFAULT_MIN_DISTANCE, engine_frame, validate_structure
+from deltaml.structures import (
+    DEFAULT_MIN_DISTANCE,
+    engine_frame,
+    require_3d_for_stress,
+    stress_from_virial,
+    validate_structure,
+)
 
 __all__ = [
     "DAMPING_FUNCTIONS",
@@ -334,10 +340,7 @@ class D3Dispersion(Calculator):
         properties = properties or ["energy"]
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
-        if "stress" in properties and not atoms.pbc.all():
-            raise PropertyNotImplementedError(
-                "stress is only defined for cells periodic in all three directions"
-            )
+        require_3d_for_stress(atoms, properties)
         validate_structure(
             atoms,
             supported_elements=SUPPORTED_ELEMENTS,
@@ -356,8 +359,7 @@ class D3Dispersion(Calculator):
         self.results["free_energy"] = self.results["energy"]
         self.results["forces"] = -res["gradient"] * (Hartree / Bohr)
         if atoms.pbc.all():
-            stress = res["virial"] * Hartree / atoms.get_volume()
-            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+            self.results["stress"] = stress_from_virial(res["virial"], atoms.get_volume())
 
     def _get_model(self, atoms: Atoms, system_changes: list[str]):
         """Reuse the dispersion model while the atoms, pbc and cut-offs stay the same.

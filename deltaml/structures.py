@@ -14,8 +14,10 @@ from collections.abc import Iterable
 
 import numpy as np
 from ase import Atoms
+from ase.calculators.calculator import PropertyNotImplementedError
 from ase.data import chemical_symbols
 from ase.neighborlist import neighbor_list
+from ase.units import Hartree
 from numpy.typing import NDArray
 
 from deltaml.errors import (
@@ -32,8 +34,10 @@ __all__ = [
     "electron_count",
     "engine_frame",
     "perpendicular_widths",
+    "require_3d_for_stress",
     "resolve_charge",
     "resolve_multiplicity",
+    "stress_from_virial",
     "supercell_repeats",
     "validate_structure",
 ]
@@ -356,3 +360,35 @@ def engine_frame(atoms: Atoms) -> tuple[NDArray[np.float64], NDArray[np.float64]
         shift -= cell[axis]
         cell[axis] = -cell[axis]
     return positions + shift, cell
+
+
+def require_3d_for_stress(atoms: Atoms, properties: list[str]) -> None:
+    """Refuse a stress request unless the cell is periodic in all three directions.
+
+    Raises
+    ------
+    ase.calculators.calculator.PropertyNotImplementedError
+        For molecules, wires and slabs, where the stress is ill-defined.
+    """
+    if "stress" in properties and not atoms.pbc.all():
+        raise PropertyNotImplementedError(
+            "stress is only defined for cells periodic in all three directions"
+        )
+
+
+def stress_from_virial(virial: NDArray[np.float64], volume: float) -> NDArray[np.float64]:
+    """Stress in ASE's convention from an engine's virial.
+
+    Parameters
+    ----------
+    virial : ndarray of shape (3, 3)
+        Virial, Eh (as tblite and simple-dftd3 return it).
+    volume : float
+        Volume of the cell the virial belongs to, Å³.
+
+    Returns
+    -------
+    ndarray of shape (6,)
+        Stress, eV/Å³, Voigt order xx, yy, zz, yz, xz, xy.
+    """
+    return (np.asarray(virial) * Hartree / volume).flat[[0, 4, 8, 5, 2, 1]]
