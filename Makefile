@@ -25,15 +25,15 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/demo_relax.py --out out/demo
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check deltaml tests examples benchmarks
-	$(BIN)/ruff format --check deltaml tests examples benchmarks
+	$(BIN)/ruff check deltaml tests examples benchmarks data
+	$(BIN)/ruff format --check deltaml tests examples benchmarks data
 
 test: lint
 	$(BIN)/python -m pytest
 
 format: $(VENV)/.installed-test
-	$(BIN)/ruff check --fix deltaml tests examples benchmarks
-	$(BIN)/ruff format deltaml tests examples benchmarks
+	$(BIN)/ruff check --fix deltaml tests examples benchmarks data
+	$(BIN)/ruff format deltaml tests examples benchmarks data
 
 $(VENV)/.installed-bench: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
@@ -42,6 +42,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_terms.py
 	$(BIN)/python benchmarks/bench_periodic_consistency.py
+	$(BIN)/python benchmarks/bench_labelling.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache

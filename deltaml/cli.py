@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 from ase.io import read
@@ -14,7 +15,10 @@ from ase.io import read
 from deltaml import __version__
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import ZeroCorrection
+from deltaml.dataset import export_labelled, import_labelled, read_labelled
 from deltaml.errors import DeltaMLError
+from deltaml.labelling import DEFAULT_BASELINE, label_structures
+from deltaml.store import LabelStore
 
 
 @click.group()
@@ -98,6 +102,132 @@ def _format_budget(name: str, budget: dict) -> str:
     ]
     lines += [f"  {term:<11s}{value:16.6f}" for term, value in budget["terms"].items()]
     return "\n".join(lines)
+
+
+def _read_all(path: str) -> list:
+    try:
+        return read(path, index=":")
+    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+
+
+@main.command("label")
+@click.argument("structures", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+@click.option("--scheduler", default=None, help="Dask scheduler address; default a local pool")
+@click.option("--workers", type=int, default=None, help="local processes [cores / threads]")
+@click.option("--threads", type=int, default=1, show_default=True, help="threads per label")
+@click.option("--method", default="dft", show_default=True, help="dft, hf or mp2")
+@click.option("--xc", default="revpbe0", show_default=True, help="functional (libxc name)")
+@click.option("--basis", default="def2-tzvp", show_default=True, help="basis set")
+@click.option("--no-density-fit", is_flag=True, help="exact Coulomb and exchange integrals")
+@click.option("--grid-level", type=int, default=3, show_default=True, help="DFT grid level 0-9")
+@click.option("--charge", type=int, default=None, help="total charge of every structure, e")
+@click.option("--multiplicity", type=int, default=None, help="2S+1 of every structure")
+@click.option("--no-terms", is_flag=True, help="skip the baseline and D3 values (Δ targets)")
+@click.option("--retry-failed", is_flag=True, help="compute failed structures again")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def label(
+    structures: str,
+    store_url: str,
+    scheduler: str | None,
+    workers: int | None,
+    threads: int,
+    method: str,
+    xc: str,
+    basis: str,
+    no_density_fit: bool,
+    grid_level: int,
+    charge: int | None,
+    multiplicity: int | None,
+    no_terms: bool,
+    retry_failed: bool,
+    no_progress: bool,
+) -> None:
+    """Label STRUCTURES (any ASE-readable file) with the reference into --store.
+
+    Structures already in the store are skipped; failures are recorded and
+    retried only with --retry-failed.
+    """
+    frames = _read_all(structures)
+    reference = {
+        "method": method,
+        "xc": xc,
+        "basis": basis,
+        "density_fit": not no_density_fit,
+        "grid_level": grid_level,
+    }
+    if charge is not None:
+        reference["charge"] = charge
+    if multiplicity is not None:
+        reference["multiplicity"] = multiplicity
+    try:
+        report = label_structures(
+            frames,
+            LabelStore(store_url),
+            reference=reference,
+            baseline=None if no_terms else DEFAULT_BASELINE,
+            dispersion=None if no_terms else "partner",
+            scheduler=scheduler,
+            workers=workers,
+            threads_per_worker=threads,
+            retry_failed=retry_failed,
+            progress=not no_progress,
+        )
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{report.structures} structures: {report.computed} computed, {report.failed} failed, "
+        f"{report.already_done} already done, {report.already_failed} failed before "
+        f"(--retry-failed), {report.in_progress} in progress elsewhere; "
+        f"{report.wall_seconds:.1f} s"
+    )
+    for key, error in report.errors.items():
+        click.echo(f"failed {key[:12]}: {error}", err=True)
+    if report.failed:
+        sys.exit(1)
+
+
+@main.command("import")
+@click.argument("labelled", type=click.Path(exists=True, dir_okay=False))
+@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+@click.option(
+    "--record",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="JSON file with the method record, for files that carry none",
+)
+@click.option("--energies-only", is_flag=True, help="accept labels without forces")
+@click.option("--no-magnitude-check", is_flag=True, help="skip the units check against GFN2-xTB")
+def import_command(
+    labelled: str,
+    store_url: str,
+    record: str | None,
+    energies_only: bool,
+    no_magnitude_check: bool,
+) -> None:
+    """Check LABELLED (extxyz: energy eV, forces eV/Å) and add it to --store."""
+    try:
+        record_dict = None if record is None else json.loads(Path(record).read_text())
+        frames = read_labelled(
+            labelled,
+            record=record_dict,
+            require_forces=not energies_only,
+            check_magnitudes=not no_magnitude_check,
+        )
+        added, present = import_labelled(LabelStore(store_url), frames)
+    except (DeltaMLError, json.JSONDecodeError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{added} labels added, {present} already present")
+
+
+@main.command("export")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+def export_command(output: str, store_url: str) -> None:
+    """Write every done label of --store to OUTPUT (extxyz)."""
+    written = export_labelled(LabelStore(store_url), output)
+    click.echo(f"{written} labelled structures written to {output}")
 
 
 if __name__ == "__main__":  # pragma: no cover

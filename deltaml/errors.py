@@ -19,6 +19,10 @@ __all__ = [
     "DeltaMLError",
     "EmptyStructureError",
     "EngineError",
+    "LabelError",
+    "LabelUnitsError",
+    "MethodMismatchError",
+    "MissingLabelError",
     "NonFiniteGeometryError",
     "OverlappingAtomsError",
     "ParameterError",
@@ -81,3 +85,19 @@ class EngineError(DeltaMLError, CalculationFailed):
 
 class SCFConvergenceError(EngineError):
     """The self-consistent field iterations did not converge."""
+
+
+class LabelError(DeltaMLError, ValueError):
+    """Labelled reference data that cannot be used as it is (base class)."""
+
+
+class MissingLabelError(LabelError):
+    """A labelled structure lacks its energy, forces or method record."""
+
+
+class LabelUnitsError(LabelError):
+    """Labels whose units are not eV and eV/Å (declared so, or evident by magnitude)."""
+
+
+class MethodMismatchError(LabelError):
+    """Labels from different methods (their records differ) would be mixed."""

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -126,22 +128,53 @@ class LabelStore:
     ) -> int | None:
         """Reserve a calculation; ``None`` if it is done, failed or claimed elsewhere.
 
+        The reservation is stamped with this process (``host:pid``), so that a later
+        run can tell an abandoned claim from one still in progress.
+
         Returns
         -------
         int or None
             Row id of the reservation, to pass to :meth:`put` or :meth:`put_failure`.
         """
-        return self._db.reserve(key=label_key(atoms, record, charge, multiplicity))
+        claim = self._db.reserve(key=label_key(atoms, record, charge, multiplicity))
+        if claim is not None:
+            self._db.update(claim, owner=_owner())
+        return claim
 
-    def release_stale_claims(self) -> int:
+    def release_stale_claims(self, *, everyone: bool = False) -> int:
         """Delete reservations left by interrupted runs; returns how many.
 
-        Call it when no other process is labelling into the store.
+        Parameters
+        ----------
+        everyone : bool, default=False
+            False: only reservations of processes on this host that no longer run
+            (a run killed with SIGKILL). True: every reservation, whoever holds it;
+            use it only when no other process labels into the store.
         """
-        stale = [row.id for row in self._db.select() if row.get("status") is None]
+        stale = [
+            row.id
+            for row in self._db.select()
+            if row.get("status") is None and (everyone or _abandoned(row.get("owner")))
+        ]
         if stale:
             self._db.delete(stale)
         return len(stale)
+
+    def release_claims(self, claims: set[int]) -> int:
+        """Delete reservations (row ids from :meth:`claim`) that will not be filled."""
+        ids = [
+            row.id for row in self._db.select() if row.id in claims and row.get("status") is None
+        ]
+        if ids:
+            self._db.delete(ids)
+        return len(ids)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The distinct reference method records of the done rows."""
+        seen: dict[str, dict[str, Any]] = {}
+        for row in self._db.select(status="done"):
+            seen.setdefault(row.data["record"], json.loads(row.data["record"]))
+        return list(seen.values())
 
     def put(
         self,
@@ -155,6 +188,7 @@ class LabelStore:
         charge: int = 0,
         multiplicity: int = 1,
         claim: int | None = None,
+        compute_seconds: float | None = None,
     ) -> int:
         """Write one result at once, in its own transaction.
 
@@ -177,6 +211,8 @@ class LabelStore:
             Total charge (e) and 2S+1.
         claim : int, optional
             Row id from :meth:`claim`; the reservation is replaced.
+        compute_seconds : float, optional
+            Cost of the calculation, s (kept for reports).
 
         Returns
         -------
@@ -195,6 +231,8 @@ class LabelStore:
             "charge": int(charge),
             "multiplicity": int(multiplicity),
         }
+        if compute_seconds is not None:
+            pairs["compute_seconds"] = float(compute_seconds)
         data: dict[str, Any] = {"record": json.dumps(record, sort_keys=True)}
         for name, values in (terms or {}).items():
             pairs[f"energy_{name}"] = float(values["energy"])
@@ -226,27 +264,82 @@ class LabelStore:
         data = {"record": json.dumps(record, sort_keys=True)}
         return self._db.write(atoms, key_value_pairs=pairs, data=data, id=claim)
 
-    def forget_failures(self) -> int:
-        """Delete failed rows so that a new run retries them; returns how many."""
-        ids = [row.id for row in self._db.select(status="failed")]
+    def forget_failures(self, keys: set[str] | None = None) -> int:
+        """Delete failed rows so that a new run retries them; returns how many.
+
+        Parameters
+        ----------
+        keys : set of str, optional
+            Only these calculations (from :func:`label_key`); default all failures.
+        """
+        ids = [
+            row.id
+            for row in self._db.select(status="failed")
+            if keys is None or row.get("key") in keys
+        ]
         if ids:
             self._db.delete(ids)
         return len(ids)
 
+    def failures(self) -> dict[str, str]:
+        """Failed calculations: ``{key: error message}``."""
+        return {row.key: row.error for row in self._db.select(status="failed")}
+
+    def get(self, key: str) -> Atoms | None:
+        """The done row of one calculation as ``Atoms`` (see :meth:`labelled`), or None."""
+        rows = list(self._db.select(key=key, status="done", limit=1))
+        return _row_atoms(rows[0]) if rows else None
+
     def labelled(self) -> list[Atoms]:
-        """All done rows as ``Atoms`` with their reference results and method record."""
-        out = []
-        for row in self._db.select(status="done", sort="id"):
-            atoms = row.toatoms()
-            atoms.info["method_record"] = json.loads(row.data["record"])
-            for name, value in row.key_value_pairs.items():
-                if name.startswith("energy_"):
-                    atoms.info[name] = value
-            for name, value in row.data.items():
-                if name.startswith(("forces_", "stress_")):
-                    atoms.info[name] = np.asarray(value)
-            out.append(atoms)
-        return out
+        """All done rows as ``Atoms`` with their reference results and method record.
+
+        ``info`` holds ``method_record`` (dict), ``label_key``, ``charge``,
+        ``multiplicity``, ``compute_seconds`` where known, and the terms'
+        ``energy_<term>`` (eV) and ``record_<term>`` (dict); ``arrays`` holds
+        ``forces_<term>`` (eV/Å).
+        """
+        return [_row_atoms(row) for row in self._db.select(status="done", sort="id")]
+
+
+def _row_atoms(row: Any) -> Atoms:
+    atoms = row.toatoms()
+    atoms.info["method_record"] = json.loads(row.data["record"])
+    atoms.info["label_key"] = row.key
+    for name in ("charge", "multiplicity", "compute_seconds"):
+        if name in row.key_value_pairs:
+            atoms.info[name] = row.key_value_pairs[name]
+    for name, value in row.key_value_pairs.items():
+        if name.startswith("energy_"):
+            atoms.info[name] = value
+    for name, value in row.data.items():
+        if name.startswith("forces_"):
+            atoms.arrays[name] = np.asarray(value, dtype=float)
+        elif name.startswith("stress_"):
+            atoms.info[name] = np.asarray(value, dtype=float)
+        elif name.startswith("record_"):
+            atoms.info[name] = json.loads(value)
+    return atoms
+
+
+def _owner() -> str:
+    """This process as ``host:pid`` (read at call time: forked workers differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _abandoned(owner: str | None) -> bool:
+    """True if ``owner`` (``host:pid``) is a process of this host that no longer runs."""
+    if owner is None:
+        return False
+    host, _, pid = str(owner).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, owned by another user
+        return False
+    return False
 
 
 def _checked(values: Any, shape: tuple[int, ...], name: str) -> NDArray[np.float64]:

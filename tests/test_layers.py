@@ -25,6 +25,7 @@ LAYERS: list[list[str]] = [
     ["structures", "units"],
     ["baseline", "dispersion", "correction", "reference"],
     ["store", "dataset"],
+    ["labelling"],
     ["descriptors"],
     ["model", "selection"],
     ["calculator"],

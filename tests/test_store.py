@@ -55,7 +55,7 @@ def test_put_and_read_back(tmp_path, water):
     np.testing.assert_allclose(row.positions, water.positions)
     assert row.info["method_record"] == RECORD
     assert row.info["energy_baseline"] == -137.9
-    np.testing.assert_allclose(row.info["forces_baseline"], forces * 2)
+    np.testing.assert_allclose(row.arrays["forces_baseline"], forces * 2)
     assert len(LabelStore(tmp_path / "labels.db")) == 1  # persisted
 
 
@@ -78,7 +78,8 @@ def test_stale_claims_and_failures(tmp_path):
     claim = store.claim(second, RECORD)
     store.put_failure(second, RECORD, "SCF not converged in 100 cycles", claim=claim)
     assert store.status(label_key(second, RECORD)) == "failed"
-    assert store.release_stale_claims() == 1
+    assert store.release_stale_claims() == 0  # held by this (running) process
+    assert store.release_stale_claims(everyone=True) == 1
     assert store.claim(first, RECORD) is not None
     assert store.claim(second, RECORD) is None  # failures are not retried ...
     assert store.forget_failures() == 1
@@ -127,3 +128,24 @@ def test_two_concurrent_writers_lose_nothing(tmp_path):
         a.get_potential_energy() for a in LabelStore(tmp_path / "labels.db").labelled()
     )
     assert energies == [float(i) for i in (*range(25), *range(100, 125))]
+
+
+def test_claims_of_a_dead_process_are_released(tmp_path):
+    """A run killed with SIGKILL leaves a reservation that the next run may take over."""
+    water = molecule("H2O")
+    script = textwrap.dedent(
+        f"""
+        from ase.build import molecule
+        from deltaml.store import LabelStore
+        assert LabelStore({str(tmp_path / "labels.db")!r}).claim(molecule("H2O"), {RECORD!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    store = LabelStore(tmp_path / "labels.db")
+    assert store.claim(water, RECORD) is None  # reserved by the dead process
+    mine = store.claim(_frames(1)[0], RECORD)
+    assert store.release_stale_claims() == 1  # the dead one's, not mine
+    assert store.status(label_key(_frames(1)[0], RECORD)) == "reserved"
+    assert store.claim(water, RECORD) is not None
+    assert store.release_claims({mine}) == 1
+    assert store.status(label_key(_frames(1)[0], RECORD)) is None

@@ -1,0 +1,445 @@
+"""Labelled data in and out as extended XYZ, with the checks that keep it honest.
+
+Labels from any code (the embedded PySCF reference, VASP, FHI-aims, CP2K, ORCA, …)
+travel as extxyz with ASE's keys: ``energy`` (eV), ``forces`` (eV/Å, per atom),
+``stress`` (eV/Å³) and the method record as JSON in ``info["method_record"]``.
+The terms stored beside a label for Δ targets travel too: ``energy_<term>`` and
+``record_<term>`` in ``info``, ``forces_<term>`` as per-atom arrays.
+
+Reading checks what can be checked: a missing energy, forces or method record,
+non-finite values, declared units other than eV/Å, units evident by magnitude
+(forces in Hartree/Bohr are 51× smaller than GFN2-xTB's on the same structures),
+and method records that differ (inside a file, from the one asked for, or from
+the store's on import). Each problem has its own error class.
+
+Data flow: structures, baseline → **dataset** (and store).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+from ase.units import Bohr, Hartree, Rydberg, kcal, kJ, mol
+
+from deltaml.baseline import XTBBaseline
+from deltaml.correction import record_differences
+from deltaml.errors import LabelError, LabelUnitsError, MethodMismatchError, MissingLabelError
+from deltaml.store import LabelStore, label_key
+from deltaml.structures import resolve_charge, resolve_multiplicity
+
+__all__ = [
+    "ENERGY_UNITS",
+    "FORCE_UNITS",
+    "check_records",
+    "check_units",
+    "export_labelled",
+    "import_labelled",
+    "read_labelled",
+    "write_labelled",
+]
+
+#: Size of one unit in eV: what a number in that unit must be multiplied by.
+ENERGY_UNITS = {
+    "eV": 1.0,
+    "Hartree": Hartree,
+    "Rydberg": Rydberg,
+    "kcal/mol": kcal / mol,
+    "kJ/mol": kJ / mol,
+}
+#: Size of one force unit in eV/Å.
+FORCE_UNITS = {
+    "eV/Å": 1.0,
+    "Hartree/Bohr": Hartree / Bohr,
+    "Hartree/Å": Hartree,
+    "Rydberg/Bohr": Rydberg / Bohr,
+    "kcal/mol/Å": kcal / mol,
+    "kJ/mol/Å": kJ / mol,
+}
+#: Keys under which some writers declare units; the values they may hold for eV, eV/Å.
+_UNIT_KEYS = ("units", "energy_units", "energy_unit", "force_units", "forces_units")
+_EV_SPELLINGS = {"ev", "ev/a", "ev/å", "ev/ang", "ev/angstrom", "ev,ev/a", "ev,ev/å"}
+#: Keys that other writers use for the energy, named in the error for a missing one.
+_OTHER_ENERGY_KEYS = ("Energy", "total_energy", "energy_eV", "E", "free_energy", "TotEnergy")
+#: A magnitude check decides only when the slope is this close (factor) to one unit
+#: and the reference correlates at least this well with the baseline.
+_UNIT_TOLERANCE, _MIN_CORRELATION = 1.6, 0.7
+
+
+def write_labelled(path: str | Path, structures: Sequence[Atoms]) -> int:
+    """Write labelled structures to extxyz, atomically (a partial file, then renamed).
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        Output file.
+    structures : sequence of ase.Atoms
+        Each with a calculator holding ``energy`` (and ``forces``/``stress``) and
+        ``info["method_record"]`` (dict); other ``info`` entries are kept,
+        dicts written as JSON.
+
+    Returns
+    -------
+    int
+        Number of structures written.
+    """
+    path = Path(path)
+    frames = []
+    for index, atoms in enumerate(structures):
+        if atoms.calc is None or "energy" not in atoms.calc.results:
+            raise MissingLabelError(f"structure {index} has no energy to write")
+        frame = atoms.copy()
+        results = {
+            k: v for k, v in atoms.calc.results.items() if k in ("energy", "forces", "stress")
+        }
+        frame.calc = SinglePointCalculator(frame, **results)
+        for key, value in list(frame.info.items()):
+            if isinstance(value, dict):
+                frame.info[key] = json.dumps(value, sort_keys=True)
+        frames.append(frame)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    write(partial, frames, format="extxyz")
+    partial.replace(path)
+    return len(frames)
+
+
+def export_labelled(
+    store: LabelStore,
+    path: str | Path,
+    structures: Iterable[Atoms] | None = None,
+    *,
+    record: dict[str, Any] | None = None,
+) -> int:
+    """Write the store's labels to extxyz.
+
+    Parameters
+    ----------
+    store : LabelStore
+        Source of the labels.
+    path : str or pathlib.Path
+        Output file (written atomically).
+    structures : iterable of ase.Atoms, optional
+        Export these, in this order, keeping their ``info`` (provenance); the ones
+        without a done label are left out. Default: every done row.
+    record : dict, optional
+        Method record the labels of ``structures`` were computed with (needed
+        with ``structures``).
+
+    Returns
+    -------
+    int
+        Number of structures written.
+    """
+    if structures is None:
+        return write_labelled(path, store.labelled())
+    if record is None:
+        raise LabelError(
+            "export_labelled: give the method record the structures were labelled with"
+        )
+    frames = []
+    for atoms in structures:
+        charge, multiplicity = _charge_multiplicity(atoms)
+        labelled = store.get(label_key(atoms, record, charge, multiplicity))
+        if labelled is None:
+            continue
+        labelled.info = {**atoms.info, **labelled.info}
+        frames.append(labelled)
+    return write_labelled(path, frames)
+
+
+def _charge_multiplicity(atoms: Atoms) -> tuple[int, int]:
+    """From ``info`` (``charge``, ``multiplicity``), else as the labelling runner does."""
+    charge = resolve_charge(atoms, atoms.info.get("charge"))
+    return charge, resolve_multiplicity(atoms, charge, atoms.info.get("multiplicity"))
+
+
+def read_labelled(
+    path: str | Path,
+    *,
+    record: dict[str, Any] | None = None,
+    require_forces: bool = True,
+    check_magnitudes: bool = True,
+    max_check_structures: int = 20,
+    seed: int = 0,
+) -> list[Atoms]:
+    """Read labelled structures from extxyz and check them.
+
+    Parameters
+    ----------
+    path : str or pathlib.Path
+        extxyz file with ``energy`` (eV) and ``forces`` (eV/Å) per structure.
+    record : dict, optional
+        Method record: required where the file has none; must match where it has.
+    require_forces : bool, default=True
+        Refuse structures without forces.
+    check_magnitudes : bool, default=True
+        Compare forces and energy differences with GFN2-xTB on up to
+        ``max_check_structures`` structures (drawn with ``seed``), to catch
+        labels in other units (:func:`check_units`).
+    max_check_structures : int, default=20
+        Structures evaluated with the baseline for the magnitude check.
+    seed : int, default=0
+        Seed of that draw.
+
+    Returns
+    -------
+    list of ase.Atoms
+        With a single-point calculator holding the labels and ``info["method_record"]``
+        as a dict (also ``record_<term>``).
+
+    Raises
+    ------
+    MissingLabelError
+        A structure without energy, forces (if required) or method record.
+    LabelUnitsError
+        Units declared or evident by magnitude other than eV and eV/Å.
+    MethodMismatchError
+        Method records differ between structures or from ``record``.
+    LabelError
+        Non-finite values, stress on a structure that is not periodic in 3D.
+    """
+    path = Path(path)
+    frames = read(path, index=":", format="extxyz")
+    if not frames:
+        raise MissingLabelError(f"{path}: no structures")
+    for index, atoms in enumerate(frames):
+        where = f"{path.name}, structure {index}"
+        _check_declared_units(atoms, where)
+        _check_results(atoms, where, require_forces)
+        _parse_records(atoms, where, record)
+    check_records(frames, source=path.name)
+    if check_magnitudes:
+        rng = np.random.default_rng(seed)
+        chosen = rng.permutation(len(frames))[:max_check_structures]
+        check_units([frames[i] for i in sorted(chosen)], source=path.name)
+    return frames
+
+
+def _check_declared_units(atoms: Atoms, where: str) -> None:
+    for key in _UNIT_KEYS:
+        if key in atoms.info:
+            value = str(atoms.info[key]).strip().lower().replace(" ", "")
+            if value not in _EV_SPELLINGS and not value.startswith("ev"):
+                raise LabelUnitsError(
+                    f"{where}: declared {key}={atoms.info[key]!r}; deltaml reads energies in "
+                    "eV and forces in eV/Å (convert with ase.units)"
+                )
+
+
+def _check_results(atoms: Atoms, where: str, require_forces: bool) -> None:
+    results = atoms.calc.results if atoms.calc is not None else {}
+    if "energy" not in results:
+        others = [k for k in _OTHER_ENERGY_KEYS if k in atoms.info]
+        hint = f" (found {others}: rename to 'energy', in eV)" if others else ""
+        raise MissingLabelError(f"{where}: no energy (ASE key 'energy'){hint}")
+    if not np.isfinite(results["energy"]):
+        raise LabelError(f"{where}: energy is {results['energy']}")
+    if "forces" not in results:
+        if require_forces:
+            raise MissingLabelError(
+                f"{where}: no forces (per-atom ASE key 'forces', eV/Å); "
+                "pass require_forces=False for energy-only labels"
+            )
+    elif not np.isfinite(results["forces"]).all():
+        raise LabelError(f"{where}: forces contain NaN or infinite values")
+    if "stress" in results:
+        if not atoms.pbc.all():
+            raise LabelError(f"{where}: stress given for a structure that is not 3D periodic")
+        if not np.isfinite(results["stress"]).all():
+            raise LabelError(f"{where}: stress contains NaN or infinite values")
+    for name, value in atoms.arrays.items():
+        if name.startswith("forces_") and np.asarray(value).shape != (len(atoms), 3):
+            raise LabelError(f"{where}: {name} must have shape ({len(atoms)}, 3)")
+
+
+def _parse_records(atoms: Atoms, where: str, record: dict[str, Any] | None) -> None:
+    """Turn JSON records into dicts; fill in or check ``record``."""
+    for key in [k for k in atoms.info if k == "method_record" or k.startswith("record_")]:
+        value = atoms.info[key]
+        if isinstance(value, str):
+            try:
+                atoms.info[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise LabelError(f"{where}: {key} is not JSON: {exc}") from exc
+    found = atoms.info.get("method_record")
+    if found is None:
+        if record is None:
+            raise MissingLabelError(
+                f"{where}: no method_record; give record= describing the method (code, "
+                "version, functional, basis, settings) so that labels are never mixed blindly"
+            )
+        atoms.info["method_record"] = dict(record)
+    elif record is not None:
+        differences = record_differences(record, found, path="method_record")
+        if differences:
+            raise MethodMismatchError(
+                f"{where}: method record differs from the one asked for: " + "; ".join(differences)
+            )
+
+
+def check_records(structures: Sequence[Atoms], *, source: str = "labels") -> dict[str, Any]:
+    """The common method record of labelled structures; refuse a mixture.
+
+    Raises
+    ------
+    MethodMismatchError
+        Listing the differing keys of the first structure that differs.
+    """
+    first = structures[0].info["method_record"]
+    for index, atoms in enumerate(structures[1:], start=1):
+        differences = record_differences(first, atoms.info["method_record"])
+        if differences:
+            raise MethodMismatchError(
+                f"{source}: structure {index} was labelled with another method than "
+                "structure 0: " + "; ".join(differences)
+            )
+    return first
+
+
+def check_units(structures: Sequence[Atoms], *, source: str = "labels") -> dict[str, float]:
+    """Catch labels in other units than eV and eV/Å by comparing with GFN2-xTB.
+
+    A force label in eV/Å agrees with GFN2-xTB's forces on the same structure to
+    some tens of percent; one in Hartree/Bohr is 51× smaller. The least-squares
+    slope of the labels against the baseline's (forces; energies relative to
+    their mean per composition) therefore names the unit. A slope that is
+    closest to another unit, within a factor :data:`_UNIT_TOLERANCE`, is refused.
+    Where the baseline varies too little or correlates poorly, nothing is
+    concluded.
+
+    Returns
+    -------
+    dict
+        ``force_slope`` and ``energy_slope`` (NaN where not determined).
+
+    Raises
+    ------
+    LabelUnitsError
+        Naming the likely unit and the measured slope.
+    """
+    baseline = XTBBaseline(method="GFN2-xTB")
+    ref_f, base_f, by_formula = [], [], {}
+    for atoms in structures:
+        probe = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        probe.calc = baseline
+        try:
+            energy = probe.get_potential_energy()
+            forces = probe.get_forces() if "forces" in atoms.calc.results else None
+        except Exception:  # the baseline cannot judge this structure
+            continue
+        if forces is not None:
+            ref_f.append(atoms.calc.results["forces"].ravel())
+            base_f.append(forces.ravel())
+        by_formula.setdefault(atoms.get_chemical_formula(), []).append(
+            (atoms.calc.results["energy"], energy)
+        )
+    slopes = {"force_slope": float("nan"), "energy_slope": float("nan")}
+    if ref_f:
+        slopes["force_slope"] = _slope(np.concatenate(ref_f), np.concatenate(base_f), 0.05)
+        _judge(slopes["force_slope"], FORCE_UNITS, "forces", "eV/Å", source)
+    pairs = [(np.array(v) - np.mean(v, axis=0)) for v in by_formula.values() if len(v) >= 2]
+    if pairs:
+        stacked = np.concatenate(pairs)
+        slopes["energy_slope"] = _slope(stacked[:, 0], stacked[:, 1], 0.02)
+        _judge(slopes["energy_slope"], ENERGY_UNITS, "energies", "eV", source)
+    return slopes
+
+
+def _slope(reference: np.ndarray, baseline: np.ndarray, min_rms: float) -> float:
+    """Slope of reference against baseline through the origin; NaN if undetermined."""
+    if np.sqrt(np.mean(baseline**2)) < min_rms:
+        return float("nan")
+    correlation = np.corrcoef(reference, baseline)[0, 1]
+    if not np.isfinite(correlation) or correlation < _MIN_CORRELATION:
+        return float("nan")
+    return float(reference @ baseline / (baseline @ baseline))
+
+
+def _judge(slope: float, units: dict[str, float], what: str, expected: str, source: str) -> None:
+    if not np.isfinite(slope) or slope <= 0:
+        return
+    # A label in unit u is (value in eV)/size(u): slope ≈ 1/size(u).
+    distance = {name: abs(np.log(slope * size)) for name, size in units.items()}
+    likely = min(distance, key=distance.get)
+    if likely != expected and distance[likely] < np.log(_UNIT_TOLERANCE):
+        raise LabelUnitsError(
+            f"{source}: {what} look like {likely}, not {expected}: they are {slope:.4g} times "
+            f"GFN2-xTB's on the same structures (least squares); multiply by "
+            f"{units[likely]:.6g} (ase.units) to convert"
+        )
+
+
+def import_labelled(store: LabelStore, structures: Sequence[Atoms]) -> tuple[int, int]:
+    """Add checked labelled structures (from :func:`read_labelled`) to a store.
+
+    Labels are mixed only when their method record matches the store's.
+
+    Returns
+    -------
+    tuple of int
+        (added, already present).
+
+    Raises
+    ------
+    MethodMismatchError
+        The store holds labels of another method.
+    """
+    if not structures:
+        return 0, 0
+    record = check_records(structures)
+    for existing in store.records():
+        differences = record_differences(existing, record)
+        if differences:
+            raise MethodMismatchError(
+                f"{store.url} holds labels of another method: " + "; ".join(differences)
+            )
+    added = present = 0
+    for atoms in structures:
+        charge, multiplicity = _charge_multiplicity(atoms)
+        claim = store.claim(atoms, record, charge, multiplicity)
+        if claim is None:
+            present += 1
+            continue
+        results = atoms.calc.results
+        terms = {
+            key[len("energy_") :]: {
+                "energy": value,
+                "forces": atoms.arrays.get(f"forces_{key[len('energy_') :]}"),
+                "record": atoms.info.get(f"record_{key[len('energy_') :]}"),
+            }
+            for key, value in atoms.info.items()
+            if key.startswith("energy_") and key not in _UNIT_KEYS and _is_number(value)
+        }
+        store.put(
+            atoms,
+            record,
+            energy=results["energy"],
+            forces=results.get("forces"),
+            stress=_voigt(results.get("stress")),
+            terms=terms,
+            charge=charge,
+            multiplicity=multiplicity,
+            claim=claim,
+        )
+        added += 1
+    return added, present
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+
+
+def _voigt(stress: Any) -> np.ndarray | None:
+    if stress is None:
+        return None
+    stress = np.asarray(stress, dtype=float)
+    if stress.shape == (3, 3):
+        return stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+    return stress

@@ -1,0 +1,226 @@
+"""extxyz import/export of labels: round trip through a store, and every bad input refused.
+
+GFN1-xTB stands in for an external reference code: its labels agree with the
+GFN2-xTB magnitude check to tens of percent, as a DFT code's would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+from ase.units import Bohr, Hartree, kcal, mol
+from click.testing import CliRunner
+
+from deltaml.baseline import XTBBaseline
+from deltaml.cli import main
+from deltaml.dataset import (
+    check_units,
+    export_labelled,
+    import_labelled,
+    read_labelled,
+    write_labelled,
+)
+from deltaml.errors import LabelError, LabelUnitsError, MethodMismatchError, MissingLabelError
+from deltaml.store import LabelStore
+
+RECORD = {"code": "some-dft", "version": "1.0", "xc": "pbe0", "basis": "def2-tzvp"}
+
+
+def _frames(count: int = 8, seed: int = 0) -> list[Atoms]:
+    """Rattled water and ethanol, several of each (energy differences per formula)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(count):
+        atoms = molecule("H2O" if k % 2 else "CH3CH2OH")
+        atoms.positions += rng.normal(scale=0.06, size=atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+def _labelled(
+    frames: list[Atoms], *, energy_unit: float = 1.0, force_unit: float = 1.0
+) -> list[Atoms]:
+    """GFN1-xTB labels, expressed in the given units (sizes in eV and eV/Å)."""
+    out = []
+    for atoms in frames:
+        probe = atoms.copy()
+        probe.calc = XTBBaseline(method="GFN1-xTB")
+        energy, forces = probe.get_potential_energy(), probe.get_forces()
+        labelled = atoms.copy()
+        labelled.calc = SinglePointCalculator(
+            labelled, energy=energy / energy_unit, forces=forces / force_unit
+        )
+        labelled.info["method_record"] = dict(RECORD)
+        out.append(labelled)
+    return out
+
+
+def test_round_trip_through_a_store_keeps_labels_terms_and_records(tmp_path):
+    labelled = _labelled(_frames(4))
+    labelled[0].info["energy_baseline"] = -5.0
+    labelled[0].arrays["forces_baseline"] = np.full((len(labelled[0]), 3), 0.25)
+    write_labelled(tmp_path / "in.extxyz", labelled)
+    frames = read_labelled(tmp_path / "in.extxyz")
+    store = LabelStore(tmp_path / "labels.db")
+    assert import_labelled(store, frames) == (4, 0)
+    assert import_labelled(store, frames) == (0, 4)  # nothing twice
+    assert export_labelled(store, tmp_path / "out.extxyz") == 4
+    back = read_labelled(tmp_path / "out.extxyz", check_magnitudes=False)
+    for before, after in zip(labelled, back, strict=True):
+        assert after.get_potential_energy() == pytest.approx(before.get_potential_energy())
+        np.testing.assert_allclose(after.get_forces(), before.get_forces(), atol=1e-7)  # 8 decimals
+        assert after.info["method_record"] == RECORD
+    assert back[0].info["energy_baseline"] == -5.0
+    np.testing.assert_allclose(back[0].arrays["forces_baseline"], 0.25)
+
+
+def test_export_of_given_structures_keeps_their_order_and_info(tmp_path):
+    labelled = _labelled(_frames(3))
+    store = LabelStore(tmp_path / "labels.db")
+    import_labelled(store, labelled)
+    wanted = [labelled[2].copy(), _frames(1, seed=9)[0], labelled[0].copy()]
+    wanted[0].info = {"name": "third"}
+    written = export_labelled(store, tmp_path / "out.extxyz", wanted, record=RECORD)
+    assert written == 2  # the unlabelled one is left out
+    back = read_labelled(tmp_path / "out.extxyz", check_magnitudes=False)
+    assert back[0].info["name"] == "third"
+    assert back[0].get_potential_energy() == pytest.approx(labelled[2].get_potential_energy())
+    assert back[1].get_potential_energy() == pytest.approx(labelled[0].get_potential_energy())
+
+
+def test_magnitudes_in_ev_pass_and_give_slopes_near_one():
+    slopes = check_units(_labelled(_frames()))
+    assert 0.7 < slopes["force_slope"] < 1.4
+    assert 0.5 < slopes["energy_slope"] < 2.0
+
+
+@pytest.mark.parametrize(
+    ("energy_unit", "force_unit", "named"),
+    [
+        (1.0, Hartree / Bohr, "forces look like Hartree/Bohr"),
+        (Hartree, Hartree / Bohr, "forces look like Hartree/Bohr"),
+        (Hartree, 1.0, "energies look like Hartree"),
+        (kcal / mol, kcal / mol, "forces look like kcal/mol/Å"),
+    ],
+)
+def test_wrong_units_are_caught_by_magnitude(tmp_path, energy_unit, force_unit, named):
+    frames = _labelled(_frames(), energy_unit=energy_unit, force_unit=force_unit)
+    write_labelled(tmp_path / "labels.extxyz", frames)
+    with pytest.raises(LabelUnitsError, match=named):
+        read_labelled(tmp_path / "labels.extxyz")
+
+
+def test_declared_units_other_than_ev_are_refused(tmp_path):
+    frames = _labelled(_frames(2))
+    frames[1].info["energy_units"] = "Hartree"
+    write_labelled(tmp_path / "labels.extxyz", frames)
+    with pytest.raises(LabelUnitsError, match="structure 1: declared energy_units='Hartree'"):
+        read_labelled(tmp_path / "labels.extxyz")
+
+
+def test_missing_energy_is_named_with_the_key_found(tmp_path):
+    atoms = _frames(1)[0]
+    atoms.info["total_energy"] = -10.0
+    write(tmp_path / "plain.extxyz", atoms)
+    with pytest.raises(MissingLabelError, match=r"no energy .*found \['total_energy'\]"):
+        read_labelled(tmp_path / "plain.extxyz", record=RECORD)
+
+
+def test_missing_forces_are_refused_unless_energies_only_are_asked_for(tmp_path):
+    atoms = _frames(1)[0]
+    atoms.calc = SinglePointCalculator(atoms, energy=-10.0)
+    atoms.info["method_record"] = dict(RECORD)
+    write_labelled(tmp_path / "energies.extxyz", [atoms])
+    with pytest.raises(MissingLabelError, match="no forces"):
+        read_labelled(tmp_path / "energies.extxyz")
+    frames = read_labelled(tmp_path / "energies.extxyz", require_forces=False)
+    assert frames[0].get_potential_energy() == -10.0
+
+
+def test_non_finite_values_and_stress_of_a_molecule_are_refused(tmp_path):
+    atoms = _labelled(_frames(1))[0]
+    atoms.calc.results["forces"][0, 0] = np.nan
+    write_labelled(tmp_path / "nan.extxyz", [atoms])
+    with pytest.raises(LabelError, match="forces contain NaN"):
+        read_labelled(tmp_path / "nan.extxyz")
+    atoms = _labelled(_frames(1))[0]
+    atoms.calc.results["stress"] = np.zeros(6)
+    write_labelled(tmp_path / "stress.extxyz", [atoms])
+    with pytest.raises(LabelError, match="not 3D periodic"):
+        read_labelled(tmp_path / "stress.extxyz")
+
+
+def test_periodic_labels_with_stress_round_trip(tmp_path, co2_crystal):
+    atoms = co2_crystal.copy()
+    atoms.calc = SinglePointCalculator(
+        atoms, energy=-100.0, forces=np.zeros((len(atoms), 3)), stress=np.arange(6) * 1e-3
+    )
+    atoms.info["method_record"] = {"code": "vasp", "version": "6.4", "xc": "pbe"}
+    write_labelled(tmp_path / "crystal.extxyz", [atoms])
+    frames = read_labelled(tmp_path / "crystal.extxyz", check_magnitudes=False)
+    store = LabelStore(tmp_path / "labels.db")
+    import_labelled(store, frames)
+    np.testing.assert_allclose(store.labelled()[0].get_stress(), np.arange(6) * 1e-3)
+
+
+def test_missing_record_is_refused_unless_given(tmp_path):
+    frames = _labelled(_frames(2))
+    for atoms in frames:
+        del atoms.info["method_record"]
+    write_labelled(tmp_path / "labels.extxyz", frames)
+    with pytest.raises(MissingLabelError, match="no method_record; give record="):
+        read_labelled(tmp_path / "labels.extxyz")
+    read = read_labelled(tmp_path / "labels.extxyz", record=RECORD)
+    assert read[1].info["method_record"] == RECORD
+
+
+def test_method_records_must_match_within_a_file_and_with_the_one_asked_for(tmp_path):
+    frames = _labelled(_frames(3))
+    frames[2].info["method_record"] = {**RECORD, "basis": "def2-svp"}
+    write_labelled(tmp_path / "mixed.extxyz", frames)
+    with pytest.raises(
+        MethodMismatchError, match=r"structure 2 .*basis: 'def2-tzvp' != 'def2-svp'"
+    ):
+        read_labelled(tmp_path / "mixed.extxyz")
+    write_labelled(tmp_path / "one.extxyz", frames[:2])
+    with pytest.raises(MethodMismatchError, match=r"differs from the one asked for.*xc"):
+        read_labelled(tmp_path / "one.extxyz", record={**RECORD, "xc": "b3lyp"})
+
+
+def test_merging_labels_of_another_method_into_a_store_is_refused(tmp_path):
+    store = LabelStore(tmp_path / "labels.db")
+    import_labelled(store, _labelled(_frames(2)))
+    other = _labelled(_frames(2, seed=1))
+    for atoms in other:
+        atoms.info["method_record"] = {**RECORD, "xc": "revpbe0"}
+    with pytest.raises(MethodMismatchError, match=r"holds labels of another method.*xc"):
+        import_labelled(store, other)
+    assert len(store) == 2
+
+
+def test_cli_import_and_export(tmp_path):
+    frames = _labelled(_frames(4))
+    for atoms in frames:
+        del atoms.info["method_record"]
+    write_labelled(tmp_path / "external.extxyz", frames)
+    (tmp_path / "record.json").write_text(json.dumps(RECORD))
+    runner = CliRunner()
+    store = str(tmp_path / "labels.db")
+    args = ["import", str(tmp_path / "external.extxyz"), "--store", store]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "no method_record" in result.output
+    result = runner.invoke(main, [*args, "--record", str(tmp_path / "record.json")])
+    assert result.exit_code == 0, result.output
+    assert "4 labels added, 0 already present" in result.output
+    result = runner.invoke(main, ["export", str(tmp_path / "out.extxyz"), "--store", store])
+    assert result.exit_code == 0 and "4 labelled structures" in result.output
+    back = read_labelled(tmp_path / "out.extxyz")
+    assert [a.get_potential_energy() for a in back] == pytest.approx(
+        [a.get_potential_energy() for a in frames]
+    )
