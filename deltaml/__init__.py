@@ -11,12 +11,23 @@ from importlib.metadata import PackageNotFoundError, version
 from deltaml.baseline import XTBBaseline, canonical_method, dispersion_free_parametrization
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import Correction, CorrectionResult, ZeroCorrection, record_differences
+from deltaml.dataset import (
+    check_units,
+    export_labelled,
+    import_labelled,
+    read_labelled,
+    write_labelled,
+)
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import (
     ChargeMultiplicityError,
     DeltaMLError,
     EmptyStructureError,
     EngineError,
+    LabelError,
+    LabelUnitsError,
+    MethodMismatchError,
+    MissingLabelError,
     NonFiniteGeometryError,
     OverlappingAtomsError,
     ParameterError,
@@ -27,6 +38,9 @@ from deltaml.errors import (
     UnsupportedCapabilityError,
     UnsupportedElementError,
 )
+from deltaml.labelling import LabellingReport, label_structures
+from deltaml.reference import PySCFReference
+from deltaml.store import LabelStore, label_key
 from deltaml.structures import perpendicular_widths, supercell_repeats, validate_structure
 
 try:
@@ -43,9 +57,16 @@ __all__ = [
     "DeltaMLError",
     "EmptyStructureError",
     "EngineError",
+    "LabelError",
+    "LabelStore",
+    "LabelUnitsError",
+    "LabellingReport",
+    "MethodMismatchError",
+    "MissingLabelError",
     "NonFiniteGeometryError",
     "OverlappingAtomsError",
     "ParameterError",
+    "PySCFReference",
     "SCFConvergenceError",
     "SingularCellError",
     "StructureError",
@@ -56,12 +77,19 @@ __all__ = [
     "ZeroCorrection",
     "__version__",
     "canonical_method",
+    "check_units",
     "damping_parameters",
     "dispersion_free_parametrization",
     "energy_budget",
+    "export_labelled",
+    "import_labelled",
+    "label_key",
+    "label_structures",
     "parse_dispersion_spec",
     "perpendicular_widths",
+    "read_labelled",
     "record_differences",
     "supercell_repeats",
     "validate_structure",
+    "write_labelled",
 ]

@@ -32,7 +32,7 @@ from deltaml.baseline import XTBBaseline
 from deltaml.correction import record_differences
 from deltaml.errors import LabelError, LabelUnitsError, MethodMismatchError, MissingLabelError
 from deltaml.store import LabelStore, label_key
-from deltaml.structures import resolve_charge, resolve_multiplicity
+from deltaml.structures import charge_and_multiplicity
 
 __all__ = [
     "ENERGY_UNITS",
@@ -145,19 +145,13 @@ def export_labelled(
         )
     frames = []
     for atoms in structures:
-        charge, multiplicity = _charge_multiplicity(atoms)
+        charge, multiplicity = charge_and_multiplicity(atoms)
         labelled = store.get(label_key(atoms, record, charge, multiplicity))
         if labelled is None:
             continue
         labelled.info = {**atoms.info, **labelled.info}
         frames.append(labelled)
     return write_labelled(path, frames)
-
-
-def _charge_multiplicity(atoms: Atoms) -> tuple[int, int]:
-    """From ``info`` (``charge``, ``multiplicity``), else as the labelling runner does."""
-    charge = resolve_charge(atoms, atoms.info.get("charge"))
-    return charge, resolve_multiplicity(atoms, charge, atoms.info.get("multiplicity"))
 
 
 def read_labelled(
@@ -402,7 +396,7 @@ def import_labelled(store: LabelStore, structures: Sequence[Atoms]) -> tuple[int
             )
     added = present = 0
     for atoms in structures:
-        charge, multiplicity = _charge_multiplicity(atoms)
+        charge, multiplicity = charge_and_multiplicity(atoms)
         claim = store.claim(atoms, record, charge, multiplicity)
         if claim is None:
             present += 1

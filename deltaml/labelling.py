@@ -33,7 +33,7 @@ from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
 from deltaml.errors import ParameterError
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore, label_key
-from deltaml.structures import resolve_charge, resolve_multiplicity
+from deltaml.structures import charge_and_multiplicity
 
 __all__ = [
     "DEFAULT_BASELINE",
@@ -146,9 +146,9 @@ class LabellingReport:
     ----------
     structures : int
         Structures given.
-    already_done, already_failed, in_progress : int
+    already_done, already_failed, in_progress, duplicates : int
         Skipped: in the store already, failed before (not retried), claimed by
-        another running process.
+        another running process, given twice in ``structures``.
     computed, failed : int
         Labels written by this run, and failures recorded by it.
     wall_seconds : float
@@ -161,6 +161,7 @@ class LabellingReport:
     already_done: int = 0
     already_failed: int = 0
     in_progress: int = 0
+    duplicates: int = 0
     computed: int = 0
     failed: int = 0
     wall_seconds: float = 0.0
@@ -193,7 +194,8 @@ def label_structures(
     ----------
     structures : iterable of ase.Atoms
         Molecules, Å. Charge and multiplicity come from ``reference`` if given
-        there, else from each structure's initial charges and magnetic moments.
+        there, else from each structure's ``info`` or initial charges and
+        magnetic moments (:func:`~deltaml.structures.charge_and_multiplicity`).
     store : LabelStore
         Where results go (and what is skipped).
     reference : dict, optional
@@ -230,12 +232,17 @@ def label_structures(
         raise ParameterError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
     report = LabellingReport()
     store.release_stale_claims()
-    tasks, claims = [], {}
+    tasks, claims, seen = [], {}, set()
     for atoms in structures:
         report.structures += 1
-        charge = resolve_charge(atoms, reference.get("charge"))
-        multiplicity = resolve_multiplicity(atoms, charge, reference.get("multiplicity"))
+        charge, multiplicity = charge_and_multiplicity(
+            atoms, reference.get("charge"), reference.get("multiplicity")
+        )
         key = label_key(atoms, record, charge, multiplicity)
+        if key in seen:
+            report.duplicates += 1
+            continue
+        seen.add(key)
         if retry_failed and store.status(key) == "failed":
             store.forget_failures({key})
         claim = store.claim(atoms, record, charge, multiplicity)

@@ -42,6 +42,9 @@ STORE_METADATA = {
         "key": "sha256 of structure + charge + multiplicity + method record",
         "status": "done or failed",
         "error": "error message of a failed calculation",
+        "total_charge": "total charge of the calculation, e",
+        "multiplicity": "spin multiplicity 2S+1 of the calculation",
+        "compute_seconds": "time of the calculation, s",
         "energy_<term>": "energy of a physical term on the same structure, eV",
     },
 }
@@ -228,7 +231,7 @@ class LabelStore:
         pairs: dict[str, Any] = {
             "key": label_key(atoms, record, charge, multiplicity),
             "status": "done",
-            "charge": int(charge),
+            "total_charge": int(charge),  # ase.db overwrites "charge" with sum(initial charges)
             "multiplicity": int(multiplicity),
         }
         if compute_seconds is not None:
@@ -258,7 +261,7 @@ class LabelStore:
             "key": label_key(atoms, record, charge, multiplicity),
             "status": "failed",
             "error": str(error)[:2000],
-            "charge": int(charge),
+            "total_charge": int(charge),  # ase.db overwrites "charge" with sum(initial charges)
             "multiplicity": int(multiplicity),
         }
         data = {"record": json.dumps(record, sort_keys=True)}
@@ -305,9 +308,11 @@ def _row_atoms(row: Any) -> Atoms:
     atoms = row.toatoms()
     atoms.info["method_record"] = json.loads(row.data["record"])
     atoms.info["label_key"] = row.key
-    for name in ("charge", "multiplicity", "compute_seconds"):
-        if name in row.key_value_pairs:
-            atoms.info[name] = row.key_value_pairs[name]
+    pairs = row.key_value_pairs
+    atoms.info["charge"] = int(pairs.get("total_charge", pairs.get("charge", 0)))
+    for name in ("multiplicity", "compute_seconds"):
+        if name in pairs:
+            atoms.info[name] = pairs[name]
     for name, value in row.key_value_pairs.items():
         if name.startswith("energy_"):
             atoms.info[name] = value

@@ -31,6 +31,7 @@ from deltaml.errors import (
 
 __all__ = [
     "DEFAULT_MIN_DISTANCE",
+    "charge_and_multiplicity",
     "electron_count",
     "engine_frame",
     "perpendicular_widths",
@@ -251,6 +252,23 @@ def resolve_multiplicity(
     if unpaired == 0 and n_electrons % 2:
         unpaired = 1
     return unpaired + 1
+
+
+def charge_and_multiplicity(
+    atoms: Atoms, charge: float | None = None, multiplicity: int | None = None
+) -> tuple[int, int]:
+    """Charge (e) and 2S+1 of a structure to be labelled or imported.
+
+    The given values first, then ``atoms.info["charge"]``/``["multiplicity"]`` (as
+    extxyz files from other codes carry them), then the initial charges and
+    magnetic moments (:func:`resolve_charge`, :func:`resolve_multiplicity`).
+    """
+    if charge is None:
+        charge = atoms.info.get("charge")
+    if multiplicity is None:
+        multiplicity = atoms.info.get("multiplicity")
+    total = resolve_charge(atoms, charge)
+    return total, resolve_multiplicity(atoms, total, multiplicity)
 
 
 def perpendicular_widths(cell: NDArray[np.float64]) -> NDArray[np.float64]:

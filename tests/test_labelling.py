@@ -179,3 +179,24 @@ def test_dask_local_cluster_gives_the_same_labels_as_the_local_pool(tmp_path):
     assert [a.info["energy_baseline"] for a in on_dask.labelled()] == pytest.approx(
         [a.info["energy_baseline"] for a in local.labelled()]
     )
+
+
+def test_charge_and_multiplicity_come_from_info_and_bad_ones_fail_per_structure(tmp_path):
+    hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]], info={"charge": -1})
+    radical = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.98]])  # doublet from the odd count
+    wrong = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.99]], info={"multiplicity": 1})
+    store = LabelStore(tmp_path / "labels.db")
+    report = label_structures(
+        [hydroxide, radical, wrong, hydroxide.copy()], store, reference=REFERENCE,
+        baseline=None, workers=1, progress=False,
+    )  # fmt: skip
+    assert (report.computed, report.failed, report.duplicates) == (2, 1, 1)
+    assert "ChargeMultiplicityError" in next(iter(report.errors.values()))
+    by_charge = {a.info["charge"]: a for a in store.labelled()}
+    assert by_charge[-1].info["multiplicity"] == 1
+    assert by_charge[0].info["multiplicity"] == 2
+    probe = hydroxide.copy()
+    probe.calc = PySCFReference(**REFERENCE, charge=-1)
+    assert by_charge[-1].get_potential_energy() == pytest.approx(
+        probe.get_potential_energy(), abs=1e-6
+    )

@@ -458,3 +458,18 @@ def test_supercell_repeats_reach_min_width(co2_crystal_strained):
                 fewer = np.array(repeats)
                 fewer[axis] -= 1
                 assert perpendicular_widths(cell * fewer[:, None])[axis] < min_width
+
+
+def test_charge_and_multiplicity_prefer_given_then_info_then_initial_values():
+    from deltaml.structures import charge_and_multiplicity
+
+    oh = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    assert charge_and_multiplicity(oh) == (0, 2)  # odd electron count: a doublet
+    oh.info.update(charge=-1)
+    assert charge_and_multiplicity(oh) == (-1, 1)
+    assert charge_and_multiplicity(oh, charge=1) == (1, 1)
+    oh.info.update(multiplicity=3)
+    assert charge_and_multiplicity(oh) == (-1, 3)
+    oh.info.clear()
+    oh.set_initial_charges([-1, 0])
+    assert charge_and_multiplicity(oh) == (-1, 1)
