@@ -12,6 +12,8 @@ Data flow: baseline, dispersion, correction (model) → **composite** → applic
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +26,14 @@ from deltaml.baseline import (
     canonical_method,
     check_baseline_parameters,
 )
-from deltaml.correction import Correction, record_differences
+from deltaml.correction import Correction, CorrectionResult, record_differences
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
-from deltaml.errors import ParameterError, TermMismatchError
+from deltaml.errors import (
+    OutOfDomainError,
+    OutOfDomainWarning,
+    ParameterError,
+    TermMismatchError,
+)
 from deltaml.structures import (
     DEFAULT_MIN_DISTANCE,
     require_3d_for_stress,
@@ -73,6 +80,9 @@ class DeltaCalculator(Calculator):
      min_cell_width         7.0          Å     baseline supercell threshold
      supercell              None         -     fixed baseline supercell (n1, n2, n3)
      min_distance           0.5          Å     closest allowed interatomic distance
+     uncertainty_threshold  None         eV/Å  largest allowed per-atom force uncertainty
+                                               of the correction; None: no check
+     uncertainty_action     "warn"       -     "warn" or "raise" above the threshold
     ====================== ============ ===== =========================================
 
     Parameters
@@ -121,6 +131,8 @@ class DeltaCalculator(Calculator):
         "min_cell_width": 7.0,
         "supercell": None,
         "min_distance": DEFAULT_MIN_DISTANCE,
+        "uncertainty_threshold": None,
+        "uncertainty_action": "warn",
     }
 
     def __init__(
@@ -162,6 +174,12 @@ class DeltaCalculator(Calculator):
     def set(self, **kwargs: Any) -> dict:
         """Set parameters, forwarding them to the terms that use them."""
         # Check everything before storing anything: a refused set() changes nothing.
+        action = kwargs.get("uncertainty_action", "warn")
+        if action not in ("warn", "raise"):
+            raise ParameterError(f"uncertainty_action must be 'warn' or 'raise', got {action!r}")
+        threshold = kwargs.get("uncertainty_threshold")
+        if threshold is not None and not threshold > 0:
+            raise ParameterError(f"uncertainty_threshold must be positive (eV/Å), got {threshold}")
         if "method" in kwargs:
             kwargs["method"] = canonical_method(kwargs["method"])
         if kwargs.get("dispersion") is not None:
@@ -329,6 +347,84 @@ class DeltaCalculator(Calculator):
             self.results["energies_uncertainty"] = np.asarray(predicted.energies_uncertainty)
         if predicted.forces_uncertainty is not None:
             self.results["forces_uncertainty"] = np.asarray(predicted.forces_uncertainty)
+        self._check_domain(predicted)
+
+    def _check_domain(self, predicted: CorrectionResult) -> None:
+        """Warn or raise where the correction's force uncertainty exceeds the threshold."""
+        threshold = self.parameters.uncertainty_threshold
+        if threshold is None:
+            return
+        if predicted.forces_uncertainty is None:
+            raise ParameterError(
+                f"uncertainty_threshold is set but correction {self.correction.name!r} gives "
+                "no force uncertainty (a SparseGPR with uncertainty='forces' does)"
+            )
+        worst = int(np.argmax(predicted.forces_uncertainty))
+        value = float(predicted.forces_uncertainty[worst])
+        if value <= threshold:
+            return
+        message = (
+            f"force uncertainty {value:.3f} eV/Å on atom {worst} "
+            f"({self.atoms.get_chemical_symbols()[worst]}) exceeds the threshold "
+            f"{threshold} eV/Å: the structure is outside the model's training domain"
+        )
+        if self.parameters.uncertainty_action == "raise":
+            raise OutOfDomainError(message)
+        warnings.warn(message, OutOfDomainWarning, stacklevel=3)
+
+    @classmethod
+    def from_model(cls, model: str | Path | Any, **kwargs: Any) -> DeltaCalculator:
+        """The composite for a fitted model, with the terms it was trained against.
+
+        Parameters
+        ----------
+        model : str, pathlib.Path or fitted model
+            A model file (``.npz`` written by ``SparseGPR.save``) or a fitted model.
+        **kwargs
+            Other keywords of the table (e.g. ``uncertainty_threshold``); keywords
+            that change the physical terms are refused later by the term check.
+
+        Examples
+        --------
+        >>> atoms.calc = DeltaCalculator.from_model("model.npz")
+        """
+        from deltaml.model import SparseGPR
+
+        if isinstance(model, (str, Path)):
+            model = SparseGPR.load(model)
+        trained = model.trained_with
+        settings: dict[str, Any] = {}
+        if trained is not None:
+            settings.update(_settings_from_records(trained))
+        settings.update(kwargs)
+        return cls(correction=model, **settings)
+
+
+def _settings_from_records(trained: dict[str, Any]) -> dict[str, Any]:
+    """Calculator keywords that rebuild the terms of ``trained_with`` records."""
+    base = trained["baseline"]
+    settings: dict[str, Any] = {
+        "method": base["method"],
+        "engine": base["engine"],
+        "baseline_dispersion": not base["remove_dispersion"],
+        "electronic_temperature": base["electronic_temperature_k"],
+        "accuracy": base["accuracy"],
+        "min_cell_width": base["min_cell_width_a"],
+        "supercell": base["supercell"],
+    }
+    disp = trained.get("dispersion")
+    if disp is None:
+        settings["dispersion"] = None
+    elif disp.get("method") is None:
+        raise ParameterError(
+            "the model was trained with D3 parameters given by value, not by functional: "
+            "build DeltaCalculator(correction=model, dispersion=...) yourself"
+        )
+    else:
+        settings["dispersion"] = f"{disp['damping']}:{disp['method']}" + (
+            ":atm" if disp["atm"] else ""
+        )
+    return settings
 
 
 def _check_double_counting(parameters: dict[str, Any]) -> None:

@@ -10,14 +10,24 @@ import sys
 from pathlib import Path
 
 import click
+import numpy as np
 from ase.io import read
 
 from deltaml import __version__
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import ZeroCorrection
-from deltaml.dataset import export_labelled, import_labelled, read_labelled
+from deltaml.dataset import delta_targets, export_labelled, import_labelled, read_labelled
 from deltaml.errors import DeltaMLError
+from deltaml.evaluation import (
+    delta_targets_for,
+    error_table,
+    errors,
+    plot_calibration,
+    plot_parity,
+    predict_all,
+)
 from deltaml.labelling import DEFAULT_BASELINE, label_structures
+from deltaml.model import SparseGPR
 from deltaml.store import LabelStore
 
 
@@ -228,6 +238,112 @@ def export_command(output: str, store_url: str) -> None:
     """Write every done label of --store to OUTPUT (extxyz)."""
     written = export_labelled(LabelStore(store_url), output)
     click.echo(f"{written} labelled structures written to {output}")
+
+
+def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[int]]:
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = round(validation * count)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+@main.command("fit")
+@click.option("--store", "store_url", default=None, help="label store to train on")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="labelled extxyz to train on (instead of --store)",
+)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="model.npz")
+@click.option("--validation", default=0.1, show_default=True, help="held-out fraction")
+@click.option("--seed", default=0, show_default=True, help="seed of the split and the model")
+@click.option("--n-sparse", default=200, show_default=True, help="sparse points per element")
+@click.option("--zeta", default=2, show_default=True, help="kernel exponent")
+@click.option("--cutoff", default=5.0, show_default=True, help="SOAP cutoff, Å")
+@click.option("--backend", default="featomic", show_default=True, help="featomic or dscribe")
+@click.option("--energy-sigma", default=0.001, show_default=True, help="eV/atom")
+@click.option("--force-sigma", default=0.02, show_default=True, help="eV/Å")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def fit_command(
+    store_url: str | None,
+    data: str | None,
+    output: str,
+    validation: float,
+    seed: int,
+    n_sparse: int,
+    zeta: int,
+    cutoff: float,
+    backend: str,
+    energy_sigma: float,
+    force_sigma: float,
+    no_progress: bool,
+) -> None:
+    """Fit the Δ-model on labelled data; print train and validation errors."""
+    if (store_url is None) == (data is None):
+        raise click.UsageError("give exactly one of --store and --data")
+    if not 0 <= validation < 1:
+        raise click.UsageError("--validation must be in [0, 1)")
+    try:
+        frames = LabelStore(store_url).labelled() if store_url else read_labelled(data)
+        targets, trained_with = delta_targets(frames)
+        train_idx, val_idx = _split(len(targets), validation, seed)
+        train = [targets[i] for i in train_idx]
+        held_out = [targets[i] for i in val_idx]
+        model = SparseGPR(
+            descriptor={"backend": backend, "cutoff": cutoff},
+            n_sparse=n_sparse,
+            zeta=zeta,
+            energy_sigma=energy_sigma,
+            force_sigma=force_sigma,
+            seed=seed,
+        )
+        model.fit(train, trained_with=trained_with, progress=not no_progress)
+        if held_out:
+            scales = model.calibrate(held_out)
+        model.save(output)
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"fitted on {len(train)} structures; model written to {output}")
+    for name, part in (("train", train), ("validation", held_out)):
+        if part:
+            click.echo(f"\n{name} ({len(part)} structures)")
+            click.echo(error_table(errors(predict_all(model, part))))
+    if held_out:
+        click.echo(
+            f"\nuncertainty calibrated on the validation set: energy x{scales['energy']:.2f}, "
+            f"forces x{scales['forces']:.2f}"
+        )
+
+
+@main.command("evaluate")
+@click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("test", type=click.Path(exists=True, dir_okay=False))
+@click.option("--plots", default=None, type=click.Path(file_okay=False), help="folder for PNGs")
+@click.option("--json", "as_json", is_flag=True, help="print the errors as JSON")
+def evaluate_command(model_path: str, test: str, plots: str | None, as_json: bool) -> None:
+    """Errors of MODEL_PATH on TEST (labelled extxyz): composite vs baseline alone."""
+    try:
+        model = SparseGPR.load(model_path)
+        frames = read_labelled(test)
+        predictions = predict_all(model, delta_targets_for(model, frames))
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = errors(predictions)
+    if plots is not None:
+        folder = Path(plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        table["plots"] = [
+            str(plot_parity(predictions, folder / "parity.png")),
+            str(plot_calibration(predictions, folder / "calibration.png")),
+        ]
+    if as_json:
+        json.dump(table, sys.stdout, indent=2)
+        click.echo()
+        return
+    click.echo(f"{test}: {len(frames)} structures")
+    click.echo(error_table(table))
+    for plot in table.get("plots", []):
+        click.echo(f"plot written: {plot}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,20 +30,26 @@ from ase.units import Bohr, Hartree, Rydberg, kcal, kJ, mol
 
 from deltaml.baseline import XTBBaseline
 from deltaml.correction import record_differences
+from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
 from deltaml.errors import LabelError, LabelUnitsError, MethodMismatchError, MissingLabelError
 from deltaml.store import LabelStore, label_key
 from deltaml.structures import charge_and_multiplicity
 
 __all__ = [
+    "DELTA_BASELINE",
     "ENERGY_UNITS",
     "FORCE_UNITS",
     "check_records",
     "check_units",
+    "delta_targets",
     "export_labelled",
     "import_labelled",
     "read_labelled",
     "write_labelled",
 ]
+
+#: The Δ-target baseline: GFN2-xTB with its own D4 removed (the composite's default).
+DELTA_BASELINE: dict[str, Any] = {"method": "GFN2-xTB", "remove_dispersion": True}
 
 #: Size of one unit in eV: what a number in that unit must be multiplied by.
 ENERGY_UNITS = {
@@ -437,3 +443,111 @@ def _voigt(stress: Any) -> np.ndarray | None:
     if stress.shape == (3, 3):
         return stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
     return stress
+
+
+def delta_targets(
+    structures: Sequence[Atoms],
+    *,
+    baseline: dict[str, Any] | None = None,
+    dispersion: dict[str, Any] | str | None = "partner",
+) -> tuple[list[Atoms], dict[str, Any]]:
+    """Δ labels: reference − dispersion-free baseline − D3, with the terms' records.
+
+    The terms stored beside each label (``energy_<term>``, ``forces_<term>``,
+    ``record_<term>``, as the labelling runner writes them) are used when their
+    record matches the requested term; otherwise the term is computed here.
+
+    Parameters
+    ----------
+    structures : sequence of ase.Atoms
+        Labelled structures (reference ``energy`` in eV, ``forces`` in eV/Å,
+        ``stress`` in eV/Å³ where present) with ``info["method_record"]``.
+    baseline : dict, optional
+        :class:`~deltaml.baseline.XTBBaseline` parameters; default
+        :data:`DELTA_BASELINE` (GFN2-xTB without its D4).
+    dispersion : dict, "partner" or None, default="partner"
+        :class:`~deltaml.dispersion.D3Dispersion` parameters; ``"partner"``: the
+        reference's published D3 partner (``method_record["dispersion_partner"]``);
+        None: no dispersion term.
+
+    Returns
+    -------
+    frames : list of ase.Atoms
+        Copies whose calculator holds the Δ energy (eV), forces (eV/Å) and stress
+        (eV/Å³) where the reference has them; ``info`` is kept.
+    trained_with : dict
+        ``{"baseline": record, "dispersion": record or None}``, as
+        :meth:`deltaml.calculator.DeltaCalculator.terms_record` gives them.
+    """
+    if not structures:
+        raise MissingLabelError("delta_targets: no structures")
+    reference = check_records(structures)
+    base = XTBBaseline(**(DELTA_BASELINE if baseline is None else baseline))
+    calcs: dict[str, Any] = {"baseline": base}
+    if dispersion == "partner":
+        partner = reference.get("dispersion_partner")
+        if partner is None:
+            raise LabelError(
+                "the reference record names no dispersion_partner: give dispersion= explicitly "
+                "(D3Dispersion parameters) or None"
+            )
+        dispersion = parse_dispersion_spec(partner)
+    if dispersion is not None:
+        calcs["dispersion"] = D3Dispersion(**dispersion)
+    records = {name: calc.record() for name, calc in calcs.items()}
+    frames = []
+    for atoms in structures:
+        results = atoms.calc.results
+        wanted = [k for k in ("forces", "stress") if k in results]
+        delta = {k: np.array(results[k], dtype=float) for k in wanted}
+        delta["energy"] = float(results["energy"])
+        if "stress" in delta:
+            delta["stress"] = _voigt(delta["stress"])
+        for name, calc in calcs.items():
+            term = _stored_term(atoms, name, records[name], wanted)
+            if term is None:
+                term = _computed_term(atoms, calc, wanted)
+            for key in delta:
+                delta[key] = delta[key] - term[key]
+        frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        frame.info = dict(atoms.info)
+        frame.calc = SinglePointCalculator(frame, **delta)
+        frames.append(frame)
+    return frames, {"baseline": records["baseline"], "dispersion": records.get("dispersion")}
+
+
+def _stored_term(
+    atoms: Atoms, name: str, record: dict[str, Any], wanted: list[str]
+) -> dict[str, Any] | None:
+    """The term stored beside the label, if it is the requested one and complete."""
+    stored = atoms.info.get(f"record_{name}")
+    if stored is None or f"energy_{name}" not in atoms.info:
+        return None
+    if isinstance(stored, str):
+        stored = json.loads(stored)
+    if record_differences(record, stored):
+        return None
+    term: dict[str, Any] = {"energy": float(atoms.info[f"energy_{name}"])}
+    if "forces" in wanted:
+        if f"forces_{name}" not in atoms.arrays:
+            return None
+        term["forces"] = np.asarray(atoms.arrays[f"forces_{name}"], dtype=float)
+    if "stress" in wanted:
+        if f"stress_{name}" not in atoms.info:
+            return None
+        term["stress"] = _voigt(atoms.info[f"stress_{name}"])
+    return term
+
+
+def _computed_term(atoms: Atoms, calc: Any, wanted: list[str]) -> dict[str, Any]:
+    probe = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    if isinstance(calc, XTBBaseline):
+        charge, multiplicity = charge_and_multiplicity(atoms)
+        calc.set(charge=charge, multiplicity=multiplicity)
+    probe.calc = calc
+    term: dict[str, Any] = {"energy": probe.get_potential_energy()}
+    if "forces" in wanted:
+        term["forces"] = probe.get_forces()
+    if "stress" in wanted:
+        term["stress"] = probe.get_stress(voigt=True)
+    return term

@@ -23,7 +23,11 @@ __all__ = [
     "LabelUnitsError",
     "MethodMismatchError",
     "MissingLabelError",
+    "ModelFileError",
     "NonFiniteGeometryError",
+    "NotFittedError",
+    "OutOfDomainError",
+    "OutOfDomainWarning",
     "OverlappingAtomsError",
     "ParameterError",
     "SCFConvergenceError",
@@ -101,3 +105,19 @@ class LabelUnitsError(LabelError):
 
 class MethodMismatchError(LabelError):
     """Labels from different methods (their records differ) would be mixed."""
+
+
+class NotFittedError(DeltaMLError, ValueError, AttributeError):
+    """A model was used before ``fit`` (same bases as scikit-learn's NotFittedError)."""
+
+
+class ModelFileError(DeltaMLError, ValueError):
+    """A model file of another format version, or not a deltaml model."""
+
+
+class OutOfDomainError(DeltaMLError, CalculationFailed):
+    """The model's predicted uncertainty exceeds the threshold set on the calculator."""
+
+
+class OutOfDomainWarning(UserWarning):
+    """The model's predicted uncertainty exceeds the threshold (``uncertainty_action="warn"``)."""

@@ -29,6 +29,7 @@ import numpy as np
 from ase import Atoms
 
 from deltaml.baseline import XTBBaseline
+from deltaml.dataset import DELTA_BASELINE
 from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
 from deltaml.errors import ParameterError
 from deltaml.reference import PySCFReference
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 #: The Δ-target baseline: GFN2-xTB with its own D4 removed (the composite's default).
-DEFAULT_BASELINE: dict[str, Any] = {"method": "GFN2-xTB", "remove_dispersion": True}
+DEFAULT_BASELINE: dict[str, Any] = DELTA_BASELINE
 
 
 @dataclass(frozen=True)

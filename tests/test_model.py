@@ -1,0 +1,250 @@
+"""The sparse GP Δ-model: exactness, derivatives, invariances, uncertainty, files.
+
+Training data here are cheap and physical: Δ = GFN1-xTB − GFN2-xTB on rattled
+small molecules (the model does not care which two methods differ).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.data import chemical_symbols
+
+from deltaml.baseline import XTBBaseline
+from deltaml.errors import (
+    ModelFileError,
+    NotFittedError,
+    ParameterError,
+    UnsupportedElementError,
+)
+from deltaml.model import SparseGPR
+
+#: Small descriptor: these tests check the model, not the SOAP resolution.
+DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
+MOLECULES = ("H2O", "CH3OH", "CO2", "CH3CH2OH", "H2CO")
+
+
+def _rattled(count: int, seed: int, scale: float = 0.08) -> list[Atoms]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(count):
+        atoms = molecule(MOLECULES[k % len(MOLECULES)])
+        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+def _gfn_delta(frames: list[Atoms]) -> list[Atoms]:
+    """Label each structure with GFN1-xTB − GFN2-xTB energy and forces."""
+    out = []
+    gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
+    for atoms in frames:
+        values = {}
+        for sign, calc in ((1.0, gfn1), (-1.0, gfn2)):
+            probe = atoms.copy()
+            probe.calc = calc
+            values["energy"] = values.get("energy", 0.0) + sign * probe.get_potential_energy()
+            values["forces"] = values.get("forces", 0.0) + sign * probe.get_forces()
+        labelled = atoms.copy()
+        labelled.calc = SinglePointCalculator(labelled, **values)
+        out.append(labelled)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, list[Atoms]]:
+    return {"train": _gfn_delta(_rattled(40, seed=1)), "test": _gfn_delta(_rattled(15, seed=2))}
+
+
+@pytest.fixture(scope="module")
+def model(data) -> SparseGPR:
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=60).fit(data["train"])
+
+
+def _energy(model: SparseGPR, atoms: Atoms) -> float:
+    return model.predict(atoms, forces=False).energy
+
+
+def test_fit_beats_the_mean_on_held_out_structures(model, data):
+    test = data["test"]
+    errors = [model.predict(a).energy - a.get_potential_energy() for a in test]
+    spread = [a.get_potential_energy() - model._offset_energy([a])[0] for a in test]
+    assert np.sqrt(np.mean(np.square(errors))) < 0.3 * np.sqrt(np.mean(np.square(spread)))
+    force_errors = np.concatenate(
+        [(model.predict(a).forces - a.get_forces()).ravel() for a in test]
+    )
+    forces = np.concatenate([a.get_forces().ravel() for a in test])
+    assert np.sqrt(np.mean(force_errors**2)) < 0.5 * np.sqrt(np.mean(forces**2))
+
+
+def test_a_target_inside_the_model_family_is_recovered(data):
+    """Labels made by a model with random weights are learned back exactly."""
+    train = [a.copy() for a in data["train"]]
+    teacher = SparseGPR(descriptor=DESCRIPTOR, n_sparse=40, delta=0.1).fit(data["train"])
+    teacher.alpha_ = np.random.default_rng(3).normal(size=teacher.alpha_.shape)
+    for atoms in train:
+        result = teacher.predict(atoms)
+        atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=result.forces)
+    offsets = {chemical_symbols[z]: v for z, v in teacher.offsets_.items()}
+    student = SparseGPR(
+        descriptor=DESCRIPTOR, n_sparse=40, delta=0.1, offsets=offsets,
+        energy_sigma=1e-6, force_sigma=1e-6, jitter=1e-10,
+    ).fit(train)  # fmt: skip
+    np.testing.assert_array_equal(student.sparse_values_, teacher.sparse_values_)
+    for atoms in data["test"]:
+        want, got = teacher.predict(atoms), student.predict(atoms)
+        assert got.energy == pytest.approx(want.energy, abs=1e-6 * len(atoms))
+        np.testing.assert_allclose(got.forces, want.forces, atol=1e-5)
+
+
+def test_forces_are_minus_the_gradient_of_the_energy(model, data):
+    atoms = data["test"][3].copy()  # ethanol
+    forces = model.predict(atoms).forces
+    h = 1e-4
+    for i in range(len(atoms)):
+        for a in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[i, a] += h
+            minus.positions[i, a] -= h
+            numeric = -(_energy(model, plus) - _energy(model, minus)) / (2 * h)
+            assert forces[i, a] == pytest.approx(numeric, abs=1e-6)
+
+
+def test_stress_is_the_strain_derivative_of_the_energy(model, co2_crystal):
+    atoms = co2_crystal.copy()
+    atoms.positions += np.random.default_rng(0).normal(scale=0.03, size=atoms.positions.shape)
+    stress = model.predict(atoms, stress=True).stress
+    h, volume = 1e-5, atoms.get_volume()
+    voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+    for k, (a, b) in enumerate(voigt):
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[a, b] += sign * h / (1 if a == b else 2)
+            strain[b, a] += 0 if a == b else sign * h / 2
+            probe = atoms.copy()
+            probe.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            energies.append(_energy(model, probe))
+        assert stress[k] == pytest.approx((energies[0] - energies[1]) / (2 * h) / volume, abs=1e-8)
+
+
+def test_energy_is_invariant_and_size_extensive(model, data, rotation):
+    atoms = data["test"][8].copy()
+    energy = _energy(model, atoms)
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.T + [3.0, -1.0, 7.0]
+    assert _energy(model, moved) == pytest.approx(energy, abs=1e-9)
+    order = np.random.default_rng(0).permutation(len(atoms))
+    assert _energy(model, atoms[order]) == pytest.approx(energy, abs=1e-9)
+    far = atoms.copy()
+    far.translate([20.0, 0.0, 0.0])  # beyond the cutoff
+    assert _energy(model, atoms + far) == pytest.approx(2 * energy, abs=1e-9)
+
+
+def test_far_from_the_data_the_prediction_returns_to_the_offsets(data):
+    """With a sharp kernel, a structure unlike the training set gets the offsets and the prior."""
+    sharp = SparseGPR(descriptor=DESCRIPTOR, n_sparse=60, kernel="exp", zeta=200.0, delta=0.1)
+    sharp.fit(data["train"])
+    near, far = data["train"][0].copy(), molecule("H2O")
+    far.positions[1:] = far.positions[0] + 0.55 * (far.positions[1:] - far.positions[0])
+    result_near, result_far = sharp.predict(near), sharp.predict(far)
+    offsets = sharp._offset_energy([far])[0]
+    assert result_far.energy == pytest.approx(offsets, abs=1e-6)
+    # The prior of the total: O alone, and two symmetry-equivalent H (fully correlated).
+    prior = sharp.delta_ * np.sqrt(1 + 2**2)
+    assert result_far.energy_uncertainty == pytest.approx(prior, rel=1e-3)
+    assert result_near.energy_uncertainty < 0.2 * result_far.energy_uncertainty
+
+
+def test_uncertainty_grows_away_from_the_data(model):
+    near = _rattled(1, seed=1)[0]  # the first training structure's chemistry and noise
+    shifts = [0.0, 0.3, 0.6]
+    sigma = []
+    for shift in shifts:
+        atoms = near.copy()
+        atoms.positions[1] += shift * (atoms.positions[1] - atoms.positions[0])  # stretch O-H
+        sigma.append(model.predict(atoms).energy_uncertainty)
+    assert sigma[0] < sigma[1] < sigma[2]
+
+
+def test_calibration_makes_held_out_z_scores_unit(model, data):
+    calibrated = SparseGPR(**model.get_params()).fit(data["train"])
+    scales = calibrated.calibrate(data["test"][:8])
+    assert all(s > 0 for s in scales.values())
+    other = data["test"][8:]
+    z = [
+        (a.get_potential_energy() - r.energy) / r.energy_uncertainty
+        for a, r in ((a, calibrated.predict(a)) for a in other)
+    ]
+    assert 0.3 < np.sqrt(np.mean(np.square(z))) < 3.0
+
+
+def test_fits_are_reproducible_bit_for_bit(data):
+    first = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5)
+    second = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5)
+    other = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=6)
+    for estimator in (first, second, other):
+        estimator.fit(data["train"])
+    np.testing.assert_array_equal(first.alpha_, second.alpha_)
+    assert first.training_set_sha256_ == second.training_set_sha256_
+    assert not np.array_equal(first.sparse_values_, other.sparse_values_)
+
+
+@pytest.mark.parametrize("selection", ["fps", "cur"])
+def test_sparse_selection_picks_distinct_environments_per_element(data, selection):
+    fitted = SparseGPR(descriptor=DESCRIPTOR, n_sparse=25, selection=selection).fit(data["train"])
+    for z in fitted.species_:
+        rows = fitted.sparse_values_[fitted.sparse_numbers_ == z]
+        assert len(rows) == 25
+        assert len(np.unique(np.round(rows, 10), axis=0)) == 25
+
+
+def test_save_and_load_give_identical_predictions(model, data, tmp_path):
+    path = model.save(tmp_path / "model.npz")
+    loaded = SparseGPR.load(path)
+    for atoms in data["test"][:4]:
+        want, got = model.predict(atoms), loaded.predict(atoms)
+        assert got.energy == want.energy
+        np.testing.assert_array_equal(got.forces, want.forces)
+        np.testing.assert_array_equal(got.forces_uncertainty, want.forces_uncertainty)
+    with np.load(path, allow_pickle=False) as stored:  # data, not code
+        assert json.loads(str(stored["metadata"]))["format"] == "deltaml-model"
+
+
+def test_a_file_of_another_format_version_is_refused(model, tmp_path):
+    path = model.save(tmp_path / "model.npz")
+    with np.load(path) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    meta = json.loads(str(arrays["metadata"]))
+    meta["format_version"] = 99
+    arrays["metadata"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "future.npz", **arrays)
+    with pytest.raises(ModelFileError, match="format version 99"):
+        SparseGPR.load(tmp_path / "future.npz")
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ModelFileError, match="no metadata"):
+        SparseGPR.load(tmp_path / "other.npz")
+
+
+def test_errors_before_fitting_and_on_bad_input(model):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        SparseGPR().predict(molecule("H2O"))
+    with pytest.raises(UnsupportedElementError, match="N"):
+        model.predict(molecule("NH3"))
+    with pytest.raises(ParameterError, match="integer zeta"):
+        SparseGPR(zeta=2.5).fit([])
+    with pytest.raises(ParameterError, match="kernel"):
+        SparseGPR(kernel="rbf").fit([])
+
+
+def test_get_params_round_trips_like_a_scikit_learn_estimator(model):
+    from sklearn.base import clone
+
+    copy = clone(model)
+    assert copy.get_params() == model.get_params()
+    assert not hasattr(copy, "alpha_")
