@@ -80,8 +80,7 @@ class DeltaCalculator(Calculator):
      min_cell_width         7.0          Å     baseline supercell threshold
      supercell              None         -     fixed baseline supercell (n1, n2, n3)
      min_distance           0.5          Å     closest allowed interatomic distance
-     uncertainty_threshold  None         eV/Å  largest allowed per-atom force uncertainty
-                                               of the correction; None: no check
+     uncertainty_threshold  None         eV/Å  max correction force uncertainty; None: off
      uncertainty_action     "warn"       -     "warn" or "raise" above the threshold
     ====================== ============ ===== =========================================
 
@@ -306,7 +305,7 @@ class DeltaCalculator(Calculator):
         terms: dict[str, dict[str, Any]] = {
             "baseline": _term_results(self.baseline, atoms, wanted),
         }
-        want_forces = "forces" in properties or want_stress
+        want_forces = True  # the baseline computes forces anyway; ASE caches them
         predicted = self.correction.predict(atoms, forces=want_forces, stress=want_stress)
         terms["correction"] = {
             "energy": float(predicted.energy),

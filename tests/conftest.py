@@ -112,3 +112,38 @@ def water_chain() -> Atoms:
     atoms.pbc = True
     atoms.center()
     return _rattle(atoms, 0.02, seed=4)
+
+
+#: Method record of the stand-in reference below: GFN1-xTB energies and forces, with
+#: D3(BJ)-PBE0 named as its dispersion partner (any published partner would do).
+STAND_IN_RECORD = {"code": "tblite", "method": "GFN1-xTB", "dispersion_partner": "d3bj:pbe0"}
+
+
+@pytest.fixture(scope="session")
+def stand_in_labels() -> Callable[[int, int], list[Atoms]]:
+    """Builder of reference-labelled molecules whose "reference" is GFN1-xTB (fast).
+
+    ``build(count, seed)`` returns rattled H2O, CH3OH, CO2 and ethanol with a
+    single-point calculator (energy eV, forces eV/Å) and ``info["method_record"]``.
+    """
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from deltaml.baseline import XTBBaseline
+
+    names = ("H2O", "CH3OH", "CO2", "CH3CH2OH")
+
+    def build(count: int, seed: int) -> list[Atoms]:
+        rng = np.random.default_rng(seed)
+        gfn1 = XTBBaseline(method="GFN1-xTB")
+        frames = []
+        for k in range(count):
+            atoms = molecule(names[k % len(names)])
+            atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+            atoms.calc = gfn1
+            energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+            atoms.info["method_record"] = dict(STAND_IN_RECORD)
+            frames.append(atoms)
+        return frames
+
+    return build

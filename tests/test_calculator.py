@@ -409,3 +409,60 @@ def test_fixed_supercell_is_used_and_recorded(water_chain):
     assert _energy(explicit, _composite(min_cell_width=0.0, **TIGHT)) == pytest.approx(
         4 * energy, abs=1e-5
     )
+
+
+# -- with a fitted Δ-model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted_model(stand_in_labels):
+    from deltaml.dataset import delta_targets
+    from deltaml.model import SparseGPR
+
+    targets, terms = delta_targets(stand_in_labels(30, seed=0))
+    descriptor = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
+    return SparseGPR(descriptor=descriptor, n_sparse=40).fit(targets, trained_with=terms)
+
+
+def test_from_model_rebuilds_the_terms_the_model_was_trained_with(fitted_model, tmp_path):
+    path = fitted_model.save(tmp_path / "model.npz")
+    calc = DeltaCalculator.from_model(path)
+    assert calc.parameters.dispersion == "d3bj:pbe0"  # the stand-in reference's partner
+    assert calc.terms_record() == fitted_model.trained_with
+    atoms = molecule("CH3OH")
+    atoms.calc = calc
+    energy = atoms.get_potential_energy()
+    parts = sum(calc.results[f"energy_{t}"] for t in ("baseline", "correction", "dispersion"))
+    assert energy == pytest.approx(parts)
+    assert calc.results["energy_correction"] == pytest.approx(fitted_model.predict(atoms).energy)
+    assert calc.results["energy_uncertainty"] > 0
+    assert calc.results["forces_uncertainty"].shape == (len(atoms),)
+    numeric = calculate_numerical_forces(atoms, 1e-3)
+    np.testing.assert_allclose(atoms.get_forces(), numeric, atol=5e-4)
+
+
+def test_a_model_on_other_terms_is_refused(fitted_model):
+    atoms = molecule("H2O")
+    atoms.calc = DeltaCalculator.from_model(fitted_model, dispersion="d3bj:b3lyp")
+    with pytest.raises(TermMismatchError, match=r"dispersion.method: 'pbe0' != 'b3lyp'"):
+        atoms.get_potential_energy()
+
+
+def test_uncertainty_threshold_warns_or_raises_out_of_domain(fitted_model):
+    from deltaml.errors import OutOfDomainError, OutOfDomainWarning
+
+    strange = molecule("H2O")
+    strange.positions[1] = strange.positions[0] + [0.0, 0.0, 1.9]  # a broken O-H bond
+    calc = DeltaCalculator.from_model(fitted_model)
+    strange.calc = calc
+    worst = float(np.max((strange.get_forces(), calc.results["forces_uncertainty"])[1]))
+    calc.set(uncertainty_threshold=0.5 * worst)
+    with pytest.warns(OutOfDomainWarning, match="exceeds the threshold"):
+        strange.get_potential_energy()
+    calc.set(uncertainty_action="raise")
+    with pytest.raises(OutOfDomainError, match="outside the model's training domain"):
+        strange.get_potential_energy()
+    calc.set(uncertainty_threshold=2.0 * worst)
+    strange.get_potential_energy()  # below the threshold: no complaint
+    with pytest.raises(ParameterError, match="uncertainty_action"):
+        calc.set(uncertainty_action="ignore")

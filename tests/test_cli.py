@@ -209,3 +209,35 @@ def test_baseline_dispersion_runs_the_full_method(water, tmp_path):
     doubled = run_cli("single-point", str(path), "--baseline-dispersion")
     assert doubled.exit_code == 1
     assert "counted twice" in doubled.stderr
+
+
+def test_fit_and_evaluate_from_the_command_line(stand_in_labels, tmp_path):
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    write_labelled(tmp_path / "train.extxyz", stand_in_labels(30, seed=0))
+    write_labelled(tmp_path / "test.extxyz", stand_in_labels(8, seed=1))
+    model = tmp_path / "model.npz"
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--data", str(tmp_path / "train.extxyz"), "-o", str(model),
+         "--n-sparse", "30", "--cutoff", "4.0", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "fitted on 27 structures" in result.output  # 10 % held out
+    assert "validation (3 structures)" in result.output
+    assert SparseGPR.load(model).n_train_ == 27
+    out = tmp_path / "plots"
+    result = CliRunner().invoke(
+        main,
+        ["evaluate", str(model), str(tmp_path / "test.extxyz"), "--plots", str(out), "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    table = json.loads(result.output)
+    assert table["composite"]["force_mae"] < table["baseline"]["force_mae"]
+    assert (out / "parity.png").exists() and (out / "calibration.png").exists()
+
+
+def test_fit_needs_exactly_one_source(tmp_path):
+    result = CliRunner().invoke(main, ["fit", "-o", str(tmp_path / "m.npz")])
+    assert result.exit_code == 2 and "exactly one of --store and --data" in result.output
