@@ -125,8 +125,8 @@ def test_sigkill_then_restart_computes_only_the_missing_rows(tmp_path):
     killed = LabelStore(tmp_path / "killed.db")
     command = [
         sys.executable, "-m", "deltaml.cli", "label", str(tmp_path / "frames.extxyz"),
-        "--store", str(tmp_path / "killed.db"), "--workers", "1", "--basis", "sto-3g", "--grid-level", "1",
-        "--no-terms", "--no-progress",
+        "--store", str(tmp_path / "killed.db"), "--workers", "1", "--basis", "sto-3g",
+        "--grid-level", "1", "--no-terms", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=env, start_new_session=True)
