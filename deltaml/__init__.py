@@ -13,11 +13,13 @@ from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import Correction, CorrectionResult, ZeroCorrection, record_differences
 from deltaml.dataset import (
     check_units,
+    delta_targets,
     export_labelled,
     import_labelled,
     read_labelled,
     write_labelled,
 )
+from deltaml.descriptors import DescriptorBatch, SOAPDescriptor
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import (
     ChargeMultiplicityError,
@@ -28,7 +30,11 @@ from deltaml.errors import (
     LabelUnitsError,
     MethodMismatchError,
     MissingLabelError,
+    ModelFileError,
     NonFiniteGeometryError,
+    NotFittedError,
+    OutOfDomainError,
+    OutOfDomainWarning,
     OverlappingAtomsError,
     ParameterError,
     SCFConvergenceError,
@@ -39,7 +45,9 @@ from deltaml.errors import (
     UnsupportedElementError,
 )
 from deltaml.labelling import LabellingReport, label_structures
+from deltaml.model import SparseGPR
 from deltaml.reference import PySCFReference
+from deltaml.selection import kfold_tune
 from deltaml.store import LabelStore, label_key
 from deltaml.structures import perpendicular_widths, supercell_repeats, validate_structure
 
@@ -55,6 +63,7 @@ __all__ = [
     "D3Dispersion",
     "DeltaCalculator",
     "DeltaMLError",
+    "DescriptorBatch",
     "EmptyStructureError",
     "EngineError",
     "LabelError",
@@ -63,12 +72,18 @@ __all__ = [
     "LabellingReport",
     "MethodMismatchError",
     "MissingLabelError",
+    "ModelFileError",
     "NonFiniteGeometryError",
+    "NotFittedError",
+    "OutOfDomainError",
+    "OutOfDomainWarning",
     "OverlappingAtomsError",
     "ParameterError",
     "PySCFReference",
     "SCFConvergenceError",
+    "SOAPDescriptor",
     "SingularCellError",
+    "SparseGPR",
     "StructureError",
     "TermMismatchError",
     "UnsupportedCapabilityError",
@@ -79,10 +94,12 @@ __all__ = [
     "canonical_method",
     "check_units",
     "damping_parameters",
+    "delta_targets",
     "dispersion_free_parametrization",
     "energy_budget",
     "export_labelled",
     "import_labelled",
+    "kfold_tune",
     "label_key",
     "label_structures",
     "parse_dispersion_spec",
