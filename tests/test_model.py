@@ -284,3 +284,20 @@ def test_kfold_tuner_prefers_a_sensible_noise_level(data):
     assert result["model"].force_sigma == 0.01 and hasattr(result["model"], "alpha_")
     with pytest.raises(ParameterError, match="unknown SparseGPR parameter"):
         kfold_tune(template, data["train"], {"sigma": [1.0]})
+
+
+def test_the_fast_path_without_force_uncertainty_gives_the_same_numbers(model, co2_crystal):
+    from sklearn.base import clone
+
+    fast = clone(model).set_params(uncertainty="energy")
+    for name in ("sparse_values_", "sparse_numbers_", "alpha_", "chol_mm_", "r_factor_"):
+        setattr(fast, name, getattr(model, name))
+    for name in ("species_", "descriptor_", "offsets_", "delta_", "uncertainty_scale_"):
+        setattr(fast, name, getattr(model, name))
+    atoms = co2_crystal.copy()
+    atoms.positions += np.random.default_rng(1).normal(scale=0.03, size=atoms.positions.shape)
+    slow, quick = model.predict(atoms, stress=True), fast.predict(atoms, stress=True)
+    assert quick.energy == pytest.approx(slow.energy, abs=1e-10)
+    np.testing.assert_allclose(quick.forces, slow.forces, atol=1e-10)
+    np.testing.assert_allclose(quick.stress, slow.stress, atol=1e-12)
+    assert quick.forces_uncertainty is None and quick.energy_uncertainty > 0
