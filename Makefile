@@ -22,7 +22,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python examples/demo_relax.py --out out/demo
+	$(BIN)/python examples/demo_delta.py --out out/demo
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check deltaml tests examples benchmarks data
@@ -43,6 +43,9 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_terms.py
 	$(BIN)/python benchmarks/bench_periodic_consistency.py
 	$(BIN)/python benchmarks/bench_labelling.py
+	$(BIN)/python benchmarks/bench_learning_curve.py
+	$(BIN)/python benchmarks/bench_model_scaling.py
+	$(BIN)/python benchmarks/bench_gap.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info .pytest_cache .ruff_cache

@@ -257,12 +257,12 @@ def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[in
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="model.npz")
 @click.option("--validation", default=0.1, show_default=True, help="held-out fraction")
 @click.option("--seed", default=0, show_default=True, help="seed of the split and the model")
-@click.option("--n-sparse", default=200, show_default=True, help="sparse points per element")
-@click.option("--zeta", default=2, show_default=True, help="kernel exponent")
-@click.option("--cutoff", default=5.0, show_default=True, help="SOAP cutoff, Å")
-@click.option("--backend", default="featomic", show_default=True, help="featomic or dscribe")
-@click.option("--energy-sigma", default=0.001, show_default=True, help="eV/atom")
-@click.option("--force-sigma", default=0.02, show_default=True, help="eV/Å")
+@click.option("--n-sparse", type=int, default=None, help="sparse points per element [200]")
+@click.option("--zeta", type=int, default=None, help="kernel exponent [2]")
+@click.option("--cutoff", type=float, default=None, help="SOAP cutoff, Å [5.0]")
+@click.option("--backend", default=None, help="featomic or dscribe [featomic]")
+@click.option("--energy-sigma", type=float, default=None, help="eV/atom [SparseGPR's default]")
+@click.option("--force-sigma", type=float, default=None, help="eV/Å [SparseGPR's default]")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def fit_command(
     store_url: str | None,
@@ -270,12 +270,12 @@ def fit_command(
     output: str,
     validation: float,
     seed: int,
-    n_sparse: int,
-    zeta: int,
-    cutoff: float,
-    backend: str,
-    energy_sigma: float,
-    force_sigma: float,
+    n_sparse: int | None,
+    zeta: int | None,
+    cutoff: float | None,
+    backend: str | None,
+    energy_sigma: float | None,
+    force_sigma: float | None,
     no_progress: bool,
 ) -> None:
     """Fit the Δ-model on labelled data; print train and validation errors."""
@@ -289,14 +289,15 @@ def fit_command(
         train_idx, val_idx = _split(len(targets), validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
-        model = SparseGPR(
-            descriptor={"backend": backend, "cutoff": cutoff},
-            n_sparse=n_sparse,
-            zeta=zeta,
-            energy_sigma=energy_sigma,
-            force_sigma=force_sigma,
-            seed=seed,
-        )
+        descriptor = {"backend": backend, "cutoff": cutoff}
+        given = {
+            "descriptor": {k: v for k, v in descriptor.items() if v is not None} or None,
+            "n_sparse": n_sparse,
+            "zeta": zeta,
+            "energy_sigma": energy_sigma,
+            "force_sigma": force_sigma,
+        }
+        model = SparseGPR(seed=seed, **{k: v for k, v in given.items() if v is not None})
         model.fit(train, trained_with=trained_with, progress=not no_progress)
         if held_out:
             scales = model.calibrate(held_out)
