@@ -26,10 +26,15 @@ from ase.units import kcal, mol
 from numpy.typing import NDArray
 
 __all__ = [
+    "GAUSSIAN_COVERAGE",
     "Predictions",
+    "bonds",
+    "calibration",
+    "coverage",
     "delta_targets_for",
     "error_table",
     "errors",
+    "md_stability",
     "plot_calibration",
     "plot_parity",
     "predict_all",
@@ -247,3 +252,216 @@ def delta_targets_for(model: Any, frames: Sequence[Atoms]) -> list[Atoms]:
         dispersion = {k: calc.dispersion.parameters[k] for k in calc.dispersion.default_parameters}
     targets, _ = delta_targets(frames, baseline=baseline, dispersion=dispersion)
     return targets
+
+
+# -- uncertainty calibration --------------------------------------------------------
+
+#: Fractions of a Gaussian within 1σ and 2σ.
+GAUSSIAN_COVERAGE = {"1sigma": 0.6827, "2sigma": 0.9545}
+
+
+def coverage(errors: NDArray[np.float64], sigmas: NDArray[np.float64]) -> dict[str, float]:
+    """How often |error| falls within 1σ and 2σ of the prediction (Gaussian: 0.683, 0.954).
+
+    Parameters
+    ----------
+    errors, sigmas : ndarray
+        Errors and predicted standard deviations, same shape and unit.
+
+    Returns
+    -------
+    dict
+        ``1sigma``, ``2sigma`` (observed fractions), ``rms_z`` (RMS of error/σ;
+        1 for a calibrated Gaussian), ``n``.
+    """
+    errors, sigmas = np.abs(np.ravel(errors)), np.ravel(sigmas)
+    keep = np.isfinite(errors) & np.isfinite(sigmas) & (sigmas > 0)
+    errors, sigmas = errors[keep], sigmas[keep]
+    if not len(errors):
+        return {"1sigma": float("nan"), "2sigma": float("nan"), "rms_z": float("nan"), "n": 0}
+    return {
+        "1sigma": float(np.mean(errors <= sigmas)),
+        "2sigma": float(np.mean(errors <= 2 * sigmas)),
+        "rms_z": float(np.sqrt(np.mean((errors / sigmas) ** 2))),
+        "n": len(errors),
+    }
+
+
+def calibration(predictions: Predictions) -> dict[str, dict[str, float]]:
+    """Coverage of the energy and per-atom force uncertainties on labelled data.
+
+    Forces: the error of an atom is the RMS over x, y, z, compared with the
+    predicted per-atom force standard deviation (also an RMS over components).
+    """
+    p = predictions
+    out = {"energy": coverage(p.energy_predicted - p.energy_target, p.energy_std)}
+    if len(p.force_target):
+        per_atom = np.sqrt(np.mean((p.force_predicted - p.force_target) ** 2, axis=1))
+        out["forces"] = coverage(per_atom, p.force_std)
+    return out
+
+
+# -- MD stability ---------------------------------------------------------------------
+
+
+def bonds(atoms: Atoms, scale: float = 1.25) -> set[tuple[int, int]]:
+    """Bonded pairs (i < j): closer than ``scale`` × the sum of covalent radii."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=scale))
+    return {(int(a), int(b)) for a, b in zip(i, j, strict=True) if a < b}
+
+
+class _Unstable(Exception):
+    """Raised inside the MD observer to stop a run at the first unphysical event."""
+
+
+def md_stability(
+    atoms: Atoms,
+    calc: Any,
+    *,
+    temperature_k: float = 300.0,
+    steps: int = 2000,
+    timestep_fs: float = 0.5,
+    ensemble: str = "langevin",
+    seed: int = 0,
+    interval: int = 10,
+    min_distance: float = 0.6,
+    bond_scale: float = 1.25,
+    drift_threshold: float = 5e-3,
+    reference: Any = None,
+    baseline: Any = None,
+    samples: int = 10,
+    stop_on_event: bool = True,
+    trajectory: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run MD with ``calc`` and say whether it stays physical; compare with the reference.
+
+    Unphysical events, checked at every recorded frame: a bond of the starting
+    structure broken or a new bond formed (``bond_scale`` × covalent radii), two
+    atoms closer than ``min_distance``; in NVE, a total-energy drift above
+    ``drift_threshold`` (eV/atom/ps). ``samples`` frames spread over the run are
+    re-evaluated with ``reference`` (and ``baseline``, e.g. the composite with a
+    ``ZeroCorrection``), giving the error against simulation time.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Starting structure (not modified).
+    calc : ase Calculator
+        The calculator judged (e.g. ``DeltaCalculator.from_model(...)``).
+    reference, baseline : ase Calculator, optional
+        Re-evaluate sampled frames with these.
+    Other parameters as in :func:`deltaml.simulation.run_md`.
+
+    Returns
+    -------
+    dict
+        ``stable`` (bool), ``events`` (step, time, kind, detail), ``md`` (the MD
+        summary), ``samples``: per sampled frame ``time_fs``, and where available
+        ``energy_error_mev_per_atom`` (relative to the first sample, which removes
+        the constant offset between methods), ``force_mae``,
+        ``baseline_energy_error_mev_per_atom``, ``baseline_force_mae``,
+        ``energy_uncertainty_ev``, ``max_force_uncertainty_ev_a``; and
+        ``calibration`` (coverage of the force uncertainty on the samples).
+    """
+    from deltaml.simulation import run_md
+
+    work = atoms.copy()
+    work.calc = calc
+    start_bonds = bonds(work, bond_scale)
+    events: list[dict[str, Any]] = []
+    frames: list[tuple[float, Atoms]] = []
+
+    def observe(step: int, current: Atoms) -> None:
+        frames.append((step * timestep_fs, current.copy()))
+        now = bonds(current, bond_scale)
+        found = []
+        for pair in sorted(start_bonds - now):
+            found.append(("bond broken", f"atoms {pair}"))
+        for pair in sorted(now - start_bonds):
+            found.append(("bond formed", f"atoms {pair}"))
+        distances = current.get_all_distances(mic=current.pbc.any())
+        np.fill_diagonal(distances, np.inf)
+        if distances.min() < min_distance:
+            i, j = np.unravel_index(np.argmin(distances), distances.shape)
+            found.append(("atoms too close", f"atoms ({i}, {j}) at {distances[i, j]:.2f} Å"))
+        for kind, detail in found:
+            events.append(
+                {"step": step, "time_fs": step * timestep_fs, "kind": kind, "detail": detail}
+            )
+        if found and stop_on_event:
+            raise _Unstable
+
+    try:
+        summary = run_md(
+            work, temperature_k=temperature_k, steps=steps, timestep_fs=timestep_fs,
+            ensemble=ensemble, seed=seed, interval=interval, trajectory=trajectory,
+            progress=progress, observer=observe,
+        )  # fmt: skip
+    except _Unstable:
+        summary = {"stopped_at_step": events[0]["step"]}
+    except Exception as exc:  # the calculator refused a geometry: the run went unphysical
+        step = len(frames) * interval
+        events.append(
+            {"step": step, "time_fs": step * timestep_fs, "kind": "calculation failed",
+             "detail": f"{type(exc).__name__}: {exc}"}
+        )  # fmt: skip
+        summary = {"stopped_at_step": step}
+    drift = summary.get("energy_drift_ev_per_atom_ps")
+    if drift is not None and abs(drift) > drift_threshold:
+        events.append(
+            {"step": steps, "time_fs": steps * timestep_fs, "kind": "energy drift",
+             "detail": f"{drift:.2e} eV/atom/ps (threshold {drift_threshold:.0e})"}
+        )  # fmt: skip
+    return {
+        "stable": not events,
+        "events": events,
+        "md": summary,
+        **_sampled_errors(frames, calc, reference, baseline, samples),
+    }
+
+
+def _sampled_errors(
+    frames: list[tuple[float, Atoms]], calc: Any, reference: Any, baseline: Any, samples: int
+) -> dict[str, Any]:
+    if not frames or reference is None:
+        return {"samples": [], "calibration": {}}
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(samples, len(frames))).astype(int))
+    rows, first = [], {}
+    force_err, force_std = [], []
+    for k in picks:
+        time_fs, frame = frames[k]
+        values = {}
+        for name, term in (("model", calc), ("reference", reference), ("baseline", baseline)):
+            if term is None:
+                continue
+            probe = frame.copy()
+            probe.calc = term
+            values[name] = (probe.get_potential_energy(), probe.get_forces(), dict(term.results))
+            first.setdefault(name, values[name][0])
+        n = len(frame)
+        row: dict[str, Any] = {"time_fs": time_fs}
+        ref_rel = values["reference"][0] - first["reference"]
+        for name, prefix in (("model", ""), ("baseline", "baseline_")):
+            if name in values:
+                rel = values[name][0] - first[name]
+                row[f"{prefix}energy_error_mev_per_atom"] = 1000 * (rel - ref_rel) / n
+                error = values[name][1] - values["reference"][1]
+                row[f"{prefix}force_mae"] = float(np.mean(np.abs(error)))
+        results = values["model"][2]
+        if "energy_uncertainty" in results:
+            row["energy_uncertainty_ev"] = float(results["energy_uncertainty"])
+        if "forces_uncertainty" in results:
+            row["max_force_uncertainty_ev_a"] = float(np.max(results["forces_uncertainty"]))
+            error = values["model"][1] - values["reference"][1]
+            force_err.append(np.sqrt(np.mean(error**2, axis=1)))
+            force_std.append(results["forces_uncertainty"])
+        rows.append(row)
+    out: dict[str, Any] = {"samples": rows, "calibration": {}}
+    if force_err:
+        out["calibration"]["forces"] = coverage(
+            np.concatenate(force_err), np.concatenate(force_std)
+        )
+    return out

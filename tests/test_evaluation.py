@@ -56,3 +56,77 @@ def test_plots_are_written(fitted, tmp_path):
     for plot in (plot_parity, plot_calibration):
         path = plot(predictions, tmp_path / f"{plot.__name__}.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coverage_of_a_calibrated_gaussian_is_gaussian():
+    from deltaml.evaluation import GAUSSIAN_COVERAGE, coverage
+
+    rng = np.random.default_rng(0)
+    sigmas = rng.uniform(0.5, 2.0, 20000)
+    found = coverage(rng.normal(scale=sigmas), sigmas)
+    assert found["1sigma"] == pytest.approx(GAUSSIAN_COVERAGE["1sigma"], abs=0.01)
+    assert found["2sigma"] == pytest.approx(GAUSSIAN_COVERAGE["2sigma"], abs=0.01)
+    assert found["rms_z"] == pytest.approx(1.0, abs=0.02)
+    overconfident = coverage(rng.normal(scale=sigmas), sigmas / 3)
+    assert overconfident["1sigma"] < 0.35
+
+
+class _Flipped:
+    """A deliberately broken potential: the baseline with energy and forces negated."""
+
+    def __new__(cls):
+        from ase.calculators.calculator import Calculator, all_changes
+
+        from deltaml.baseline import XTBBaseline
+
+        class Flipped(Calculator):
+            implemented_properties = ["energy", "forces"]
+
+            def calculate(self, atoms=None, properties=("energy",), changes=all_changes):
+                super().calculate(atoms, properties, changes)
+                probe = self.atoms.copy()
+                probe.calc = XTBBaseline()
+                self.results = {
+                    "energy": -probe.get_potential_energy(),
+                    "forces": -probe.get_forces(),
+                }
+
+        return Flipped()
+
+
+def test_stability_passes_the_reference_and_flags_a_broken_potential():
+    from ase.build import molecule
+
+    from deltaml.baseline import XTBBaseline
+    from deltaml.evaluation import md_stability
+
+    atoms = molecule("CH3OH")
+    reference = XTBBaseline(method="GFN1-xTB")
+    good = md_stability(atoms, reference, steps=300, reference=reference, samples=3)
+    assert good["stable"] and good["events"] == []
+    assert [s["force_mae"] for s in good["samples"]] == pytest.approx([0.0, 0.0, 0.0])
+    bad = md_stability(atoms, _Flipped(), steps=300)
+    assert not bad["stable"]
+    assert bad["events"][0]["kind"] in {"bond broken", "bond formed", "atoms too close",
+                                        "calculation failed"}  # fmt: skip
+
+
+def test_stability_reports_errors_against_the_reference_along_the_run(fitted):
+    from deltaml.baseline import XTBBaseline
+    from deltaml.calculator import DeltaCalculator
+    from deltaml.correction import ZeroCorrection
+    from deltaml.evaluation import md_stability
+
+    model, test = fitted
+    atoms = test[1].copy()  # methanol
+    calc = DeltaCalculator.from_model(model)
+    baseline = DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+    report = md_stability(
+        atoms, calc, steps=200, reference=XTBBaseline(method="GFN1-xTB"), baseline=baseline,
+        samples=4,
+    )  # fmt: skip
+    assert report["stable"]
+    last = report["samples"][-1]
+    assert last["force_mae"] < last["baseline_force_mae"]  # the correction helps along MD
+    assert last["max_force_uncertainty_ev_a"] > 0
+    assert report["calibration"]["forces"]["n"] == 4 * len(atoms)

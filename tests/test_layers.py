@@ -29,7 +29,7 @@ LAYERS: list[list[str]] = [
     ["descriptors"],
     ["model", "selection"],
     ["calculator"],
-    ["active", "ranking", "evaluation"],
+    ["active", "ranking", "evaluation", "simulation"],
     ["cli"],
 ]
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,282 @@
+"""Simulations with any ASE calculator: relaxation, molecular dynamics, vibrations.
+
+Thin, recorded wrappers around ASE: every run writes its trajectory as extxyz
+(when asked), shows a progress bar, and returns a JSON-serialisable summary
+(settings, convergence, energies, timings). The composite
+(:class:`~deltaml.calculator.DeltaCalculator`) is the intended calculator; its
+uncertainty keys are recorded when present.
+
+Units: energies eV, forces eV/Å, time fs, temperature K, frequencies cm⁻¹.
+
+Data flow: composite → **simulation** → active learning, evaluation, CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator
+from ase.io import write
+
+from deltaml.errors import ParameterError
+
+__all__ = ["relax", "run_md", "vibrations"]
+
+_OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
+
+
+def _uncertainty(calc: Calculator) -> dict[str, float]:
+    out = {}
+    if "energy_uncertainty" in calc.results:
+        out["energy_uncertainty_ev"] = float(calc.results["energy_uncertainty"])
+    if "forces_uncertainty" in calc.results:
+        out["max_force_uncertainty_ev_a"] = float(np.max(calc.results["forces_uncertainty"]))
+    return out
+
+
+def relax(
+    atoms: Atoms,
+    *,
+    fmax: float = 0.01,
+    steps: int = 500,
+    cell: bool = False,
+    optimizer: str = "BFGS",
+    trajectory: str | Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Relax positions (and the cell, for 3D-periodic structures) in place.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure with a calculator attached; modified in place.
+    fmax : float, default=0.01
+        Convergence threshold on the largest force, eV/Å (and on the stress
+        scaled by the cell filter).
+    steps : int, default=500
+        Most optimizer steps.
+    cell : bool, default=False
+        Relax the cell too (``FrechetCellFilter``).
+    optimizer : str, default="BFGS"
+        BFGS, FIRE or LBFGS.
+    trajectory : path, optional
+        extxyz file to write every step to (overwritten).
+    progress : bool, default=False
+        Show a progress bar over steps.
+
+    Returns
+    -------
+    dict
+        ``converged``, ``steps``, ``energy_initial_ev``, ``energy_final_ev``,
+        ``max_force_ev_a``, ``volume_initial_a3``/``volume_final_a3`` (cells),
+        uncertainty at the end (composite), ``wall_time_s``.
+    """
+    import ase.optimize
+    from ase.filters import FrechetCellFilter
+    from tqdm.auto import tqdm
+
+    if optimizer not in _OPTIMIZERS:
+        raise ParameterError(f"optimizer must be one of {_OPTIMIZERS}, got {optimizer!r}")
+    if cell and not atoms.pbc.all():
+        raise ParameterError("cell relaxation needs a structure periodic in all three directions")
+    summary: dict[str, Any] = {"optimizer": optimizer, "fmax_ev_a": fmax, "cell": cell}
+    summary["energy_initial_ev"] = float(atoms.get_potential_energy())
+    if cell:
+        summary["volume_initial_a3"] = float(atoms.get_volume())
+    target = FrechetCellFilter(atoms) if cell else atoms
+    opt = getattr(ase.optimize, optimizer)(target, logfile=None)
+    if trajectory is not None:
+        Path(trajectory).unlink(missing_ok=True)
+        opt.attach(lambda: write(trajectory, atoms, format="extxyz", append=True))
+    bar = tqdm(total=steps, disable=not progress, unit="step", desc="relax")
+    opt.attach(lambda: bar.update(1))
+    start = time.perf_counter()
+    converged = bool(opt.run(fmax=fmax, steps=steps))
+    bar.close()
+    summary.update(
+        converged=converged,
+        steps=int(opt.nsteps),
+        energy_final_ev=float(atoms.get_potential_energy()),
+        max_force_ev_a=float(np.linalg.norm(atoms.get_forces(), axis=1).max()),
+        wall_time_s=time.perf_counter() - start,
+        **_uncertainty(atoms.calc),
+    )
+    if cell:
+        summary["volume_final_a3"] = float(atoms.get_volume())
+    return summary
+
+
+def run_md(
+    atoms: Atoms,
+    *,
+    temperature_k: float,
+    steps: int,
+    timestep_fs: float = 0.5,
+    ensemble: str = "langevin",
+    friction_per_fs: float = 0.01,
+    seed: int = 0,
+    interval: int = 10,
+    trajectory: str | Path | None = None,
+    progress: bool = False,
+    observer: Any = None,
+) -> dict[str, Any]:
+    """Molecular dynamics in place: Langevin (NVT) or velocity Verlet (NVE).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure with a calculator; momenta are drawn from Maxwell–Boltzmann at
+        ``temperature_k`` with ``seed`` (centre-of-mass motion and, for
+        molecules, rotation removed).
+    temperature_k : float
+        Initial (and, for Langevin, bath) temperature, K.
+    steps : int
+        Number of MD steps.
+    timestep_fs : float, default=0.5
+        Time step, fs.
+    ensemble : {"langevin", "nve"}
+        Thermostat or none.
+    friction_per_fs : float, default=0.01
+        Langevin friction, 1/fs.
+    seed : int, default=0
+        Seed of the initial velocities and of the Langevin noise.
+    interval : int, default=10
+        Steps between recorded frames (trajectory, energies).
+    trajectory : path, optional
+        extxyz file for the recorded frames (overwritten).
+    progress : bool, default=False
+        Progress bar over steps.
+    observer : callable, optional
+        Called as ``observer(step, atoms)`` at every recorded frame; it may
+        raise to stop the run (the exception propagates).
+
+    Returns
+    -------
+    dict
+        Settings, ``time_fs``, ``potential_ev``, ``kinetic_ev``, ``temperature_k``
+        and ``max_force_uncertainty_ev_a`` (where available) at recorded frames,
+        ``energy_drift_ev_per_atom_ps`` (NVE), ``wall_time_s``.
+    """
+    from ase.constraints import FixCom
+    from ase.md import velocitydistribution as velocities
+    from ase.md.langevin import Langevin
+    from ase.md.verlet import VelocityVerlet
+    from tqdm.auto import tqdm
+
+    if ensemble not in ("langevin", "nve"):
+        raise ParameterError(f"ensemble must be 'langevin' or 'nve', got {ensemble!r}")
+    if steps < 1 or interval < 1 or not timestep_fs > 0:
+        raise ParameterError("steps and interval must be >= 1 and timestep_fs positive")
+    rng = np.random.default_rng(seed)
+    # thermalize_momenta is the name from ASE 3.29 on; the same draw as before.
+    thermalize = getattr(velocities, "thermalize_momenta", None)
+    if thermalize is None:
+        velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_k, rng=rng)
+    else:
+        thermalize(atoms, temperature_k, rng=rng)
+    velocities.Stationary(atoms)
+    if not atoms.pbc.any():
+        velocities.ZeroRotation(atoms)
+        atoms.set_constraint(FixCom())
+    if ensemble == "langevin":
+        dyn = Langevin(
+            atoms,
+            timestep_fs * units.fs,
+            temperature_K=temperature_k,
+            friction=friction_per_fs / units.fs,
+            fixcm=False,
+            rng=rng,
+        )
+    else:
+        dyn = VelocityVerlet(atoms, timestep_fs * units.fs)
+    record: dict[str, list[float]] = {
+        k: [] for k in ("time_fs", "potential_ev", "kinetic_ev", "temperature_k")
+    }
+    record["max_force_uncertainty_ev_a"] = []
+    if trajectory is not None:
+        Path(trajectory).unlink(missing_ok=True)
+
+    def sample() -> None:
+        record["time_fs"].append(dyn.nsteps * timestep_fs)
+        record["potential_ev"].append(float(atoms.get_potential_energy()))
+        record["kinetic_ev"].append(float(atoms.get_kinetic_energy()))
+        record["temperature_k"].append(float(atoms.get_temperature()))
+        sigma = _uncertainty(atoms.calc).get("max_force_uncertainty_ev_a")
+        if sigma is not None:
+            record["max_force_uncertainty_ev_a"].append(sigma)
+        if trajectory is not None:
+            write(trajectory, atoms, format="extxyz", append=True)
+        if observer is not None:
+            observer(dyn.nsteps, atoms)
+
+    bar = tqdm(total=steps, disable=not progress, unit="step", desc=f"MD {temperature_k:g} K")
+    dyn.attach(sample, interval=interval)
+    dyn.attach(lambda: bar.update(1), interval=1)
+    start = time.perf_counter()
+    try:
+        dyn.run(steps)
+    finally:
+        bar.close()
+    summary: dict[str, Any] = {
+        "ensemble": ensemble,
+        "temperature_k_target": temperature_k,
+        "timestep_fs": timestep_fs,
+        "steps": steps,
+        "seed": seed,
+        **record,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    if ensemble == "nve" and len(record["time_fs"]) > 1:
+        total = np.add(record["potential_ev"], record["kinetic_ev"]) / len(atoms)
+        slope = np.polyfit(np.array(record["time_fs"]) / 1000.0, total, 1)[0]
+        summary["energy_drift_ev_per_atom_ps"] = float(slope)
+    return summary
+
+
+def vibrations(
+    atoms: Atoms, *, displacement: float = 0.01, workdir: str | Path | None = None
+) -> dict[str, Any]:
+    """Harmonic vibrational frequencies of a molecule by finite differences (ASE).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Relaxed molecule with a calculator (non-periodic).
+    displacement : float, default=0.01
+        Finite-difference displacement, Å.
+    workdir : path, optional
+        Folder for ASE's displacement cache (a temporary folder by default).
+
+    Returns
+    -------
+    dict
+        ``frequencies_cm1`` (real, ascending; imaginary modes as negative numbers),
+        ``zero_point_energy_ev``.
+    """
+    import tempfile
+
+    from ase.vibrations import Vibrations
+
+    if atoms.pbc.any():
+        raise ParameterError("vibrations() is for molecules; use ase.phonons.Phonons for crystals")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        vib = Vibrations(atoms, delta=displacement, name=str(folder / "vib"))
+        vib.run()
+        energies = vib.get_energies()
+        vib.clean()
+    frequencies = (
+        np.where(
+            np.abs(energies.imag) > np.abs(energies.real), -np.abs(energies.imag), energies.real
+        )
+        / units.invcm
+    )
+    return {
+        "frequencies_cm1": sorted(float(f) for f in frequencies),
+        "zero_point_energy_ev": float(0.5 * np.sum(energies.real[energies.real > 0])),
+        "displacement_a": displacement,
+    }

@@ -1,0 +1,60 @@
+"""Relaxation, MD and vibrations with ASE calculators, and their summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.io import read
+
+from deltaml.baseline import XTBBaseline
+from deltaml.errors import ParameterError
+from deltaml.simulation import relax, run_md, vibrations
+
+
+def test_relax_converges_and_lowers_the_energy(tmp_path):
+    atoms = molecule("CH3OH")
+    atoms.positions += np.random.default_rng(0).normal(scale=0.05, size=atoms.positions.shape)
+    atoms.calc = XTBBaseline()
+    summary = relax(atoms, fmax=0.01, trajectory=tmp_path / "relax.extxyz")
+    assert summary["converged"]
+    assert summary["energy_final_ev"] < summary["energy_initial_ev"]
+    assert summary["max_force_ev_a"] < 0.01
+    assert len(read(tmp_path / "relax.extxyz", ":")) == summary["steps"] + 1
+
+
+def test_cell_relaxation_needs_a_periodic_structure():
+    atoms = molecule("H2O")
+    atoms.calc = XTBBaseline()
+    with pytest.raises(ParameterError, match="periodic in all three directions"):
+        relax(atoms, cell=True)
+
+
+def test_nve_conserves_energy_and_reports_a_small_drift():
+    atoms = molecule("H2O")
+    atoms.calc = XTBBaseline()
+    summary = run_md(atoms, temperature_k=300, steps=200, timestep_fs=0.25, ensemble="nve")
+    total = np.add(summary["potential_ev"], summary["kinetic_ev"])
+    assert np.ptp(total) < 5e-3  # eV, 50 fs of a water molecule
+    assert abs(summary["energy_drift_ev_per_atom_ps"]) < 5e-3
+    assert len(summary["time_fs"]) == 21
+
+
+def test_langevin_md_is_reproducible_with_a_seed():
+    runs = []
+    for _ in range(2):
+        atoms = molecule("H2O")
+        atoms.calc = XTBBaseline()
+        run_md(atoms, temperature_k=300, steps=30, seed=4)
+        runs.append(atoms.positions.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_vibrations_of_water_have_three_real_modes():
+    atoms = molecule("H2O")
+    atoms.calc = XTBBaseline()
+    relax(atoms, fmax=0.001)
+    frequencies = np.array(vibrations(atoms)["frequencies_cm1"])
+    real = frequencies[frequencies > 500]
+    assert len(real) == 3  # bend and two stretches; the rest are translations/rotations
+    assert 1400 < real[0] < 1700 and 3400 < real[1] < real[2] < 3900
