@@ -29,7 +29,8 @@ LAYERS: list[list[str]] = [
     ["descriptors"],
     ["model", "selection"],
     ["calculator"],
-    ["active", "ranking", "evaluation", "simulation"],
+    ["evaluation", "simulation"],
+    ["active", "ranking"],
     ["cli"],
 ]
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}

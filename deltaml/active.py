@@ -1,0 +1,404 @@
+"""Active learning: grow the training set where the composite is uncertain.
+
+One iteration, in four stages, each of which writes its result before the next
+starts (so that an interrupted loop resumes at the stage it stopped in, and
+nothing labelled is lost or labelled twice):
+
+1. ``explore``: Langevin MD with the current composite from every starting
+   geometry at every temperature; frames are recorded with their largest
+   predicted force uncertainty (``iteration_<k>/candidates.extxyz``).
+2. ``select``: the ``pool`` most uncertain candidates, then a diverse batch among
+   them by farthest-point sampling of their mean SOAP vectors (or, for a
+   control experiment, a seeded random batch of all candidates).
+3. ``label``: the batch is labelled with the reference into the label store
+   (:func:`deltaml.labelling.label_structures`, itself resumable).
+4. ``fit``: the model is refitted on every label of the store and saved
+   (``iteration_<k>/model.npz``); errors on a fixed validation set, uncertainty
+   statistics and the wall time of each stage are recorded in ``history.json``.
+
+Iteration 0 only fits the initial store (e.g. 5 labelled structures). The loop
+stops on a reference budget (labels in the store), a target uncertainty (the
+median of the candidates' largest force uncertainty) or a number of iterations.
+
+:func:`on_the_fly` is the other mode: one MD run that stops when the force
+uncertainty crosses a threshold, labels that frame, refits, and continues.
+
+Data flow: store, labelling, model, composite, simulation → **active**.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from deltaml.calculator import DeltaCalculator
+from deltaml.dataset import delta_targets
+from deltaml.errors import MissingLabelError, ParameterError
+from deltaml.evaluation import errors, predict_all
+from deltaml.labelling import label_structures
+from deltaml.model import SparseGPR
+from deltaml.reference import PySCFReference
+from deltaml.simulation import run_md
+from deltaml.store import LabelStore
+
+__all__ = ["STAGES", "ActiveLearner", "on_the_fly"]
+
+STAGES = ("explore", "select", "label", "fit")
+
+
+class ActiveLearner:
+    """Uncertainty-driven growth of a labelled set, resumable from its folder.
+
+    Parameters
+    ----------
+    workdir : path
+        Folder of the run: ``history.json`` and one folder per iteration.
+    store : LabelStore
+        Labels (the initial ones, and those this loop adds).
+    starting : sequence of ase.Atoms
+        Starting geometries of the exploratory MD.
+    reference : dict, optional
+        :class:`~deltaml.reference.PySCFReference` keywords (default revPBE0/def2-TZVP).
+    model : dict, optional
+        :class:`~deltaml.model.SparseGPR` keywords.
+    validation : sequence of ase.Atoms, optional
+        Reference-labelled structures (energy, forces) never trained on; their
+        errors are recorded after every fit.
+    temperatures : sequence of float, default=(300.0,)
+        MD temperatures, K.
+    md_steps, md_interval : int
+        MD steps per run and steps between candidate frames.
+    timestep_fs : float, default=0.5
+        MD time step, fs.
+    batch : int, default=5
+        Structures labelled per iteration.
+    pool : int, default=20
+        The most uncertain candidates among which the batch is spread (FPS).
+    selection : {"uncertainty", "random"}
+        ``random``: a seeded random batch of all candidates (control experiment).
+    seed : int, default=0
+        Seed of the MD, the selection and the model.
+    workers : int, default=1
+        Labelling processes.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        store: LabelStore,
+        starting: Sequence[Atoms],
+        *,
+        reference: dict[str, Any] | None = None,
+        model: dict[str, Any] | None = None,
+        validation: Sequence[Atoms] | None = None,
+        temperatures: Sequence[float] = (300.0,),
+        md_steps: int = 400,
+        md_interval: int = 20,
+        timestep_fs: float = 0.5,
+        batch: int = 5,
+        pool: int = 20,
+        selection: str = "uncertainty",
+        seed: int = 0,
+        workers: int = 1,
+    ) -> None:
+        if selection not in ("uncertainty", "random"):
+            raise ParameterError(f"selection must be 'uncertainty' or 'random', got {selection!r}")
+        if batch < 1 or pool < batch:
+            raise ParameterError(f"need 1 <= batch <= pool, got batch {batch}, pool {pool}")
+        if not starting:
+            raise ParameterError("give at least one starting geometry")
+        self.workdir = Path(workdir)
+        self.store = store
+        self.starting = [a.copy() for a in starting]
+        self.reference = dict(reference or {})
+        self.record = PySCFReference(**self.reference).record()
+        self.model_params = {"seed": seed, **(model or {})}
+        self.validation = list(validation or [])
+        self.temperatures = tuple(float(t) for t in temperatures)
+        self.md_steps, self.md_interval, self.timestep_fs = md_steps, md_interval, timestep_fs
+        self.batch, self.pool, self.selection = batch, pool, selection
+        self.seed, self.workers = seed, workers
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, Any]] = self._read_history()
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    @property
+    def history_path(self) -> Path:
+        return self.workdir / "history.json"
+
+    def _read_history(self) -> list[dict[str, Any]]:
+        if not self.history_path.exists():
+            return []
+        return json.loads(self.history_path.read_text())["iterations"]
+
+    def _write_history(self) -> None:
+        partial = self.history_path.with_suffix(".partial")
+        partial.write_text(json.dumps({"iterations": self.history}, indent=1, sort_keys=True))
+        partial.replace(self.history_path)  # atomic: a kill never leaves half a history
+
+    def _folder(self, iteration: int) -> Path:
+        folder = self.workdir / f"iteration_{iteration}"
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def _labelled(self) -> list[Atoms]:
+        rows = [
+            a for a in self.store.labelled() if not _differs(a.info["method_record"], self.record)
+        ]
+        if not rows:
+            raise MissingLabelError(f"{self.store.url} holds no labels of the reference method")
+        return rows
+
+    def model(self, iteration: int | None = None) -> SparseGPR:
+        """The model saved at the end of an iteration (default: the last one)."""
+        done = [h["iteration"] for h in self.history if "fit" in h["stages"]]
+        if not done:
+            raise MissingLabelError("no model fitted yet: run the loop first")
+        k = done[-1] if iteration is None else iteration
+        return SparseGPR.load(self._folder(k) / "model.npz")
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(
+        self,
+        *,
+        iterations: int = 5,
+        budget: int | None = None,
+        target_uncertainty: float | None = None,
+        stop_after: tuple[int, str] | None = None,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Run (or resume) the loop until a stopping criterion holds.
+
+        Parameters
+        ----------
+        iterations : int, default=5
+            Iterations after the initial fit (iteration 0).
+        budget : int, optional
+            Stop when the store holds this many labels.
+        target_uncertainty : float, optional
+            Stop when the median largest force uncertainty of the candidates of an
+            iteration is below this, eV/Å.
+        stop_after : (int, str), optional
+            Return right after this (iteration, stage), as an interruption would
+            (for tests of resumption).
+        progress : bool, default=False
+            Progress bars.
+
+        Returns
+        -------
+        list of dict
+            The history: one record per iteration.
+        """
+        k = 0
+        while True:
+            record = self._iteration_record(k)
+            for stage in STAGES:
+                if k == 0 and stage != "fit":
+                    continue
+                if stage not in record["stages"]:
+                    start = time.perf_counter()
+                    record.update(getattr(self, f"_{stage}")(k, record, progress))
+                    record["stages"][stage] = time.perf_counter() - start
+                    self._write_history()
+                if stop_after == (k, stage):
+                    return self.history
+            if self._should_stop(k, record, iterations, budget, target_uncertainty):
+                record["stopped"] = True
+                self._write_history()
+                return self.history
+            k += 1
+
+    def _iteration_record(self, k: int) -> dict[str, Any]:
+        for record in self.history:
+            if record["iteration"] == k:
+                return record
+        record = {"iteration": k, "stages": {}}
+        self.history.append(record)
+        return record
+
+    def _should_stop(
+        self,
+        k: int,
+        record: dict[str, Any],
+        iterations: int,
+        budget: int | None,
+        target: float | None,
+    ) -> bool:
+        if record.get("stopped"):
+            return True
+        if k >= iterations:
+            return True
+        if budget is not None and record["n_labels"] >= budget:
+            return True
+        median = record.get("candidate_uncertainty_median")
+        return target is not None and median is not None and median < target
+
+    # -- stages ---------------------------------------------------------------------
+
+    def _explore(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
+        calc = DeltaCalculator.from_model(self.model(k - 1))
+        candidates: list[Atoms] = []
+        for s, start in enumerate(self.starting):
+            for t, temperature in enumerate(self.temperatures):
+                atoms = start.copy()
+                atoms.calc = calc
+
+                def keep(step: int, current: Atoms, s: int = s, temperature: float = temperature):
+                    frame = Atoms(current.numbers, current.positions, cell=current.cell,
+                                  pbc=current.pbc)  # fmt: skip
+                    frame.info["uncertainty"] = float(
+                        np.max(current.calc.results["forces_uncertainty"])
+                    )
+                    frame.info["source"] = f"iteration {k}, start {s}, {temperature:g} K"
+                    candidates.append(frame)
+
+                try:
+                    run_md(
+                        atoms, temperature_k=temperature, steps=self.md_steps,
+                        timestep_fs=self.timestep_fs, interval=self.md_interval,
+                        seed=self.seed + 1000 * k + 10 * s + t, observer=keep, progress=progress,
+                    )  # fmt: skip
+                except Exception:  # an unstable run: its frames so far are candidates
+                    pass
+        path = self._folder(k) / "candidates.extxyz"
+        partial = path.with_suffix(".partial.extxyz")
+        write(partial, candidates, format="extxyz")
+        partial.replace(path)
+        sigma = [a.info["uncertainty"] for a in candidates]
+        return {
+            "n_candidates": len(candidates),
+            "candidate_uncertainty_median": float(np.median(sigma)) if sigma else None,
+            "candidate_uncertainty_max": float(np.max(sigma)) if sigma else None,
+        }
+
+    def _select(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
+        candidates = read(self._folder(k) / "candidates.extxyz", index=":")
+        rng = np.random.default_rng(self.seed + k)
+        if not candidates:
+            return {"selected": []}
+        count = min(self.batch, len(candidates))
+        if self.selection == "random":
+            chosen = rng.choice(len(candidates), size=count, replace=False)
+            return {"selected": sorted(int(i) for i in chosen)}
+        sigma = np.array([a.info["uncertainty"] for a in candidates])
+        pool = np.argsort(-sigma, kind="stable")[: self.pool]
+        model = self.model(k - 1)
+        vectors = np.array([_mean_descriptor(model, candidates[i]) for i in pool])
+        picked = [0]  # the most uncertain first, then farthest points
+        distance = np.linalg.norm(vectors - vectors[0], axis=1)
+        while len(picked) < count:
+            nxt = int(np.argmax(distance))
+            picked.append(nxt)
+            distance = np.minimum(distance, np.linalg.norm(vectors - vectors[nxt], axis=1))
+        return {"selected": sorted(int(pool[i]) for i in picked)}
+
+    def _label(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
+        candidates = read(self._folder(k) / "candidates.extxyz", index=":")
+        chosen = [candidates[i] for i in record["selected"]]
+        for atoms in chosen:
+            atoms.info = {}
+        report = label_structures(
+            chosen, self.store, reference=self.reference, workers=self.workers,
+            progress=progress,
+        )  # fmt: skip
+        return {"labelled": report.computed, "label_failures": report.failed}
+
+    def _fit(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
+        labelled = self._labelled()
+        targets, terms = delta_targets(labelled)
+        model = SparseGPR(**self.model_params).fit(targets, trained_with=terms)
+        model.save(self._folder(k) / "model.npz")
+        out: dict[str, Any] = {"n_labels": len(labelled)}
+        if self.validation:
+            validation, _ = delta_targets(self.validation)
+            table = errors(predict_all(model, validation))["composite"]
+            out["validation"] = {
+                key: table[key]
+                for key in ("energy_mae_mev_per_atom", "force_mae", "force_rmse")
+                if key in table
+            }
+        return out
+
+
+def _mean_descriptor(model: SparseGPR, atoms: Atoms) -> np.ndarray:
+    """Mean normalised SOAP vector of a structure (its point in descriptor space)."""
+    return model.descriptor_.compute(atoms).values.mean(axis=0)
+
+
+def _differs(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    from deltaml.correction import record_differences
+
+    return bool(record_differences(first, second))
+
+
+def on_the_fly(
+    atoms: Atoms,
+    store: LabelStore,
+    *,
+    threshold: float,
+    temperature_k: float = 300.0,
+    steps: int = 1000,
+    timestep_fs: float = 0.5,
+    check_every: int = 5,
+    reference: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    max_labels: int = 20,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """MD that labels a frame whenever the force uncertainty exceeds ``threshold``.
+
+    The store must already hold some labels (the first model is fitted on them).
+    When the largest predicted force uncertainty (eV/Å) of a checked frame is
+    above ``threshold``, the frame is labelled with the reference, the model is
+    refitted on the whole store and put into the running calculator, and MD
+    continues from the same positions and velocities. At most ``max_labels``
+    frames are labelled.
+
+    Returns
+    -------
+    dict
+        ``labelled`` (steps at which a frame was labelled, with its uncertainty
+        before and after the refit), ``md`` (the MD summary), ``n_labels``.
+    """
+    reference = dict(reference or {})
+    record = PySCFReference(**reference).record()
+    params = {"seed": seed, **(model or {})}
+
+    def fitted() -> SparseGPR:
+        labelled = [a for a in store.labelled() if not _differs(a.info["method_record"], record)]
+        if not labelled:
+            raise MissingLabelError(f"{store.url} holds no labels of the reference method")
+        targets, terms = delta_targets(labelled)
+        return SparseGPR(**params).fit(targets, trained_with=terms)
+
+    calc = DeltaCalculator.from_model(fitted())
+    work = atoms.copy()
+    work.calc = calc
+    events: list[dict[str, Any]] = []
+
+    def check(step: int, current: Atoms) -> None:
+        sigma = float(np.max(current.calc.results["forces_uncertainty"]))
+        if sigma <= threshold or len(events) >= max_labels:
+            return
+        frame = Atoms(current.numbers, current.positions, cell=current.cell, pbc=current.pbc)
+        label_structures([frame], store, reference=reference, workers=workers, progress=False)
+        current.calc.correction = fitted()  # resets the calculator's results
+        current.calc.get_forces(current)
+        after = float(np.max(current.calc.results["forces_uncertainty"]))
+        events.append({"step": step, "uncertainty_before": sigma, "uncertainty_after": after})
+
+    summary = run_md(
+        work, temperature_k=temperature_k, steps=steps, timestep_fs=timestep_fs,
+        interval=check_every, seed=seed, observer=check,
+    )  # fmt: skip
+    return {"labelled": events, "md": summary, "n_labels": len(store)}

@@ -1,0 +1,138 @@
+"""Active learning with a tiny-basis PySCF reference: the loop, its resumption, on-the-fly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from deltaml.active import ActiveLearner, on_the_fly
+from deltaml.labelling import label_structures
+from deltaml.reference import PySCFReference
+from deltaml.store import LabelStore
+
+#: A cheap stand-in for the reference: revPBE0/STO-3G on a coarse grid.
+REFERENCE = {"basis": "sto-3g", "grid_level": 1}
+MODEL = {"descriptor": {"cutoff": 4.0, "n_max": 4, "l_max": 3}, "n_sparse": 40}
+
+
+def _dimers(count: int, seed: int, scale: float = 0.06) -> list[Atoms]:
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        first, second = molecule("H2O"), molecule("H2O")
+        second.rotate(180, "z")
+        second.translate([0.0, 0.0, 2.9])
+        atoms = first + second
+        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+def _reference_labelled(frames: list[Atoms]) -> list[Atoms]:
+    out = []
+    for atoms in frames:
+        probe = atoms.copy()
+        probe.calc = PySCFReference(**REFERENCE)
+        labelled = atoms.copy()
+        labelled.calc = SinglePointCalculator(
+            labelled, energy=probe.get_potential_energy(), forces=probe.get_forces()
+        )
+        labelled.info["method_record"] = PySCFReference(**REFERENCE).record()
+        out.append(labelled)
+    return out
+
+
+@pytest.fixture(scope="module")
+def validation() -> list[Atoms]:
+    return _reference_labelled(_dimers(6, seed=99, scale=0.1))
+
+
+def _learner(tmp_path, validation, name: str) -> ActiveLearner:
+    store = LabelStore(tmp_path / f"{name}.db")
+    if len(store) == 0:
+        label_structures(_dimers(5, seed=1), store, reference=REFERENCE, workers=1, progress=False)
+    return ActiveLearner(
+        tmp_path / name, store, _dimers(1, seed=2, scale=0.0), reference=REFERENCE, model=MODEL,
+        validation=validation, md_steps=60, md_interval=6, batch=3, pool=8, seed=0,
+    )  # fmt: skip
+
+
+def _assert_same(first: ActiveLearner, second: ActiveLearner) -> None:
+    """Same labels in the store and the same history (timings aside)."""
+    one = {a.info["label_key"]: a.get_potential_energy() for a in first.store.labelled()}
+    two = {a.info["label_key"]: a.get_potential_energy() for a in second.store.labelled()}
+    assert sorted(one) == sorted(two)
+    assert [one[k] for k in sorted(one)] == pytest.approx([two[k] for k in sorted(two)])
+    for a, b in zip(first.history, second.history, strict=True):
+        for key in ("iteration", "n_labels", "n_candidates", "selected", "labelled"):
+            assert a.get(key) == b.get(key), key
+        assert a["validation"] == pytest.approx(b["validation"])
+
+
+@pytest.mark.slow
+def test_the_loop_adds_labels_and_lowers_the_validation_error(tmp_path, validation):
+    learner = _learner(tmp_path, validation, "run")
+    history = learner.run(iterations=2)
+    assert [h["n_labels"] for h in history] == [5, 8, 11]
+    forces = [h["validation"]["force_mae"] for h in history]
+    assert forces[-1] < forces[0]
+    assert all(set(h["stages"]) == {"explore", "select", "label", "fit"} for h in history[1:])
+    saved = json.loads((tmp_path / "run" / "history.json").read_text())["iterations"]
+    assert [h["n_labels"] for h in saved] == [5, 8, 11]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, validation) -> ActiveLearner:
+    """One uninterrupted iteration, the yardstick of the resumption tests."""
+    learner = _learner(tmp_path_factory.mktemp("whole"), validation, "whole")
+    learner.run(iterations=1)
+    return learner
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["explore", "select", "label"])
+def test_an_interrupted_loop_resumes_to_the_same_result(tmp_path, validation, whole, stage):
+    first = _learner(tmp_path, validation, "cut")
+    first.run(iterations=1, stop_after=(1, stage))
+    assert len(first.history[-1]["stages"]) < 4
+    resumed = _learner(tmp_path, validation, "cut")  # a new process would do the same
+    resumed.run(iterations=1)
+    _assert_same(resumed, whole)
+
+
+@pytest.mark.slow
+def test_random_selection_is_seeded_and_differs_from_uncertainty(tmp_path, validation):
+    active = _learner(tmp_path, validation, "active")
+    active.run(iterations=1)
+    control = _learner(tmp_path, validation, "random")
+    control.selection = "random"
+    control.run(iterations=1)
+    assert active.history[1]["selected"] != control.history[1]["selected"]
+    sigma = [a.info["uncertainty"] for a in _candidates(active, 1)]
+    picked = [sigma[i] for i in active.history[1]["selected"]]
+    assert max(picked) == max(sigma)  # the most uncertain candidate is always taken
+
+
+def _candidates(learner: ActiveLearner, k: int) -> list[Atoms]:
+    from ase.io import read
+
+    return read(learner.workdir / f"iteration_{k}" / "candidates.extxyz", index=":")
+
+
+@pytest.mark.slow
+def test_on_the_fly_labels_uncertain_frames_and_the_uncertainty_drops(tmp_path):
+    store = LabelStore(tmp_path / "otf.db")
+    label_structures(_dimers(3, seed=1), store, reference=REFERENCE, workers=1, progress=False)
+    result = on_the_fly(
+        _dimers(1, seed=2, scale=0.0)[0], store, threshold=0.05, steps=40, check_every=10,
+        reference=REFERENCE, model=MODEL, max_labels=2,
+    )  # fmt: skip
+    assert 1 <= len(result["labelled"]) <= 2
+    assert result["n_labels"] == 3 + len(result["labelled"])
+    for event in result["labelled"]:
+        assert event["uncertainty_after"] < event["uncertainty_before"]
