@@ -14,6 +14,7 @@ import numpy as np
 from ase.io import read
 
 from deltaml import __version__
+from deltaml.active import ActiveLearner
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import ZeroCorrection
 from deltaml.dataset import delta_targets, export_labelled, import_labelled, read_labelled
@@ -22,12 +23,15 @@ from deltaml.evaluation import (
     delta_targets_for,
     error_table,
     errors,
+    md_stability,
     plot_calibration,
     plot_parity,
     predict_all,
 )
 from deltaml.labelling import DEFAULT_BASELINE, label_structures
 from deltaml.model import SparseGPR
+from deltaml.reference import PySCFReference
+from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
 
 
@@ -345,6 +349,191 @@ def evaluate_command(model_path: str, test: str, plots: str | None, as_json: boo
     click.echo(error_table(table))
     for plot in table.get("plots", []):
         click.echo(f"plot written: {plot}")
+
+
+def _composite(model: str | None, dispersion: str) -> DeltaCalculator:
+    """The composite from a model file, or baseline + D3 alone without one."""
+    if model is not None:
+        return DeltaCalculator.from_model(model)
+    return DeltaCalculator(
+        correction=ZeroCorrection(),
+        dispersion=None if dispersion.lower() == "none" else dispersion,
+    )
+
+
+def _write_summary(summary: dict, path: str | None) -> None:
+    if path is not None:
+        Path(path).write_text(json.dumps(summary, indent=2, default=float))
+        click.echo(f"summary written to {path}")
+
+
+_model_option = click.option(
+    "--model", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="model.npz; without it, baseline + D3 alone",
+)  # fmt: skip
+_dispersion_option = click.option(
+    "--dispersion", default="d3bj:pbe0", show_default=True,
+    help="D3 term without --model (with a model: the one it was trained with)",
+)  # fmt: skip
+_summary_option = click.option(
+    "--summary", default=None, type=click.Path(dir_okay=False), help="JSON summary file"
+)
+
+
+@main.command("relax")
+@click.argument("structure", type=click.Path(exists=True, dir_okay=False))
+@_model_option
+@_dispersion_option
+@click.option("--cell", is_flag=True, help="relax the cell too (3D-periodic structures)")
+@click.option("--fmax", default=0.01, show_default=True, help="force threshold, eV/Å")
+@click.option("--steps", default=500, show_default=True, help="most optimizer steps")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
+@_summary_option
+def relax_command(
+    structure: str, model: str | None, dispersion: str, cell: bool, fmax: float, steps: int,
+    output: str | None, summary: str | None,
+) -> None:  # fmt: skip
+    """Relax STRUCTURE with the composite; write the trajectory (extxyz) and a summary."""
+    atoms = read(structure)
+    try:
+        atoms.calc = _composite(model, dispersion)
+        result = relax(atoms, fmax=fmax, steps=steps, cell=cell, trajectory=output, progress=True)
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    status = "converged" if result["converged"] else "NOT converged"
+    click.echo(
+        f"{status} in {result['steps']} steps: E = {result['energy_final_ev']:.6f} eV, "
+        f"max |F| = {result['max_force_ev_a']:.4f} eV/Å"
+    )
+    _write_summary(result, summary)
+
+
+@main.command("md")
+@click.argument("structure", type=click.Path(exists=True, dir_okay=False))
+@_model_option
+@_dispersion_option
+@click.option("--temperature", default=300.0, show_default=True, help="K")
+@click.option("--steps", default=1000, show_default=True, help="MD steps")
+@click.option("--timestep", default=0.5, show_default=True, help="fs")
+@click.option("--nve", is_flag=True, help="velocity Verlet instead of Langevin")
+@click.option("--interval", default=10, show_default=True, help="steps between frames")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
+@_summary_option
+def md_command(
+    structure: str, model: str | None, dispersion: str, temperature: float, steps: int,
+    timestep: float, nve: bool, interval: int, seed: int, output: str | None,
+    summary: str | None,
+) -> None:  # fmt: skip
+    """Run MD of STRUCTURE with the composite; write the trajectory and a summary."""
+    atoms = read(structure)
+    try:
+        atoms.calc = _composite(model, dispersion)
+        result = run_md(
+            atoms, temperature_k=temperature, steps=steps, timestep_fs=timestep,
+            ensemble="nve" if nve else "langevin", interval=interval, seed=seed,
+            trajectory=output, progress=True,
+        )  # fmt: skip
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"{steps} steps in {result['wall_time_s']:.1f} s; mean T = "
+        f"{np.mean(result['temperature_k']):.0f} K"
+    )
+    if "energy_drift_ev_per_atom_ps" in result:
+        click.echo(f"energy drift {result['energy_drift_ev_per_atom_ps']:.2e} eV/atom/ps")
+    _write_summary(result, summary)
+
+
+@main.command("stability")
+@click.argument("structure", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--temperature", default=300.0, show_default=True, help="K")
+@click.option("--steps", default=2000, show_default=True, help="MD steps")
+@click.option("--timestep", default=0.5, show_default=True, help="fs")
+@click.option("--samples", default=5, show_default=True, help="frames re-evaluated")
+@click.option("--xc", default="revpbe0", show_default=True, help="reference functional")
+@click.option("--basis", default="def2-tzvp", show_default=True, help="reference basis")
+@click.option("--no-reference", is_flag=True, help="only detect unphysical events")
+@click.option("--seed", default=0, show_default=True)
+@_summary_option
+def stability_command(
+    structure: str, model: str, temperature: float, steps: int, timestep: float, samples: int,
+    xc: str, basis: str, no_reference: bool, seed: int, summary: str | None,
+) -> None:  # fmt: skip
+    """Is the model fit for MD? Unphysical events, and errors vs the reference over time."""
+    atoms = read(structure)
+    try:
+        calc = DeltaCalculator.from_model(model)
+        baseline = DeltaCalculator(
+            correction=ZeroCorrection(), dispersion=calc.parameters.dispersion
+        )
+        reference = None if no_reference else PySCFReference(xc=xc, basis=basis)
+        report = md_stability(
+            atoms, calc, temperature_k=temperature, steps=steps, timestep_fs=timestep,
+            seed=seed, reference=reference, baseline=baseline, samples=samples, progress=True,
+        )  # fmt: skip
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("stable" if report["stable"] else "UNSTABLE")
+    for event in report["events"]:
+        click.echo(f"  step {event['step']}: {event['kind']} ({event['detail']})")
+    for row in report["samples"]:
+        click.echo(
+            f"  t = {row['time_fs']:7.1f} fs: force MAE {row['force_mae']:.4f} eV/Å "
+            f"(baseline {row['baseline_force_mae']:.4f}), max σ_F "
+            f"{row.get('max_force_uncertainty_ev_a', float('nan')):.4f} eV/Å"
+        )
+    _write_summary(report, summary)
+    if not report["stable"]:
+        sys.exit(1)
+
+
+@main.command("active-learn")
+@click.option("--store", "store_url", required=True, help="label store (initial labels)")
+@click.option("--start", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="starting geometries (any ASE-readable file)")  # fmt: skip
+@click.option("--workdir", required=True, type=click.Path(file_okay=False))
+@click.option("--validation", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="labelled extxyz never trained on")  # fmt: skip
+@click.option("--iterations", default=5, show_default=True)
+@click.option("--budget", type=int, default=None, help="stop at this many labels")
+@click.option("--target-uncertainty", type=float, default=None, help="eV/Å")
+@click.option("--batch", default=5, show_default=True, help="labels per iteration")
+@click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,))
+@click.option("--md-steps", default=400, show_default=True)
+@click.option("--xc", default="revpbe0", show_default=True)
+@click.option("--basis", default="def2-tzvp", show_default=True)
+@click.option("--workers", default=1, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def active_learn_command(
+    store_url: str, start: str, workdir: str, validation: str | None, iterations: int,
+    budget: int | None, target_uncertainty: float | None, batch: int,
+    temperatures: tuple[float, ...], md_steps: int, xc: str, basis: str, workers: int, seed: int,
+) -> None:  # fmt: skip
+    """Grow the store where the composite is uncertain (resumes from --workdir)."""
+    try:
+        learner = ActiveLearner(
+            workdir, LabelStore(store_url), _read_all(start),
+            reference={"xc": xc, "basis": basis},
+            validation=read_labelled(validation) if validation else None,
+            temperatures=temperatures, md_steps=md_steps, batch=batch,
+            pool=max(4 * batch, 20), seed=seed, workers=workers,
+        )  # fmt: skip
+        history = learner.run(
+            iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,
+            progress=True,
+        )  # fmt: skip
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for record in history:
+        line = f"iteration {record['iteration']}: {record.get('n_labels')} labels"
+        if "validation" in record:
+            line += f", validation force MAE {record['validation']['force_mae']:.4f} eV/Å"
+        if record.get("candidate_uncertainty_median") is not None:
+            line += f", median candidate σ_F {record['candidate_uncertainty_median']:.3f} eV/Å"
+        click.echo(line)
+    click.echo(f"history: {learner.history_path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

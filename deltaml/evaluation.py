@@ -328,6 +328,8 @@ def md_stability(
     interval: int = 10,
     min_distance: float = 0.6,
     bond_scale: float = 1.25,
+    break_scale: float = 1.6,
+    form_scale: float = 1.05,
     drift_threshold: float = 5e-3,
     reference: Any = None,
     baseline: Any = None,
@@ -339,11 +341,14 @@ def md_stability(
     """Run MD with ``calc`` and say whether it stays physical; compare with the reference.
 
     Unphysical events, checked at every recorded frame: a bond of the starting
-    structure broken or a new bond formed (``bond_scale`` × covalent radii), two
-    atoms closer than ``min_distance``; in NVE, a total-energy drift above
-    ``drift_threshold`` (eV/atom/ps). ``samples`` frames spread over the run are
-    re-evaluated with ``reference`` (and ``baseline``, e.g. the composite with a
-    ``ZeroCorrection``), giving the error against simulation time.
+    structure (closer than ``bond_scale`` × the sum of covalent radii) stretched
+    beyond ``break_scale`` × that sum, a pair not bonded at the start closer than
+    ``form_scale`` × that sum (the gap between the scales keeps thermal
+    vibrations from counting), two atoms closer than ``min_distance``; in NVE,
+    a total-energy drift above ``drift_threshold`` (eV/atom/ps). ``samples``
+    frames spread over the run are re-evaluated with ``reference`` (and
+    ``baseline``, e.g. the composite with a ``ZeroCorrection``), giving the error
+    against simulation time.
 
     Parameters
     ----------
@@ -376,11 +381,10 @@ def md_stability(
 
     def observe(step: int, current: Atoms) -> None:
         frames.append((step * timestep_fs, current.copy()))
-        now = bonds(current, bond_scale)
         found = []
-        for pair in sorted(start_bonds - now):
+        for pair in sorted(start_bonds - bonds(current, break_scale)):
             found.append(("bond broken", f"atoms {pair}"))
-        for pair in sorted(now - start_bonds):
+        for pair in sorted(bonds(current, form_scale) - start_bonds):
             found.append(("bond formed", f"atoms {pair}"))
         distances = current.get_all_distances(mic=current.pbc.any())
         np.fill_diagonal(distances, np.inf)

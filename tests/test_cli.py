@@ -241,3 +241,44 @@ def test_fit_and_evaluate_from_the_command_line(stand_in_labels, tmp_path):
 def test_fit_needs_exactly_one_source(tmp_path):
     result = CliRunner().invoke(main, ["fit", "-o", str(tmp_path / "m.npz")])
     assert result.exit_code == 2 and "exactly one of --store and --data" in result.output
+
+
+def test_relax_and_md_commands_write_trajectories_and_summaries(tmp_path):
+    from ase.build import molecule
+
+    write(tmp_path / "water.xyz", molecule("H2O"))
+    summary = tmp_path / "relax.json"
+    result = run_cli(
+        "relax", str(tmp_path / "water.xyz"), "-o", str(tmp_path / "relax.extxyz"),
+        "--summary", str(summary),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(summary.read_text())["converged"] is True
+    assert read(tmp_path / "relax.extxyz", ":")[-1].calc.results["energy"] < 0
+    result = run_cli(
+        "md", str(tmp_path / "water.xyz"), "--steps", "20", "--interval", "5", "--nve",
+        "-o", str(tmp_path / "md.extxyz"), "--summary", str(tmp_path / "md.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(read(tmp_path / "md.extxyz", ":")) == 5  # steps 0, 5, 10, 15, 20
+    assert "energy drift" in result.output
+
+
+def test_stability_command_with_a_model(stand_in_labels, tmp_path):
+    from ase.build import molecule
+
+    from deltaml.dataset import delta_targets
+    from deltaml.model import SparseGPR
+
+    targets, terms = delta_targets(stand_in_labels(20, seed=0))
+    descriptor = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
+    model = SparseGPR(descriptor=descriptor, n_sparse=30).fit(targets, trained_with=terms)
+    model.save(tmp_path / "model.npz")
+    write(tmp_path / "start.xyz", molecule("CH3OH"))
+    result = run_cli(
+        "stability", str(tmp_path / "start.xyz"), "--model", str(tmp_path / "model.npz"),
+        "--steps", "40", "--no-reference", "--summary", str(tmp_path / "s.json"),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "stable" in result.output.split() and "UNSTABLE" not in result.output
+    assert json.loads((tmp_path / "s.json").read_text())["stable"] is True

@@ -46,3 +46,56 @@ def test_structures_are_reproduced_by_their_script(tmp_path, monkeypatch):
         shipped, made = read(DATA / name), read(tmp_path / name)
         np.testing.assert_allclose(made.positions, shipped.positions, atol=1e-8)
         np.testing.assert_allclose(made.cell.array, shipped.cell.array, atol=1e-8)
+
+
+LABELLED = DATA / "labelled" / "water_chno.extxyz"
+
+
+def _labelled():
+    return read(LABELLED, index=":")
+
+
+def test_labelled_dataset_is_as_documented():
+    """At least 300 labels: water (H2O)1-6, CHNO molecules and dimers, one method, < 20 MB."""
+    frames = _labelled()
+    assert len(frames) >= 300
+    assert LABELLED.stat().st_size < 20e6
+    kinds = {a.info["kind"] for a in frames}
+    assert kinds == {"water_cluster", "molecule", "dimer"}
+    sizes = {len(a) // 3 for a in frames if a.info["kind"] == "water_cluster"}
+    assert sizes == {1, 2, 3, 4, 5, 6}
+    assert all(set(a.get_chemical_symbols()) <= set("CHNO") for a in frames)
+    for atoms in frames:
+        assert np.isfinite(atoms.get_potential_energy())
+        assert atoms.get_forces().shape == (len(atoms), 3)
+        assert "energy_baseline" in atoms.info and "forces_dispersion" in atoms.arrays
+    readme = (DATA / "README.md").read_text()
+    counts = {k: sum(a.info["kind"] == k for a in frames) for k in kinds}
+    for kind, count in counts.items():
+        assert f"| {kind} | {count} |" in readme  # the README's table states the counts
+
+
+def test_labelled_dataset_passes_the_import_checks():
+    """One method record throughout, and units that agree with GFN2-xTB by magnitude."""
+    from deltaml.dataset import read_labelled
+    from deltaml.reference import PySCFReference
+
+    frames = read_labelled(LABELLED, max_check_structures=12)
+    record = frames[0].info["method_record"]
+    expected = PySCFReference(xc="revpbe0", basis="def2-tzvp").record()
+    assert {k: v for k, v in record.items() if k != "engine_version"} == {
+        k: v for k, v in expected.items() if k != "engine_version"
+    }
+
+
+@pytest.mark.slow
+def test_a_shipped_label_is_reproduced_by_the_reference():
+    """Recompute the smallest labelled structure (a water monomer) from scratch."""
+    from deltaml.reference import PySCFReference
+
+    frames = [a for a in _labelled() if len(a) == 3]
+    atoms = frames[len(frames) // 2]
+    probe = atoms.copy()
+    probe.calc = PySCFReference(xc="revpbe0", basis="def2-tzvp")
+    assert probe.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-5)
+    np.testing.assert_allclose(probe.get_forces(), atoms.get_forces(), atol=1e-4)
