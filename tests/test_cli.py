@@ -280,5 +280,5 @@ def test_stability_command_with_a_model(stand_in_labels, tmp_path):
         "--steps", "40", "--no-reference", "--summary", str(tmp_path / "s.json"),
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "stable" in result.output.split() and "UNSTABLE" not in result.output
+    assert "stable\n" in result.output and "UNSTABLE" not in result.output
     assert json.loads((tmp_path / "s.json").read_text())["stable"] is True
