@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.io import read, write
+from numpy.typing import NDArray
 
 from deltaml.calculator import DeltaCalculator
 from deltaml.dataset import delta_targets
@@ -48,7 +49,7 @@ from deltaml.reference import PySCFReference
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
 
-__all__ = ["STAGES", "ActiveLearner", "on_the_fly"]
+__all__ = ["STAGES", "ActiveLearner", "on_the_fly", "select_batch"]
 
 STAGES = ("explore", "select", "label", "fit")
 
@@ -282,24 +283,14 @@ class ActiveLearner:
 
     def _select(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         candidates = read(self._folder(k) / "candidates.extxyz", index=":")
-        rng = np.random.default_rng(self.seed + k)
         if not candidates:
             return {"selected": []}
-        count = min(self.batch, len(candidates))
-        if self.selection == "random":
-            chosen = rng.choice(len(candidates), size=count, replace=False)
-            return {"selected": sorted(int(i) for i in chosen)}
         sigma = np.array([a.info["uncertainty"] for a in candidates])
-        pool = np.argsort(-sigma, kind="stable")[: self.pool]
-        model = self.model(k - 1)
-        vectors = np.array([_mean_descriptor(model, candidates[i]) for i in pool])
-        picked = [0]  # the most uncertain first, then farthest points
-        distance = np.linalg.norm(vectors - vectors[0], axis=1)
-        while len(picked) < count:
-            nxt = int(np.argmax(distance))
-            picked.append(nxt)
-            distance = np.minimum(distance, np.linalg.norm(vectors - vectors[nxt], axis=1))
-        return {"selected": sorted(int(pool[i]) for i in picked)}
+        chosen = select_batch(
+            self.model(k - 1), candidates, sigma, batch=self.batch, pool=self.pool,
+            selection=self.selection, seed=self.seed + k,
+        )  # fmt: skip
+        return {"selected": chosen}
 
     def _label(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         candidates = read(self._folder(k) / "candidates.extxyz", index=":")
@@ -327,6 +318,59 @@ class ActiveLearner:
                 if key in table
             }
         return out
+
+
+def select_batch(
+    model: SparseGPR,
+    candidates: Sequence[Atoms],
+    uncertainty: NDArray[np.float64],
+    *,
+    batch: int,
+    pool: int,
+    selection: str = "uncertainty",
+    seed: int = 0,
+) -> list[int]:
+    """Indices of a batch to label: uncertain and diverse, or random.
+
+    ``uncertainty``: the ``pool`` most uncertain candidates are kept; the most
+    uncertain is taken first, then farthest-point sampling of the candidates'
+    mean SOAP vectors spreads the batch over them. ``random``: a seeded random
+    batch of all candidates (the control experiment).
+
+    Parameters
+    ----------
+    model : SparseGPR
+        Fitted model (its descriptor places candidates in descriptor space).
+    candidates : sequence of ase.Atoms
+        Structures to choose from.
+    uncertainty : ndarray of shape (n_candidates,)
+        Their predicted uncertainty (e.g. largest force std, eV/Å).
+    batch, pool : int
+        Batch size, and the number of most uncertain candidates it is drawn from.
+    selection : {"uncertainty", "random"}
+    seed : int
+        Seed of the random selection.
+
+    Returns
+    -------
+    list of int
+        Sorted indices into ``candidates``.
+    """
+    count = min(batch, len(candidates))
+    if selection == "random":
+        rng = np.random.default_rng(seed)
+        return sorted(int(i) for i in rng.choice(len(candidates), size=count, replace=False))
+    if selection != "uncertainty":
+        raise ParameterError(f"selection must be 'uncertainty' or 'random', got {selection!r}")
+    keep = np.argsort(-np.asarray(uncertainty), kind="stable")[: max(pool, count)]
+    vectors = np.array([_mean_descriptor(model, candidates[i]) for i in keep])
+    picked = [0]  # the most uncertain first, then farthest points
+    distance = np.linalg.norm(vectors - vectors[0], axis=1)
+    while len(picked) < count:
+        nxt = int(np.argmax(distance))
+        picked.append(nxt)
+        distance = np.minimum(distance, np.linalg.norm(vectors - vectors[nxt], axis=1))
+    return sorted(int(keep[i]) for i in picked)
 
 
 def _mean_descriptor(model: SparseGPR, atoms: Atoms) -> np.ndarray:
