@@ -24,7 +24,7 @@ from ase.io import write
 
 from deltaml.errors import ParameterError
 
-__all__ = ["relax", "run_md", "vibrations"]
+__all__ = ["phonons", "relax", "run_md", "vibrations"]
 
 _OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
 
@@ -278,5 +278,61 @@ def vibrations(
     return {
         "frequencies_cm1": sorted(float(f) for f in frequencies),
         "zero_point_energy_ev": float(0.5 * np.sum(energies.real[energies.real > 0])),
+        "displacement_a": displacement,
+    }
+
+
+def phonons(
+    atoms: Atoms,
+    *,
+    supercell: tuple[int, int, int] = (2, 2, 2),
+    displacement: float = 0.01,
+    kpoints: Any = None,
+    workdir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Harmonic phonon frequencies of a crystal by finite displacements (``ase.phonons``).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Relaxed, 3D-periodic structure with a calculator attached.
+    supercell : (int, int, int), default=(2, 2, 2)
+        Repetitions for the force constants; they must reach beyond the range of
+        the interactions.
+    displacement : float, default=0.01
+        Finite-difference displacement, Å.
+    kpoints : array-like of shape (n, 3), optional
+        Scaled wave vectors; default Γ only.
+    workdir : path, optional
+        Folder for ASE's displacement cache (a temporary folder by default).
+
+    Returns
+    -------
+    dict
+        ``kpoints`` and ``frequencies_cm1`` (one ascending list per k-point;
+        imaginary modes as negative numbers), with the acoustic sum rule imposed.
+    """
+    import tempfile
+
+    from ase.phonons import Phonons
+
+    if not atoms.pbc.all():
+        raise ParameterError("phonons() needs a 3D-periodic structure; use vibrations()")
+    kpoints = np.zeros((1, 3)) if kpoints is None else np.atleast_2d(kpoints)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(workdir) if workdir is not None else Path(tmp)
+        ph = Phonons(atoms, atoms.calc, supercell=tuple(supercell), delta=displacement,
+                     name=str(folder / "phonon"))  # fmt: skip
+        ph.run()
+        ph.read(acoustic=True)
+        energies = ph.band_structure(kpoints, modes=False, born=False, verbose=False)
+        ph.clean()
+    energies = np.asarray(energies)
+    frequencies = np.where(np.abs(energies.imag) > np.abs(energies.real),
+                           -np.abs(energies.imag), energies.real) / units.invcm  # fmt: skip
+    return {
+        "kpoints": kpoints.tolist(),
+        "frequencies_cm1": [sorted(float(f) for f in row) for row in frequencies],
+        "supercell": list(supercell),
         "displacement_a": displacement,
     }

@@ -58,3 +58,19 @@ def test_vibrations_of_water_have_three_real_modes():
     real = frequencies[frequencies > 500]
     assert len(real) == 3  # bend and two stretches; the rest are translations/rotations
     assert 1400 < real[0] < 1700 and 3400 < real[1] < real[2] < 3900
+
+
+def test_phonons_of_a_crystal_have_three_acoustic_modes_at_gamma():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from deltaml.simulation import phonons
+
+    atoms = bulk("Cu", "fcc", a=3.6)  # EMT: cheap and periodic, enough to check the plumbing
+    atoms.calc = EMT()
+    result = phonons(atoms, supercell=(3, 3, 3), kpoints=[[0, 0, 0], [0.5, 0.5, 0.5]])
+    gamma, edge = (np.array(f) for f in result["frequencies_cm1"])
+    np.testing.assert_allclose(gamma, 0.0, atol=1.0)  # acoustic sum rule imposed
+    assert np.all(edge > 50.0)  # at the zone boundary every mode is finite
+    with pytest.raises(ParameterError, match="3D-periodic"):
+        phonons(molecule("H2O"))
