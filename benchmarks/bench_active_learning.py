@@ -46,6 +46,7 @@ def run(
     batch: int,
     budget: int,
     n_sparse: int,
+    pool_size: int,
 ) -> dict[int, float]:
     """Validation force MAE after each batch, keyed by the number of labels."""
     rng = np.random.default_rng(seed)
@@ -66,7 +67,7 @@ def run(
         )
         picked = select_batch(
             model, [targets[i] for i in left], sigma, batch=min(batch, budget - len(chosen)),
-            pool=4 * batch, selection=selection, seed=seed + len(chosen),
+            pool=pool_size, selection=selection, seed=seed + len(chosen),
         )  # fmt: skip
         chosen += [int(left[i]) for i in picked]
 
@@ -78,6 +79,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=5)
     parser.add_argument("--batch", type=int, default=5)
     parser.add_argument("--n-sparse", type=int, default=100)
+    parser.add_argument("--pool", type=int, default=20, help="most uncertain kept for FPS")
+    parser.add_argument("--strategies", default="uncertainty,random")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_active_learning.json")
     args = parser.parse_args()
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -87,13 +90,14 @@ def main() -> None:
     n_val = round(0.25 * len(targets))
     validation = [targets[i] for i in order[:n_val]]
     pool = np.sort(order[n_val:])
-    curves: dict[str, list[dict[int, float]]] = {"uncertainty": [], "random": []}
+    curves: dict[str, list[dict[int, float]]] = {s: [] for s in args.strategies.split(",")}
     start_time = time.perf_counter()
     for seed in [int(s) for s in args.seeds.split(",")]:
         for selection in curves:
             curve = run(
                 targets, pool, validation, selection=selection, seed=seed, start=args.start,
                 batch=args.batch, budget=max(budgets), n_sparse=args.n_sparse,
+                pool_size=args.pool,
             )  # fmt: skip
             curves[selection].append(curve)
             print(f"seed {seed} {selection}: done", flush=True)
