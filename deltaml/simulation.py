@@ -215,7 +215,7 @@ def run_md(
 
     bar = tqdm(total=steps, disable=not progress, unit="step", desc=f"MD {temperature_k:g} K")
     dyn.attach(sample, interval=interval)
-    dyn.attach(lambda: bar.update(1), interval=1)
+    dyn.attach(lambda: bar.update(1 if dyn.nsteps else 0), interval=1)  # not step 0
     start = time.perf_counter()
     try:
         dyn.run(steps)
