@@ -93,7 +93,7 @@ def relax(
         Path(trajectory).unlink(missing_ok=True)
         opt.attach(lambda: write(trajectory, atoms, format="extxyz", append=True))
     bar = tqdm(total=steps, disable=not progress, unit="step", desc="relax")
-    opt.attach(lambda: bar.update(1))
+    opt.attach(lambda: bar.update(1 if opt.nsteps else 0))  # not the initial call
     start = time.perf_counter()
     converged = bool(opt.run(fmax=fmax, steps=steps))
     bar.close()
