@@ -151,12 +151,7 @@ class ActiveLearner:
         return folder
 
     def _labelled(self) -> list[Atoms]:
-        rows = [
-            a for a in self.store.labelled() if not _differs(a.info["method_record"], self.record)
-        ]
-        if not rows:
-            raise MissingLabelError(f"{self.store.url} holds no labels of the reference method")
-        return rows
+        return _labels_of(self.store, self.record)
 
     def model(self, iteration: int | None = None) -> SparseGPR:
         """The model saved at the end of an iteration (default: the last one)."""
@@ -378,10 +373,14 @@ def _mean_descriptor(model: SparseGPR, atoms: Atoms) -> np.ndarray:
     return model.descriptor_.compute(atoms).values.mean(axis=0)
 
 
-def _differs(first: dict[str, Any], second: dict[str, Any]) -> bool:
+def _labels_of(store: LabelStore, record: dict[str, Any]) -> list[Atoms]:
+    """The store's labels computed with the method of ``record`` (others are left out)."""
     from deltaml.correction import record_differences
 
-    return bool(record_differences(first, second))
+    rows = [a for a in store.labelled() if not record_differences(a.info["method_record"], record)]
+    if not rows:
+        raise MissingLabelError(f"{store.url} holds no labels of the reference method")
+    return rows
 
 
 def on_the_fly(
@@ -419,10 +418,7 @@ def on_the_fly(
     params = {"seed": seed, **(model or {})}
 
     def fitted() -> SparseGPR:
-        labelled = [a for a in store.labelled() if not _differs(a.info["method_record"], record)]
-        if not labelled:
-            raise MissingLabelError(f"{store.url} holds no labels of the reference method")
-        targets, terms = delta_targets(labelled)
+        targets, terms = delta_targets(_labels_of(store, record))
         return SparseGPR(**params).fit(targets, trained_with=terms)
 
     calc = DeltaCalculator.from_model(fitted())
