@@ -518,9 +518,8 @@ class SparseGPR(BaseEstimator):
         return -np.sum(q**2, axis=0) + np.sum(s**2, axis=0)
 
     def _energy_variance(self, computed: DescriptorBatch) -> tuple[NDArray, float]:
-        """Posterior variance of each atomic energy and of the total (eV²)."""
+        """Posterior variance of each atomic energy and of the total (eV²), one structure."""
         d2 = self.delta_**2
-        rows = self._rows(computed, [None] * (len(computed.offsets) - 1), False, False)
         values, numbers = computed.values, computed.numbers
         per_atom_k = np.zeros((len(values), len(self.sparse_values_)))
         for z, cols in self._columns().items():
@@ -532,7 +531,9 @@ class SparseGPR(BaseEstimator):
         same = numbers[:, None] == numbers[None, :]
         k_pairs, _, _ = _kernel(values @ values.T, self.kernel, self.zeta)
         prior_total = d2 * float(np.sum(np.where(same, k_pairs, 0.0)))
-        total = prior_total + float(self._posterior_terms(rows["energy"][:1])[0])
+        # The structure's kernel row is the sum of its atoms' rows.
+        total_k = per_atom_k.sum(axis=0, keepdims=True)
+        total = prior_total + float(self._posterior_terms(total_k)[0])
         return np.maximum(per_atom, 0.0), max(total, 0.0)
 
     def _force_variance(self, computed: DescriptorBatch, force_rows: NDArray) -> NDArray:
