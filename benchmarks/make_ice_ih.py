@@ -28,7 +28,7 @@ Usage::
     python benchmarks/make_ice_ih.py              # writes data/crystals/ice_ih.extxyz
     python benchmarks/make_ice_ih.py --out ice.extxyz --density 0.92 --seed 1000
 
-genice2 is needed only to run this script (``pip install genice2``), not by deltaml.
+The rigid water is :func:`deltaml.crystals.genice_water` (the ranking's ice builders use it too).
 """
 
 from __future__ import annotations
@@ -45,13 +45,12 @@ from ase import Atoms
 from ase.io import write
 from ase.units import _amu
 
+from deltaml.crystals import HOH_ANGLE_DEG, OH_BOND_A, genice_water
+
 #: Hirsch & Ojamäe (2004) structure number in GenIce2's ``11i`` plugin.
 STRUCTURE = 6
 SPACE_GROUP = "P2_12_12_1"
 
-#: Rigid water geometry: O–H bond length (Å) and H–O–H angle (degrees).
-OH_BOND_A = 0.98
-HOH_ANGLE_DEG = 104.52
 
 DEFAULT_DENSITY_G_CM3 = 0.92
 DEFAULT_SEED = 1000
@@ -59,29 +58,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "crystals" / "ic
 
 #: Two positions are the same site if closer than this, Å (GenIce2 works in double precision).
 _SAME_SITE_A = 1e-6
-
-
-def _water_molecule():
-    """GenIce2 rigid-molecule plugin: O on the lattice site, O–H 0.98 Å, H–O–H 104.52°."""
-    import genice2.molecules
-
-    class _Water(genice2.molecules.Molecule):
-        def __init__(self) -> None:
-            half_angle = np.radians(HOH_ANGLE_DEG) / 2.0
-            oh_nm = OH_BOND_A / 10.0
-            # GenIce2's frame: the molecular bisector along +z, the H atoms in the yz plane.
-            self.sites_ = np.array(
-                [
-                    [0.0, 0.0, 0.0],
-                    [0.0, oh_nm * np.sin(half_angle), oh_nm * np.cos(half_angle)],
-                    [0.0, -oh_nm * np.sin(half_angle), oh_nm * np.cos(half_angle)],
-                ]
-            )
-            self.labels_ = ["O", "H", "H"]
-            self.name_ = "SOL"
-
-    _Water.water = 1  # GenIce2 identifies water plugins by this attribute
-    return _Water()
 
 
 def generate_genice2(density_g_cm3: float, seed: int) -> Atoms:
@@ -112,7 +88,7 @@ def generate_genice2(density_g_cm3: float, seed: int) -> Atoms:
         reshape=np.eye(3, dtype=int),
     )
     # depol="none": every hydrogen bond of this lattice is fixed by the plugin.
-    raw = ice.generate_ice(Format("raw", stage=(1, 7)), water=_water_molecule(), depol="none")
+    raw = ice.generate_ice(Format("raw", stage=(1, 7)), water=genice_water(), depol="none")
     positions = [
         np.asarray(site_positions) * 10.0  # nm → Å
         for universe in raw["mols"]

@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from deltaml.baseline import XTBBaseline, canonical_method, dispersion_free_parametrization
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import Correction, CorrectionResult, ZeroCorrection, record_differences
+from deltaml.crystals import ICE_PHASES, ice_polymorph, identify_molecules
 from deltaml.dataset import (
     check_units,
     delta_targets,
@@ -46,6 +47,7 @@ from deltaml.errors import (
 )
 from deltaml.labelling import LabellingReport, label_structures
 from deltaml.model import SparseGPR
+from deltaml.ranking import Ranking, rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
 from deltaml.selection import kfold_tune
 from deltaml.store import LabelStore, label_key
@@ -57,6 +59,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "ICE_PHASES",
     "ChargeMultiplicityError",
     "Correction",
     "CorrectionResult",
@@ -80,6 +83,7 @@ __all__ = [
     "OverlappingAtomsError",
     "ParameterError",
     "PySCFReference",
+    "Ranking",
     "SCFConvergenceError",
     "SOAPDescriptor",
     "SingularCellError",
@@ -98,12 +102,16 @@ __all__ = [
     "dispersion_free_parametrization",
     "energy_budget",
     "export_labelled",
+    "ice_polymorph",
+    "identify_molecules",
     "import_labelled",
     "kfold_tune",
     "label_key",
     "label_structures",
     "parse_dispersion_spec",
     "perpendicular_widths",
+    "rank_polymorphs",
+    "read_candidates",
     "read_labelled",
     "record_differences",
     "supercell_repeats",

@@ -15,6 +15,7 @@ from ase.io import read
 
 from deltaml import __version__
 from deltaml.active import ActiveLearner
+from deltaml.baseline import XTBBaseline
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import ZeroCorrection
 from deltaml.dataset import delta_targets, export_labelled, import_labelled, read_labelled
@@ -30,6 +31,7 @@ from deltaml.evaluation import (
 )
 from deltaml.labelling import DEFAULT_BASELINE, label_structures
 from deltaml.model import SparseGPR
+from deltaml.ranking import rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
 from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
@@ -534,6 +536,88 @@ def active_learn_command(
             line += f", median candidate σ_F {record['candidate_uncertainty_median']:.3f} eV/Å"
         click.echo(line)
     click.echo(f"history: {learner.history_path}")
+
+
+def _gas_molecule(spec: str):
+    """A gas-phase molecule from a file, or by name from ASE's G2 collection (e.g. H2O)."""
+    if Path(spec).is_file():
+        return read(spec)
+    from ase.build import molecule
+
+    try:
+        return molecule(spec)
+    except KeyError as exc:
+        raise click.ClickException(
+            f"--molecule {spec!r} is neither a file nor a molecule name of ase.build.molecule"
+        ) from exc
+
+
+@main.command("rank")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option(
+    "--molecule", "molecules", multiple=True, required=True,
+    help="gas-phase molecule: a file or a G2 name (repeat for a co-crystal)",
+)  # fmt: skip
+@_model_option
+@_dispersion_option
+@click.option("--no-baseline", is_flag=True, help="skip the ranking by the baseline alone")
+@click.option("--no-relax", is_flag=True, help="single points on the given geometries")
+@click.option("--fmax", default=0.01, show_default=True, help="force threshold, eV/Å")
+@click.option("--steps", default=300, show_default=True, help="most optimizer steps")
+@click.option("--symmetry", is_flag=True, help="keep each candidate's space group")
+@click.option("--workdir", default="ranking", show_default=True, help="relaxed structures (resume)")
+@click.option("--reference", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="CSV: candidate,energy_kj_mol")  # fmt: skip
+@click.option("--plot", default=None, type=click.Path(dir_okay=False), help="energy ladder PNG")
+@click.option("--seed", default=0, show_default=True, help="proton disorder of ice:NAME")
+@click.option("-o", "--output", default="ranking.csv", show_default=True, help="CSV table")
+@_summary_option
+def rank_command(
+    candidates: tuple[str, ...], molecules: tuple[str, ...], model: str | None, dispersion: str,
+    no_baseline: bool, no_relax: bool, fmax: float, steps: int, symmetry: bool, workdir: str,
+    reference: str | None, plot: str | None, seed: int, output: str, summary: str | None,
+) -> None:  # fmt: skip
+    """Rank CANDIDATES (crystal files or ice:NAME) by lattice energy per formula unit.
+
+    Relaxes every candidate (positions and cell) and the gas-phase molecule(s)
+    with the composite and, unless --no-baseline, with the GFN-xTB baseline alone
+    (its own dispersion kept); relaxed structures in --workdir are not relaxed again.
+    """
+
+    def composite() -> DeltaCalculator:
+        calc = _composite(model, dispersion)
+        if getattr(calc.correction, "uncertainty", None) == "forces":
+            calc.correction.uncertainty = "energy"  # the ranking needs energies only
+        return calc
+
+    methods = {"composite": composite}
+    if not no_baseline:
+        base = composite().parameters["method"]
+        methods[base] = lambda: XTBBaseline(method=base)
+    try:
+        ranking = rank_polymorphs(
+            read_candidates(candidates, seed=seed), [_gas_molecule(m) for m in molecules],
+            methods, workdir=workdir, relax_structures=not no_relax, fmax=fmax, steps=steps,
+            symmetry=symmetry, progress=True,
+        )  # fmt: skip
+        result = {"table": str(ranking.to_csv(output))}
+        if plot is not None:
+            result["plot"] = str(ranking.plot(plot))
+        if reference is not None:
+            result["reference"] = {m: ranking.compare(reference, m) for m in ranking.methods}
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    table = ranking.table()
+    shown = [c for c in table.columns if c.startswith(("Z", "rel_", "sigma_rel_", "rank_"))]
+    click.echo(table[shown].to_string(float_format=lambda v: f"{v:.2f}"))
+    for method, comparison in result.get("reference", {}).items():
+        click.echo(
+            f"{method} vs reference: MAE {comparison['mae_relative_kj_mol']:.2f} kJ/mol, "
+            f"Spearman {comparison['spearman']:.2f}, {len(comparison['wrong_pairs'])} pairs "
+            "in the wrong order"
+        )
+    click.echo(f"table written to {output}")
+    _write_summary(result, summary)
 
 
 if __name__ == "__main__":  # pragma: no cover

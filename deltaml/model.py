@@ -517,24 +517,63 @@ class SparseGPR(BaseEstimator):
         s = scipy.linalg.solve_triangular(self.r_factor_, kvec.T, trans="T", check_finite=False)
         return -np.sum(q**2, axis=0) + np.sum(s**2, axis=0)
 
-    def _energy_variance(self, computed: DescriptorBatch) -> tuple[NDArray, float]:
-        """Posterior variance of each atomic energy and of the total (eV²), one structure."""
-        d2 = self.delta_**2
+    def _atom_kernel_rows(self, computed: DescriptorBatch) -> NDArray:
+        """δ² k(x̂_i, x̂_m) of every atom i with every sparse point m (zero across species)."""
         values, numbers = computed.values, computed.numbers
         per_atom_k = np.zeros((len(values), len(self.sparse_values_)))
         for z, cols in self._columns().items():
             mine = numbers == z
             k, _, _ = _kernel(values[mine] @ self.sparse_values_[cols].T, self.kernel, self.zeta)
-            per_atom_k[np.ix_(mine, cols)] = d2 * k
+            per_atom_k[np.ix_(mine, cols)] = self.delta_**2 * k
+        return per_atom_k
+
+    def _prior_energy_covariance(self, first: DescriptorBatch, second: DescriptorBatch) -> float:
+        """Prior covariance of two structures' energies (eV²): δ² Σ_ij k(x̂_i, x̂_j), same species."""
+        same = first.numbers[:, None] == second.numbers[None, :]
+        k_pairs, _, _ = _kernel(first.values @ second.values.T, self.kernel, self.zeta)
+        return self.delta_**2 * float(np.sum(np.where(same, k_pairs, 0.0)))
+
+    def _energy_variance(self, computed: DescriptorBatch) -> tuple[NDArray, float]:
+        """Posterior variance of each atomic energy and of the total (eV²), one structure."""
+        per_atom_k = self._atom_kernel_rows(computed)
         k_self, _, _ = _kernel(np.ones(1), self.kernel, self.zeta)
-        per_atom = d2 * k_self[0] + self._posterior_terms(per_atom_k)
-        same = numbers[:, None] == numbers[None, :]
-        k_pairs, _, _ = _kernel(values @ values.T, self.kernel, self.zeta)
-        prior_total = d2 * float(np.sum(np.where(same, k_pairs, 0.0)))
+        per_atom = self.delta_**2 * k_self[0] + self._posterior_terms(per_atom_k)
+        prior_total = self._prior_energy_covariance(computed, computed)
         # The structure's kernel row is the sum of its atoms' rows.
         total_k = per_atom_k.sum(axis=0, keepdims=True)
         total = prior_total + float(self._posterior_terms(total_k)[0])
         return np.maximum(per_atom, 0.0), max(total, 0.0)
+
+    def energy_covariance(self, frames: Sequence[Atoms]) -> NDArray[np.float64]:
+        """Posterior covariance of the correction energies of several structures (eV²).
+
+        The diagonal is the square of :meth:`predict`'s ``energy_uncertainty``;
+        the off-diagonal terms are what makes an energy *difference* between
+        similar structures more certain than either energy (polymorph ranking).
+        Scaled by the energy factor of :meth:`calibrate`.
+
+        Parameters
+        ----------
+        frames : sequence of ase.Atoms
+            Structures (any sizes).
+
+        Returns
+        -------
+        ndarray of shape (n_frames, n_frames)
+            Symmetric, positive semi-definite up to round-off, eV².
+        """
+        self._check_fitted()
+        computed = [self.descriptor_.compute(atoms) for atoms in frames]
+        n = len(computed)
+        prior = np.zeros((n, n))
+        for i in range(n):
+            for j in range(i, n):
+                prior[i, j] = prior[j, i] = self._prior_energy_covariance(computed[i], computed[j])
+        rows = np.array([self._atom_kernel_rows(c).sum(axis=0) for c in computed])
+        q = scipy.linalg.solve_triangular(self.chol_mm_, rows.T, lower=True, check_finite=False)
+        s = scipy.linalg.solve_triangular(self.r_factor_, rows.T, trans="T", check_finite=False)
+        covariance = prior - q.T @ q + s.T @ s
+        return self.uncertainty_scale_["energy"] ** 2 * (covariance + covariance.T) / 2.0
 
     def _force_variance(self, computed: DescriptorBatch, force_rows: NDArray) -> NDArray:
         """Posterior variance of each force component (eV²/Å²)."""

@@ -47,6 +47,9 @@ def relax(
     optimizer: str = "BFGS",
     trajectory: str | Path | None = None,
     progress: bool = False,
+    symmetry: bool = False,
+    symprec: float = 1e-3,
+    maxstep: float = 0.2,
 ) -> dict[str, Any]:
     """Relax positions (and the cell, for 3D-periodic structures) in place.
 
@@ -67,6 +70,13 @@ def relax(
         extxyz file to write every step to (overwritten).
     progress : bool, default=False
         Show a progress bar over steps.
+    symmetry : bool, default=False
+        Keep the space group found at the start (``ase.constraints.FixSymmetry``,
+        needs spglib); the constraint is removed again afterwards.
+    symprec : float, default=1e-3
+        spglib tolerance for that space group, Å.
+    maxstep : float, default=0.2
+        Largest step of the optimizer, Å (bounded steps).
 
     Returns
     -------
@@ -84,11 +94,18 @@ def relax(
     if cell and not atoms.pbc.all():
         raise ParameterError("cell relaxation needs a structure periodic in all three directions")
     summary: dict[str, Any] = {"optimizer": optimizer, "fmax_ev_a": fmax, "cell": cell}
+    saved_constraints = atoms.constraints
+    if symmetry:
+        from ase.constraints import FixSymmetry
+
+        fixed = FixSymmetry(atoms, symprec=symprec)
+        atoms.set_constraint([*saved_constraints, fixed])
+        summary["space_group"] = _space_group(atoms, symprec)
     summary["energy_initial_ev"] = float(atoms.get_potential_energy())
     if cell:
         summary["volume_initial_a3"] = float(atoms.get_volume())
     target = FrechetCellFilter(atoms) if cell else atoms
-    opt = getattr(ase.optimize, optimizer)(target, logfile=None)
+    opt = getattr(ase.optimize, optimizer)(target, logfile=None, maxstep=maxstep)
     if trajectory is not None:
         Path(trajectory).unlink(missing_ok=True)
         opt.attach(lambda: write(trajectory, atoms, format="extxyz", append=True))
@@ -107,7 +124,18 @@ def relax(
     )
     if cell:
         summary["volume_final_a3"] = float(atoms.get_volume())
+    if symmetry:
+        atoms.set_constraint(saved_constraints)
+        summary["space_group_final"] = _space_group(atoms, symprec)
     return summary
+
+
+def _space_group(atoms: Atoms, symprec: float) -> str:
+    """International symbol and number of the space group (spglib), e.g. ``Pa-3 (205)``."""
+    import spglib
+
+    cell = (atoms.cell.array, atoms.get_scaled_positions(), atoms.numbers)
+    return str(spglib.get_spacegroup(cell, symprec=symprec))
 
 
 def run_md(

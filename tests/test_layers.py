@@ -22,7 +22,7 @@ PACKAGE_DIR = Path(deltaml.__file__).resolve().parent
 #: structures row of STYLE.md.
 LAYERS: list[list[str]] = [
     ["errors"],
-    ["structures", "units"],
+    ["structures", "units", "crystals"],
     ["baseline", "dispersion", "correction", "reference"],
     ["store", "dataset"],
     ["labelling"],

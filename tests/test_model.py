@@ -172,6 +172,31 @@ def test_uncertainty_grows_away_from_the_data(model):
     assert sigma[0] < sigma[1] < sigma[2]
 
 
+def test_energy_covariance_diagonal_is_the_predicted_variance(model, data):
+    frames = data["test"][:3]
+    covariance = model.energy_covariance(frames)
+    sigma = [model.predict(a, forces=False).energy_uncertainty for a in frames]
+    np.testing.assert_allclose(np.sqrt(np.diag(covariance)), sigma, rtol=1e-8)
+    np.testing.assert_allclose(covariance, covariance.T, atol=1e-14)
+    assert np.linalg.eigvalsh(covariance).min() > -1e-10 * np.trace(covariance)
+
+
+def test_energy_difference_of_a_structure_and_its_double_is_certain(model, data):
+    # E(2 copies far apart) = 2 E(one): var(E_2/2 − E_1) must vanish, while an unrelated
+    # structure keeps a finite error bar on its difference.
+    one = data["test"][0].copy()
+    one.center(vacuum=6.0)
+    far = one.copy()
+    far.translate([30.0, 0.0, 0.0])
+    two = one + far
+    other = data["test"][1]
+    cov = model.energy_covariance([one, two, other])
+    var_same = cov[0, 0] + cov[1, 1] / 4 - cov[0, 1]
+    var_other = cov[0, 0] + cov[2, 2] - 2 * cov[0, 2]
+    assert abs(var_same) < 1e-9 * cov[0, 0]
+    assert var_other > 0.01 * cov[0, 0]
+
+
 def test_calibration_makes_held_out_z_scores_unit(model, data):
     calibrated = SparseGPR(**model.get_params()).fit(data["train"])
     scales = calibrated.calibrate(data["test"][:8])

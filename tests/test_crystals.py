@@ -1,0 +1,120 @@
+"""Molecules from connectivity, wide cells and the GenIce2 ice builders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import molecule
+
+from deltaml.crystals import (
+    ICE_PHASES,
+    _reduce,
+    bonding_changes,
+    density_g_cm3,
+    formula_units,
+    ice_polymorph,
+    identify_molecules,
+    wide_cell_matrix,
+)
+from deltaml.errors import ParameterError
+from deltaml.structures import perpendicular_widths
+
+
+def test_molecules_across_the_cell_boundary_are_whole(co2_crystal):
+    found = identify_molecules(co2_crystal)
+    assert found.count == {"CO2": 4}
+    # Every molecule has one C and two O, though the O atoms sit in other images.
+    for k in range(4):
+        symbols = sorted(np.array(co2_crystal.get_chemical_symbols())[found.labels == k])
+        assert symbols == ["C", "O", "O"]
+    assert len(found.bonds) == 8
+
+
+def test_hydrogen_bonds_do_not_join_water_molecules():
+    ice = ice_polymorph("Ic", min_width=0.0)
+    found = identify_molecules(ice)
+    assert found.count == {"H2O": len(ice) // 3}
+    assert len(found.bonds) == 2 * len(ice) // 3  # two O–H bonds per molecule, no H···O
+
+
+def test_molecule_labels_follow_the_atom_order(water):
+    pair = water.copy()
+    other = water.copy()
+    other.translate([5.0, 0.0, 0.0])
+    pair += other
+    found = identify_molecules(pair)
+    assert found.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_formula_units_count_and_refuse_other_molecules(co2_crystal):
+    found = identify_molecules(co2_crystal)
+    assert formula_units(found, {"CO2": 1}) == 4
+    assert formula_units(found, {"CO2": 2}) == 2
+    with pytest.raises(ParameterError, match="formula unit"):
+        formula_units(found, {"H2O": 1})
+    with pytest.raises(ParameterError, match="whole number"):
+        formula_units(found, {"CO2": 3})
+
+
+def test_a_broken_bond_is_reported(water):
+    stretched = water.copy()
+    stretched.positions[1] += 1.5 * (stretched.positions[1] - stretched.positions[0])
+    changes = bonding_changes(water, stretched)
+    assert changes["broken"] == [(0, 1)]
+    assert changes["formed"] == []
+    assert bonding_changes(water, water) == {"broken": [], "formed": []}
+    with pytest.raises(ParameterError, match="same atoms"):
+        bonding_changes(water, molecule("CO2"))
+
+
+@pytest.mark.parametrize(
+    ("cellpar", "copies"),
+    [([6.38, 6.38, 6.38, 90, 90, 90], 2), ([7.5, 8.0, 9.0, 90, 90, 90], 1)],
+)
+def test_wide_cell_matrix_is_the_smallest_wide_supercell(cellpar, copies):
+    from ase.geometry import cellpar_to_cell
+
+    cell = cellpar_to_cell(cellpar)
+    matrix = wide_cell_matrix(cell, 7.0)
+    assert round(abs(np.linalg.det(matrix))) == copies
+    assert np.linalg.det(matrix) > 0
+    assert perpendicular_widths(matrix @ cell).min() >= 7.0
+    # No single copy of a cubic 6.38 Å cell is 7 Å wide, so 2 is the minimum.
+    if copies == 2:
+        assert perpendicular_widths(cell).min() < 7.0
+
+
+@pytest.mark.parametrize("name", sorted(ICE_PHASES))
+def test_ice_phases_are_wide_whole_water_cells(name):
+    ice = ice_polymorph(name)
+    assert ice.info["ice_phase"] == name
+    assert perpendicular_widths(ice.cell.array).min() >= 7.0
+    assert np.linalg.det(ice.cell.array) > 0
+    found = identify_molecules(ice)
+    assert found.count == {"H2O": len(ice) // 3}
+    # Molecules are whole as stored (O–H 0.98 Å without minimum image).
+    mol = ice.positions.reshape(-1, 3, 3)
+    np.testing.assert_allclose(np.linalg.norm(mol[:, 1:] - mol[:, :1], axis=2), 0.98, atol=1e-6)
+    # Nearest O···O at a hydrogen-bond distance, not overlapping.
+    oxygens = ice[ice.numbers == 8]
+    d = oxygens.get_all_distances(mic=True)
+    np.fill_diagonal(d, np.inf)
+    assert 2.4 < d.min() < 3.0
+    assert 0.85 < density_g_cm3(ice) < 1.7
+
+
+def test_ice_builder_refuses_unknown_phases_and_wrong_reductions():
+    with pytest.raises(ParameterError, match="unknown ice phase"):
+        ice_polymorph("XXI")
+    ice = ice_polymorph("II", min_width=0.0)
+    with pytest.raises(ParameterError, match="copies"):
+        _reduce(ice, (2, 1, 1))
+
+
+def test_reduced_ice_cell_replicates_to_the_original():
+    from deltaml.crystals import _genice_cell
+
+    full = _genice_cell("8", (), 0)
+    unit = _reduce(full, (2, 2, 2))
+    assert len(unit) * 8 == len(full)
+    np.testing.assert_allclose(unit.get_volume() * 8, full.get_volume())
