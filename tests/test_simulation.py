@@ -74,3 +74,18 @@ def test_phonons_of_a_crystal_have_three_acoustic_modes_at_gamma():
     assert np.all(edge > 50.0)  # at the zone boundary every mode is finite
     with pytest.raises(ParameterError, match="3D-periodic"):
         phonons(molecule("H2O"))
+
+
+def test_symmetry_constrained_relaxation_keeps_the_space_group():
+    from pathlib import Path
+
+    from ase.calculators.lj import LennardJones
+    from ase.io import read
+
+    atoms = read(Path(__file__).resolve().parent.parent / "data" / "crystals" / "co2_pa3.extxyz")
+    atoms.calc = LennardJones(sigma=2.9, epsilon=0.01, rc=6.0, smooth=True)
+    summary = relax(atoms, fmax=0.005, steps=30, cell=True, symmetry=True)
+    assert summary["space_group"] == "Pa-3 (205)"
+    assert summary["space_group_final"] == "Pa-3 (205)"
+    assert summary["volume_final_a3"] != pytest.approx(summary["volume_initial_a3"], rel=1e-4)
+    assert atoms.constraints == []  # the symmetry constraint is removed afterwards
