@@ -247,3 +247,24 @@ def test_cli_ranks_resumes_and_writes_the_table(tmp_path, co2_crystal):
     bad = CliRunner().invoke(main, ["rank", "nothing.cif", "--molecule", "CO2"])
     assert bad.exit_code != 0
     assert "neither ice:NAME nor a file" in bad.output
+
+
+def test_candidates_from_cif_multi_frame_extxyz_and_ice_names(tmp_path, co2_crystal):
+    from ase.io import write
+
+    from deltaml.ranking import read_candidates
+
+    write(tmp_path / "form1.cif", co2_crystal)
+    frames = [co2_crystal, co2_crystal.copy()]
+    frames[1].info["name"] = "named"
+    write(tmp_path / "many.extxyz", frames)
+    found = read_candidates([tmp_path / "form1.cif", tmp_path / "many.extxyz", "ice:Ic"])
+    assert list(found) == ["form1", "many-0", "named", "ice Ic"]
+    np.testing.assert_allclose(found["form1"].cell.array, co2_crystal.cell.array, atol=1e-6)
+    assert identify_molecules(found["form1"]).count == {"CO2": 4}
+    assert found["ice Ic"].info["ice_phase"] == "Ic"
+    with pytest.raises(ParameterError, match="named 'form1'"):
+        read_candidates([tmp_path / "form1.cif", tmp_path / "form1.cif"])
+    write(tmp_path / "gas.xyz", molecule("CO2"))
+    with pytest.raises(ParameterError, match="not periodic"):
+        read_candidates([tmp_path / "gas.xyz"])
