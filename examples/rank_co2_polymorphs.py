@@ -15,11 +15,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from ase.build import molecule
-from rank_ice_polymorphs import run
+from rank_ice_polymorphs import parser_for, run
 
 from deltaml.ranking import read_candidates
 
@@ -27,13 +26,7 @@ CRYSTALS = Path(__file__).resolve().parent.parent / "data" / "crystals"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("out/co2_ranking"))
-    parser.add_argument("--model", type=Path, default=None, help="model.npz (default: fit)")
-    parser.add_argument("--fmax", type=float, default=0.02, help="eV/Å")
-    parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--reference", type=Path, default=None, help="CSV of reference energies")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = parser_for(__doc__.split("\n")[0], "out/co2_ranking")
     args = parser.parse_args()
     candidates = read_candidates([CRYSTALS / "co2_pa3.extxyz", CRYSTALS / "co2_cmca.extxyz"])
     run(candidates, [molecule("CO2")], args)

@@ -100,15 +100,21 @@ def run(candidates: dict, gas: list, args: argparse.Namespace) -> dict:
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--phases", default=",".join(ICE_PHASES), help="comma-separated")
-    parser.add_argument("--out", type=Path, default=Path("out/ice_ranking"))
+def parser_for(description: str, out: str) -> argparse.ArgumentParser:
+    """Options shared by the ranking examples (output folder, model, relaxation, reference)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--model", type=Path, default=None, help="model.npz (default: fit)")
     parser.add_argument("--fmax", type=float, default=0.02, help="eV/Å")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--reference", type=Path, default=None, help="CSV of reference energies")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main() -> None:
+    parser = parser_for(__doc__.split("\n")[0], "out/ice_ranking")
+    parser.add_argument("--phases", default=",".join(ICE_PHASES), help="comma-separated")
     args = parser.parse_args()
     candidates = read_candidates([f"ice:{p}" for p in args.phases.split(",")], seed=args.seed)
     run(candidates, [molecule("H2O")], args)
