@@ -418,6 +418,7 @@ class Ranking:
         unit; rel to the most stable candidate of m), ``sigma_latt_m`` and
         ``sigma_rel_m`` (kJ/mol, where m has an uncertainty), ``rank_m``,
         ``density_m`` (g/cm³, relaxed), ``converged_m``, ``steps_m``,
+        ``max_stress_gpa_m`` (largest stress component left, GPa),
         ``bonding_changed_m``; and ``Z``, ``formula``, ``density_initial``,
         the cell before (``a_initial`` …) and after with the primary method.
         """
@@ -451,6 +452,7 @@ class Ranking:
                         f"density_{method}": density_g_cm3(done.final),
                         f"converged_{method}": bool(done.summary["converged"]),
                         f"steps_{method}": int(done.summary["steps"]),
+                        f"max_stress_gpa_{method}": done.summary.get("max_stress_gpa", np.nan),
                         f"bonding_changed_{method}": done.bonding_changed,
                     }
                 )
