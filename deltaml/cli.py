@@ -500,7 +500,7 @@ def stability_command(
 @click.option("--budget", type=int, default=None, help="stop at this many labels")
 @click.option("--target-uncertainty", type=float, default=None, help="eV/Å")
 @click.option("--batch", default=5, show_default=True, help="labels per iteration")
-@click.option("--selection", default="uncertainty", show_default=True,
+@click.option("--selection", default="variance_reduction", show_default=True,
               type=click.Choice(["uncertainty", "variance_reduction", "random"]),
               help="how a batch is chosen (deltaml.active.select_batch)")  # fmt: skip
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,))

@@ -52,13 +52,16 @@ def validation() -> list[Atoms]:
     return _reference_labelled(_dimers(6, seed=99, scale=0.1))
 
 
-def _learner(tmp_path, validation, name: str) -> ActiveLearner:
+def _learner(
+    tmp_path, validation, name: str, selection: str = "variance_reduction"
+) -> ActiveLearner:
     store = LabelStore(tmp_path / f"{name}.db")
     if len(store) == 0:
         label_structures(_dimers(5, seed=1), store, reference=REFERENCE, workers=1, progress=False)
     return ActiveLearner(
         tmp_path / name, store, _dimers(1, seed=2, scale=0.0), reference=REFERENCE, model=MODEL,
-        validation=validation, md_steps=60, md_interval=6, batch=3, pool=8, seed=0,
+        validation=validation, md_steps=60, md_interval=6, batch=3, pool=8,
+        selection=selection, seed=0,
     )  # fmt: skip
 
 
@@ -107,7 +110,7 @@ def test_an_interrupted_loop_resumes_to_the_same_result(tmp_path, validation, wh
 
 @pytest.mark.slow
 def test_random_selection_is_seeded_and_differs_from_uncertainty(tmp_path, validation):
-    active = _learner(tmp_path, validation, "active")
+    active = _learner(tmp_path, validation, "active", selection="uncertainty")
     active.run(iterations=1)
     control = _learner(tmp_path, validation, "random")
     control.selection = "random"
