@@ -7,9 +7,11 @@ nothing labelled is lost or labelled twice):
 1. ``explore``: Langevin MD with the current composite from every starting
    geometry at every temperature; frames are recorded with their largest
    predicted force uncertainty (``iteration_<k>/candidates.extxyz``).
-2. ``select``: the ``pool`` most uncertain candidates, then a diverse batch among
-   them by farthest-point sampling of their mean SOAP vectors (or, for a
-   control experiment, a seeded random batch of all candidates).
+2. ``select``: a batch of candidates (:func:`select_batch`): the greedy batch
+   that most lowers the summed posterior variance of all candidates' atomic
+   environments (``variance_reduction``), or the ``pool`` most uncertain
+   candidates spread by farthest-point sampling of their mean SOAP vectors
+   (``uncertainty``), or, for a control experiment, a seeded random batch.
 3. ``label``: the batch is labelled with the reference into the label store
    (:func:`deltaml.labelling.label_structures`, itself resumable).
 4. ``fit``: the model is refitted on every label of the store and saved
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.linalg
 from ase import Atoms
 from ase.io import read, write
 from numpy.typing import NDArray
@@ -44,12 +47,19 @@ from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
 from deltaml.labelling import label_structures
-from deltaml.model import SparseGPR
+from deltaml.model import SparseGPR, _kernel
 from deltaml.reference import PySCFReference
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
 
-__all__ = ["STAGES", "ActiveLearner", "on_the_fly", "select_batch"]
+__all__ = [
+    "SELECTIONS",
+    "STAGES",
+    "ActiveLearner",
+    "on_the_fly",
+    "select_batch",
+    "variance_reduction_batch",
+]
 
 STAGES = ("explore", "select", "label", "fit")
 
@@ -81,9 +91,14 @@ class ActiveLearner:
     batch : int, default=5
         Structures labelled per iteration.
     pool : int, default=20
-        The most uncertain candidates among which the batch is spread (FPS).
-    selection : {"uncertainty", "random"}
-        ``random``: a seeded random batch of all candidates (control experiment).
+        The most uncertain candidates among which the batch is spread (FPS;
+        ``selection="uncertainty"`` only).
+    selection : {"variance_reduction", "uncertainty", "random"}, default="variance_reduction"
+        How a batch is chosen (:func:`select_batch`); ``random``: a seeded random
+        batch of all candidates (control experiment). ``variance_reduction`` is
+        the default: on the shipped dataset it beat ``uncertainty`` at every
+        budget and random selection at 25 and 100 labels
+        (``benchmarks/bench_active_learning.py``).
     seed : int, default=0
         Seed of the MD, the selection and the model.
     workers : int, default=1
@@ -105,12 +120,12 @@ class ActiveLearner:
         timestep_fs: float = 0.5,
         batch: int = 5,
         pool: int = 20,
-        selection: str = "uncertainty",
+        selection: str = "variance_reduction",
         seed: int = 0,
         workers: int = 1,
     ) -> None:
-        if selection not in ("uncertainty", "random"):
-            raise ParameterError(f"selection must be 'uncertainty' or 'random', got {selection!r}")
+        if selection not in SELECTIONS:
+            raise ParameterError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if batch < 1 or pool < batch:
             raise ParameterError(f"need 1 <= batch <= pool, got batch {batch}, pool {pool}")
         if not starting:
@@ -281,9 +296,10 @@ class ActiveLearner:
         if not candidates:
             return {"selected": []}
         sigma = np.array([a.info["uncertainty"] for a in candidates])
+        labelled = self._labelled() if self.selection == "variance_reduction" else None
         chosen = select_batch(
             self.model(k - 1), candidates, sigma, batch=self.batch, pool=self.pool,
-            selection=self.selection, seed=self.seed + k,
+            selection=self.selection, seed=self.seed + k, labelled=labelled,
         )  # fmt: skip
         return {"selected": chosen}
 
@@ -315,48 +331,69 @@ class ActiveLearner:
         return out
 
 
+SELECTIONS = ("uncertainty", "variance_reduction", "random")
+
+
 def select_batch(
     model: SparseGPR,
     candidates: Sequence[Atoms],
-    uncertainty: NDArray[np.float64],
+    uncertainty: NDArray[np.float64] | None,
     *,
     batch: int,
     pool: int,
     selection: str = "uncertainty",
     seed: int = 0,
+    labelled: Sequence[Atoms] | None = None,
+    noise: float = 0.1,
 ) -> list[int]:
-    """Indices of a batch to label: uncertain and diverse, or random.
+    """Indices of a batch to label: uncertain and diverse, most informative, or random.
 
     ``uncertainty``: the ``pool`` most uncertain candidates are kept; the most
     uncertain is taken first, then farthest-point sampling of the candidates'
-    mean SOAP vectors spreads the batch over them. ``random``: a seeded random
-    batch of all candidates (the control experiment).
+    mean SOAP vectors spreads the batch over them. ``variance_reduction``: the
+    greedy batch that most lowers the summed posterior variance of the atomic
+    energies of all candidates (:func:`variance_reduction_batch`; ``uncertainty``
+    and ``pool`` are not used). ``random``: a seeded random batch of all
+    candidates (the control experiment).
 
     Parameters
     ----------
     model : SparseGPR
-        Fitted model (its descriptor places candidates in descriptor space).
+        Fitted model (its descriptor and kernel place candidates in descriptor space).
     candidates : sequence of ase.Atoms
         Structures to choose from.
-    uncertainty : ndarray of shape (n_candidates,)
-        Their predicted uncertainty (e.g. largest force std, eV/Å).
+    uncertainty : ndarray of shape (n_candidates,) or None
+        Their predicted uncertainty (e.g. largest force std, eV/Å); needed by
+        ``selection="uncertainty"`` only.
     batch, pool : int
-        Batch size, and the number of most uncertain candidates it is drawn from.
-    selection : {"uncertainty", "random"}
+        Batch size, and the number of most uncertain candidates it is drawn from
+        (``uncertainty`` only).
+    selection : {"uncertainty", "variance_reduction", "random"}
     seed : int
-        Seed of the random selection.
+        Seed of the random selection (the other two are deterministic).
+    labelled : sequence of ase.Atoms, optional
+        The model's training structures: ``variance_reduction`` conditions on
+        their environments (without them, on nothing).
+    noise : float, default=0.1
+        ``variance_reduction`` only: noise variance of an observed atomic
+        environment, relative to its prior variance (dimensionless).
 
     Returns
     -------
     list of int
         Sorted indices into ``candidates``.
     """
+    if selection not in SELECTIONS:
+        raise ParameterError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     count = min(batch, len(candidates))
     if selection == "random":
         rng = np.random.default_rng(seed)
         return sorted(int(i) for i in rng.choice(len(candidates), size=count, replace=False))
-    if selection != "uncertainty":
-        raise ParameterError(f"selection must be 'uncertainty' or 'random', got {selection!r}")
+    if selection == "variance_reduction":
+        return sorted(variance_reduction_batch(model, candidates, count, labelled=labelled,
+                                               noise=noise))  # fmt: skip
+    if uncertainty is None:
+        raise ParameterError("selection='uncertainty' needs the candidates' uncertainty")
     keep = np.argsort(-np.asarray(uncertainty), kind="stable")[: max(pool, count)]
     vectors = np.array([_mean_descriptor(model, candidates[i]) for i in keep])
     picked = [0]  # the most uncertain first, then farthest points
@@ -366,6 +403,119 @@ def select_batch(
         picked.append(nxt)
         distance = np.minimum(distance, np.linalg.norm(vectors - vectors[nxt], axis=1))
     return sorted(int(keep[i]) for i in picked)
+
+
+def variance_reduction_batch(
+    model: SparseGPR,
+    candidates: Sequence[Atoms],
+    batch: int,
+    *,
+    labelled: Sequence[Atoms] | None = None,
+    noise: float = 0.1,
+) -> list[int]:
+    """Greedy batch that most lowers the total posterior variance of the candidates.
+
+    A Gaussian process on atomic environments with the model's kernel
+    (k(x̂_i·x̂_j) of the normalised SOAP vectors, zero between elements, unit
+    prior variance) is conditioned on every environment of ``labelled``. Labelling a
+    structure is taken to observe each of its environments with noise variance
+    ``noise``. The structure whose labelling most lowers the summed posterior
+    variance of *all* candidate environments is picked, the process is
+    conditioned on it (an exact rank update), and so on until ``batch``
+    structures are picked.
+
+    Why: the largest uncertainty favours rare structures, while the error to
+    lower is spread over all of them; the summed variance reduction counts how
+    many environments a label informs (large and representative structures
+    first) and, through the conditioning, never picks a near-duplicate of a
+    structure already in the batch or the training set. The forces of a
+    structure are derivatives of its atomic energies, so an environment
+    observed through its forces is the unit of information here; the sparse
+    (DTC) approximation of the model is not used, because the model's sparse
+    points are chosen again at the next fit.
+
+    Parameters
+    ----------
+    model : SparseGPR
+        Fitted model (descriptor, kernel and ζ).
+    candidates : sequence of ase.Atoms
+        Structures to choose from.
+    batch : int
+        Structures to pick (at most ``len(candidates)``).
+    labelled : sequence of ase.Atoms, optional
+        Structures already labelled (the model's training set).
+    noise : float, default=0.1
+        Noise variance of an observed environment relative to the prior
+        variance (dimensionless, > 0); smaller values weigh novelty more,
+        larger ones the number of similar environments.
+
+    Returns
+    -------
+    list of int
+        Indices into ``candidates``, in the order picked.
+
+    Notes
+    -----
+    Memory and time scale as the square of the number of candidate atoms
+    (plus training atoms), e.g. 2000 atoms: 32 MB and about a second per pick.
+    """
+    if not noise > 0:
+        raise ParameterError(f"noise must be positive, got {noise}")
+    count = min(int(batch), len(candidates))
+    if count < 1:
+        return []
+    values, numbers, owner = _environments(model, candidates)
+    covariance = _environment_kernel(model, values, numbers, values, numbers)
+    if labelled:
+        # Posterior after the training environments: C = K - K_ct (K_tt + ν I)^-1 K_tc.
+        t_values, t_numbers, _ = _environments(model, labelled)
+        k_tt = _environment_kernel(model, t_values, t_numbers, t_values, t_numbers)
+        k_tt[np.diag_indices_from(k_tt)] += noise
+        k_tc = _environment_kernel(model, t_values, t_numbers, values, numbers)
+        factor = scipy.linalg.cholesky(k_tt, lower=True, check_finite=False)
+        solved = scipy.linalg.solve_triangular(factor, k_tc, lower=True, check_finite=False)
+        covariance -= solved.T @ solved
+    members = [np.flatnonzero(owner == i) for i in range(len(candidates))]
+    picked: list[int] = []
+    for _ in range(count):
+        best, best_gain, best_update = -1, -np.inf, None
+        for i, rows in enumerate(members):
+            if i in picked:
+                continue
+            update = _observation_update(covariance, rows, noise)
+            gain = float(np.sum(update**2))  # trace of the variance reduction
+            if gain > best_gain:
+                best, best_gain, best_update = i, gain, update
+        covariance -= best_update.T @ best_update
+        picked.append(best)
+    return picked
+
+
+def _environments(
+    model: SparseGPR, frames: Sequence[Atoms]
+) -> tuple[NDArray[np.float64], NDArray[np.int64], NDArray[np.int64]]:
+    """Normalised SOAP vectors, elements and structure index of every atom of ``frames``."""
+    computed = [model.descriptor_.compute(atoms) for atoms in frames]
+    values = np.concatenate([c.values for c in computed])
+    numbers = np.concatenate([c.numbers for c in computed])
+    owner = np.repeat(np.arange(len(frames)), [len(c.values) for c in computed])
+    return values, numbers, owner
+
+
+def _environment_kernel(
+    model: SparseGPR, a: NDArray, za: NDArray, b: NDArray, zb: NDArray
+) -> NDArray[np.float64]:
+    """The model's kernel between environments (unit prior variance, zero across elements)."""
+    k, _, _ = _kernel(a @ b.T, model.kernel, model.zeta)
+    return np.where(za[:, None] == zb[None, :], k, 0.0)
+
+
+def _observation_update(covariance: NDArray, rows: NDArray, noise: float) -> NDArray:
+    """W with C_new = C - WᵀW after observing environments ``rows`` with noise ``noise``."""
+    block = covariance[np.ix_(rows, rows)]
+    block[np.diag_indices_from(block)] += noise
+    factor = scipy.linalg.cholesky(block, lower=True, check_finite=False)
+    return scipy.linalg.solve_triangular(factor, covariance[rows], lower=True, check_finite=False)
 
 
 def _mean_descriptor(model: SparseGPR, atoms: Atoms) -> np.ndarray:

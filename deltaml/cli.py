@@ -502,6 +502,9 @@ def stability_command(
 @click.option("--budget", type=int, default=None, help="stop at this many labels")
 @click.option("--target-uncertainty", type=float, default=None, help="eV/Å")
 @click.option("--batch", default=5, show_default=True, help="labels per iteration")
+@click.option("--selection", default="variance_reduction", show_default=True,
+              type=click.Choice(["uncertainty", "variance_reduction", "random"]),
+              help="how a batch is chosen (deltaml.active.select_batch)")  # fmt: skip
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,))
 @click.option("--md-steps", default=400, show_default=True)
 @click.option("--xc", default="revpbe0", show_default=True)
@@ -510,7 +513,7 @@ def stability_command(
 @click.option("--seed", default=0, show_default=True)
 def active_learn_command(
     store_url: str, start: str, workdir: str, validation: str | None, iterations: int,
-    budget: int | None, target_uncertainty: float | None, batch: int,
+    budget: int | None, target_uncertainty: float | None, batch: int, selection: str,
     temperatures: tuple[float, ...], md_steps: int, xc: str, basis: str, workers: int, seed: int,
 ) -> None:  # fmt: skip
     """Grow the store where the composite is uncertain (resumes from --workdir)."""
@@ -520,7 +523,7 @@ def active_learn_command(
             reference={"xc": xc, "basis": basis},
             validation=read_labelled(validation) if validation else None,
             temperatures=temperatures, md_steps=md_steps, batch=batch,
-            pool=max(4 * batch, 20), seed=seed, workers=workers,
+            pool=max(4 * batch, 20), selection=selection, seed=seed, workers=workers,
         )  # fmt: skip
         history = learner.run(
             iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,

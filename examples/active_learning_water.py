@@ -4,9 +4,10 @@
    into a fresh label store; other water clusters of the dataset are the fixed
    validation set.
 2. Runs the active-learning loop (:class:`deltaml.active.ActiveLearner`): Langevin
-   MD of the water trimer and hexamer with the current composite, the most
-   uncertain and diverse frames labelled with the reference, refit; and the same
-   loop with random selection of the candidates, at the same reference budget.
+   MD of the water trimer and hexamer with the current composite, the batch of
+   frames that most lowers the summed posterior variance of all frames
+   (``selection="variance_reduction"``) labelled with the reference, refit; and
+   the same loop with random selection of the candidates, at the same budget.
 3. Checks the final model with :func:`deltaml.evaluation.md_stability` on the
    hexamer at 300 K, and plots validation force error vs iteration for both.
 
@@ -50,7 +51,7 @@ def main() -> None:
           f"MD from {[a.get_chemical_formula() for a in starting]}")  # fmt: skip
 
     histories = {}
-    for selection in ("uncertainty", "random"):
+    for selection in ("variance_reduction", "random"):
         store = LabelStore(args.out / f"{selection}.db")
         import_labelled(store, initial)
         learner = ActiveLearner(
@@ -60,7 +61,7 @@ def main() -> None:
         )  # fmt: skip
         histories[selection] = learner.run(iterations=args.iterations, progress=True)
         for record in histories[selection]:
-            print(f"{selection:11s} iteration {record['iteration']}: {record['n_labels']} labels, "
+            print(f"{selection:18s} iteration {record['iteration']}: {record['n_labels']} labels, "
                   f"validation force MAE {record['validation']['force_mae']:.4f} eV/Å")  # fmt: skip
 
     final = ActiveLearner(

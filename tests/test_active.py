@@ -52,13 +52,16 @@ def validation() -> list[Atoms]:
     return _reference_labelled(_dimers(6, seed=99, scale=0.1))
 
 
-def _learner(tmp_path, validation, name: str) -> ActiveLearner:
+def _learner(
+    tmp_path, validation, name: str, selection: str = "variance_reduction"
+) -> ActiveLearner:
     store = LabelStore(tmp_path / f"{name}.db")
     if len(store) == 0:
         label_structures(_dimers(5, seed=1), store, reference=REFERENCE, workers=1, progress=False)
     return ActiveLearner(
         tmp_path / name, store, _dimers(1, seed=2, scale=0.0), reference=REFERENCE, model=MODEL,
-        validation=validation, md_steps=60, md_interval=6, batch=3, pool=8, seed=0,
+        validation=validation, md_steps=60, md_interval=6, batch=3, pool=8,
+        selection=selection, seed=0,
     )  # fmt: skip
 
 
@@ -107,7 +110,7 @@ def test_an_interrupted_loop_resumes_to_the_same_result(tmp_path, validation, wh
 
 @pytest.mark.slow
 def test_random_selection_is_seeded_and_differs_from_uncertainty(tmp_path, validation):
-    active = _learner(tmp_path, validation, "active")
+    active = _learner(tmp_path, validation, "active", selection="uncertainty")
     active.run(iterations=1)
     control = _learner(tmp_path, validation, "random")
     control.selection = "random"
@@ -136,3 +139,104 @@ def test_on_the_fly_labels_uncertain_frames_and_the_uncertainty_drops(tmp_path):
     assert result["n_labels"] == 3 + len(result["labelled"])
     for event in result["labelled"]:
         assert event["uncertainty_after"] < event["uncertainty_before"]
+
+
+# -- batch selection (no reference needed: a model fitted on made-up Δ labels) --------
+
+
+def _made_up(frames: list[Atoms], seed: int = 0) -> list[Atoms]:
+    """Copies with arbitrary Δ energies and forces (enough to fit a model)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for atoms in frames:
+        copy = atoms.copy()
+        copy.calc = SinglePointCalculator(
+            copy, energy=float(rng.normal()), forces=rng.normal(scale=0.1, size=(len(copy), 3))
+        )
+        out.append(copy)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    from deltaml.model import SparseGPR
+
+    frames = _made_up([molecule("H2O"), molecule("CH4"), molecule("CH3OH")])
+    return SparseGPR(**MODEL).fit(frames)
+
+
+def _shifted(name: str, seed: int, scale: float = 0.03) -> Atoms:
+    atoms = molecule(name)
+    atoms.positions += np.random.default_rng(seed).normal(scale=scale, size=atoms.positions.shape)
+    return atoms
+
+
+def test_the_greedy_batch_does_not_pick_a_duplicate_of_a_picked_structure(small_model):
+    from deltaml.active import variance_reduction_batch
+
+    dimer = _dimers(1, seed=3)[0]
+    candidates = [dimer, dimer.copy(), _shifted("CH4", 4)]
+    # Alone, the dimer (6 atoms, two copies in the pool) lowers the variance most ...
+    first = variance_reduction_batch(small_model, candidates, 1)
+    assert first == [0]
+    # ... but once it is picked, its duplicate informs almost nothing new.
+    assert variance_reduction_batch(small_model, candidates, 2) == [0, 2]
+    # A structure already labelled is known: its duplicate is not picked first.
+    again = variance_reduction_batch(small_model, candidates, 1, labelled=[dimer])
+    assert again == [2]
+
+
+def test_the_greedy_batch_matches_a_brute_force_gaussian_process(small_model):
+    from deltaml.active import _environment_kernel, _environments, variance_reduction_batch
+
+    candidates = [_shifted(n, s, 0.1) for s, n in enumerate(["H2O", "CH4", "CH3OH", "H2O", "CH4"])]
+    labelled = [_shifted("CH3OH", 9)]
+    noise = 0.1
+    values, numbers, owner = _environments(small_model, candidates)
+    t_values, t_numbers, _ = _environments(small_model, labelled)
+    x, z = np.vstack([t_values, values]), np.concatenate([t_numbers, numbers])
+    kernel = _environment_kernel(small_model, x, z, x, z)
+    n_train = len(t_values)
+
+    def total_variance(observed: list[int]) -> float:
+        """Summed posterior variance of the candidates' atoms, by a plain inverse."""
+        rows = np.concatenate([np.arange(n_train)] + [n_train + np.flatnonzero(owner == i)
+                                                      for i in observed])  # fmt: skip
+        gain = kernel[:, rows] @ np.linalg.inv(
+            kernel[np.ix_(rows, rows)] + noise * np.eye(len(rows))
+        )
+        posterior = kernel - gain @ kernel[rows]
+        return float(np.trace(posterior[n_train:, n_train:]))
+
+    expected: list[int] = []
+    for _ in range(3):
+        left = [i for i in range(len(candidates)) if i not in expected]
+        expected.append(min(left, key=lambda i: total_variance([*expected, i])))
+    picked = variance_reduction_batch(small_model, candidates, 3, labelled=labelled, noise=noise)
+    assert picked == expected
+
+
+def test_select_batch_is_reproducible_and_checks_its_arguments(small_model):
+    from deltaml.active import select_batch
+    from deltaml.errors import ParameterError
+
+    candidates = [_shifted(n, s) for s, n in enumerate(["H2O", "CH4", "CH3OH"] * 3)]
+    sigma = np.linspace(0.1, 0.9, len(candidates))
+    for selection in ("uncertainty", "variance_reduction", "random"):
+        one = select_batch(small_model, candidates, sigma, batch=3, pool=6, selection=selection)
+        two = select_batch(small_model, candidates, sigma, batch=3, pool=6, selection=selection)
+        assert one == two and len(set(one)) == 3 and one == sorted(one)
+    by_seed = {
+        tuple(
+            select_batch(small_model, candidates, None, batch=3, pool=6, selection="random", seed=s)
+        )
+        for s in range(5)
+    }
+    assert len(by_seed) > 1  # the seed matters
+    with pytest.raises(ParameterError):
+        select_batch(small_model, candidates, sigma, batch=3, pool=6, selection="largest")
+    with pytest.raises(ParameterError):
+        select_batch(small_model, candidates, None, batch=3, pool=6, selection="uncertainty")
+    with pytest.raises(ParameterError):
+        select_batch(small_model, candidates, None, batch=3, pool=6,
+                     selection="variance_reduction", noise=0.0)  # fmt: skip
