@@ -47,7 +47,7 @@ from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
 from deltaml.labelling import label_structures
-from deltaml.model import SparseGPR, _kernel
+from deltaml.model import SparseGPR, kernel_values
 from deltaml.reference import PySCFReference
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
@@ -506,7 +506,7 @@ def _environment_kernel(
     model: SparseGPR, a: NDArray, za: NDArray, b: NDArray, zb: NDArray
 ) -> NDArray[np.float64]:
     """The model's kernel between environments (unit prior variance, zero across elements)."""
-    k, _, _ = _kernel(a @ b.T, model.kernel, model.zeta)
+    k, _, _ = kernel_values(a @ b.T, model.kernel, model.zeta)
     return np.where(za[:, None] == zb[None, :], k, 0.0)
 
 

@@ -70,8 +70,8 @@ _UNCERTAINTY = ("forces", "energy", None)
 _VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
 
 
-def _kernel(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
-    """k(c), k'(c), k''(c) of the kernel as a function of c = x̂·ŷ."""
+def kernel_values(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
+    """k(c), k'(c), k''(c) of the kernel as a function of c = x̂·ŷ (``kind`` "dot" or "exp")."""
     if kind == "dot":
         k1 = zeta * c ** (zeta - 1) if zeta >= 1 else np.zeros_like(c)
         k2 = zeta * (zeta - 1) * c ** (zeta - 2) if zeta >= 2 else np.zeros_like(c)
@@ -380,7 +380,7 @@ class SparseGPR(BaseEstimator):
             if not len(rows):
                 continue
             sparse = self.sparse_values_[cols]
-            k, dk, _ = _kernel(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
+            k, dk, _ = kernel_values(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
             block = np.zeros((n_frames, len(cols)))
             np.add.at(block, frame_of_row[rows], d2 * k)
             energy[:, cols] = block
@@ -414,7 +414,7 @@ class SparseGPR(BaseEstimator):
 
     def _kmm(self) -> NDArray[np.float64]:
         same = self.sparse_numbers_[:, None] == self.sparse_numbers_[None, :]
-        k, _, _ = _kernel(self.sparse_values_ @ self.sparse_values_.T, self.kernel, self.zeta)
+        k, _, _ = kernel_values(self.sparse_values_ @ self.sparse_values_.T, self.kernel, self.zeta)
         return self.delta_**2 * np.where(same, k, 0.0)
 
     def _solve(self, design: NDArray, target: NDArray, sigma: NDArray) -> None:
@@ -486,7 +486,7 @@ class SparseGPR(BaseEstimator):
             if not len(rows):
                 continue
             sparse, alpha = self.sparse_values_[cols], self.alpha_[cols]
-            k, dk, _ = _kernel(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
+            k, dk, _ = kernel_values(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
             energy += d2 * float(np.sum(k @ alpha))
             weights[rows] = d2 * (dk * alpha) @ sparse
         out: dict[str, Any] = {"energy": energy}
@@ -523,20 +523,21 @@ class SparseGPR(BaseEstimator):
         per_atom_k = np.zeros((len(values), len(self.sparse_values_)))
         for z, cols in self._columns().items():
             mine = numbers == z
-            k, _, _ = _kernel(values[mine] @ self.sparse_values_[cols].T, self.kernel, self.zeta)
+            c = values[mine] @ self.sparse_values_[cols].T
+            k, _, _ = kernel_values(c, self.kernel, self.zeta)
             per_atom_k[np.ix_(mine, cols)] = self.delta_**2 * k
         return per_atom_k
 
     def _prior_energy_covariance(self, first: DescriptorBatch, second: DescriptorBatch) -> float:
         """Prior covariance of two structures' energies (eV²): δ² Σ_ij k(x̂_i, x̂_j), same species."""
         same = first.numbers[:, None] == second.numbers[None, :]
-        k_pairs, _, _ = _kernel(first.values @ second.values.T, self.kernel, self.zeta)
+        k_pairs, _, _ = kernel_values(first.values @ second.values.T, self.kernel, self.zeta)
         return self.delta_**2 * float(np.sum(np.where(same, k_pairs, 0.0)))
 
     def _energy_variance(self, computed: DescriptorBatch) -> tuple[NDArray, float]:
         """Posterior variance of each atomic energy and of the total (eV²), one structure."""
         per_atom_k = self._atom_kernel_rows(computed)
-        k_self, _, _ = _kernel(np.ones(1), self.kernel, self.zeta)
+        k_self, _, _ = kernel_values(np.ones(1), self.kernel, self.zeta)
         per_atom = self.delta_**2 * k_self[0] + self._posterior_terms(per_atom_k)
         prior_total = self._prior_energy_covariance(computed, computed)
         # The structure's kernel row is the sum of its atoms' rows.
@@ -595,7 +596,7 @@ class SparseGPR(BaseEstimator):
             rows = computed.position_rows[pairs]
             x = values[rows]
             same = numbers[rows][:, None] == numbers[rows][None, :]
-            _, k1, k2 = _kernel(x @ x.T, self.kernel, self.zeta)
+            _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
             for a in range(3):
                 g = computed.position_gradients[pairs, a, :]
                 gx = g @ x.T  # (g_i · x̂_i')
