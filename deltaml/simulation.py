@@ -104,6 +104,11 @@ def relax(
         fixed = FixSymmetry(atoms, symprec=symprec)
         atoms.set_constraint([*saved_constraints, fixed])
         summary["space_group"] = _space_group(atoms, symprec)
+    if cell:
+        # Ask for the stress first: a calculator that computes only what is asked
+        # (the composite) then has the energy too, and the optimizer's first step
+        # costs no second call.
+        atoms.get_stress()
     summary["energy_initial_ev"] = float(atoms.get_potential_energy())
     if cell:
         summary["volume_initial_a3"] = float(atoms.get_volume())

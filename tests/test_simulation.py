@@ -94,3 +94,21 @@ def test_symmetry_constrained_relaxation_keeps_the_space_group():
     stress_limit = 0.005 * len(atoms) / atoms.get_volume() / units.GPa
     assert 0.0 <= summary["max_stress_gpa"] < stress_limit * 1.0001
     assert atoms.constraints == []  # the symmetry constraint is removed afterwards
+
+
+def test_cell_relaxation_starts_with_one_call_of_the_composite(co2_crystal):
+    from deltaml import DeltaCalculator, ZeroCorrection
+
+    calc = DeltaCalculator(correction=ZeroCorrection(), method="GFN1-xTB", dispersion=None)
+    calls = []
+    inner = calc.calculate
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return inner(*args, **kwargs)
+
+    calc.calculate = counted
+    co2_crystal.calc = calc
+    summary = relax(co2_crystal, fmax=0.05, steps=1, cell=True)
+    # One call before the first step, one per step; the final values are cached.
+    assert len(calls) == summary["steps"] + 1
