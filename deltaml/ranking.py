@@ -538,23 +538,35 @@ class Ranking:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         table = self.table()
-        fig, ax = plt.subplots(figsize=(2.6 * len(self.methods) + 1.5, 4.5))
+        fig, ax = plt.subplots(figsize=(3.2 * len(self.methods) + 1.5, 5.0))
+        span = max(float(np.ptp(table[f"rel_{m}"])) for m in self.methods) or 1.0
         for k, method in enumerate(self.methods):
-            rel = table[f"rel_{method}"]
+            rel = table[f"rel_{method}"].sort_values()
             sigma = table.get(f"sigma_rel_{method}")
-            for name, value in rel.items():
+            # Error bars side by side along the level, labels pushed apart vertically.
+            xs = np.linspace(k - 0.25, k + 0.25, len(rel)) if len(rel) > 1 else [k]
+            label_y = _spread(rel.to_numpy(), 0.035 * span)
+            for x, y, (name, value) in zip(xs, label_y, rel.items(), strict=True):
                 ax.hlines(value, k - 0.3, k + 0.3, color=f"C{k}", lw=2)
                 if sigma is not None:
-                    ax.errorbar(k, value, yerr=sigma[name], color=f"C{k}", capsize=3, lw=1)
-                ax.annotate(str(name), (k + 0.32, value), fontsize=7, va="center")
+                    ax.errorbar(x, value, yerr=sigma[name], color=f"C{k}", capsize=3, lw=1)
+                ax.annotate(str(name), (k + 0.33, y), fontsize=7, va="center")
         ax.set_xticks(range(len(self.methods)), self.methods)
-        ax.set_xlim(-0.6, len(self.methods) - 0.1)
+        ax.set_xlim(-0.6, len(self.methods) - 0.05)
         ax.set_ylabel("relative lattice energy (kJ/mol per formula unit)")
         ax.set_title("polymorph ranking (error bars: ±1σ of the model)")
         fig.tight_layout()
         fig.savefig(path, dpi=150)
         plt.close(fig)
         return path
+
+
+def _spread(values: np.ndarray, gap: float) -> np.ndarray:
+    """Sorted ``values`` moved up just enough that neighbours are ``gap`` apart (labels)."""
+    out = np.array(values, dtype=float)
+    for i in range(1, len(out)):
+        out[i] = max(out[i], out[i - 1] + gap)
+    return out
 
 
 def _read_reference(reference: Mapping[str, float] | str | Path) -> dict[str, float]:
