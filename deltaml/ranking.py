@@ -419,8 +419,9 @@ class Ranking:
         ``sigma_rel_m`` (kJ/mol, where m has an uncertainty), ``rank_m``,
         ``density_m`` (g/cm³, relaxed), ``converged_m``, ``steps_m``,
         ``max_stress_gpa_m`` (largest stress component left, GPa),
-        ``bonding_changed_m``; and ``Z``, ``formula``, ``density_initial``,
-        the cell before (``a_initial`` …) and after with the primary method.
+        ``bonding_changed_m``, the relaxed cell ``a_m`` … ``gamma_m`` (Å,
+        degrees); and ``Z``, ``formula``, ``density_initial`` and the cell before
+        (``a_initial`` …).
         """
         import pandas as pd
 
@@ -434,10 +435,10 @@ class Ranking:
             )  # fmt: skip
             for key, value in zip(_CELL_KEYS, start.cell.cellpar(), strict=True):
                 rows[name][f"{key}_initial"] = float(value)
-            for key, value in zip(
-                _CELL_KEYS, self.results[first][name].final.cell.cellpar(), strict=True
-            ):
-                rows[name][f"{key}_{first}"] = float(value)
+            for method in self.methods:
+                final = self.results[method][name].final.cell.cellpar()
+                for key, value in zip(_CELL_KEYS, final, strict=True):
+                    rows[name][f"{key}_{method}"] = float(value)
         for method in self.methods:
             energies = self.lattice_energies(method)
             best = min(energies, key=energies.get)

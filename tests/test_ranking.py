@@ -235,6 +235,9 @@ def test_cli_ranks_resumes_and_writes_the_table(tmp_path, co2_crystal):
     table = pd.read_csv(tmp_path / "ranking.csv", index_col="candidate")
     assert set(table.index) == {"pa3", "expanded"}
     assert {"rel_composite", "rel_GFN2-xTB", "Z", "density_composite"} <= set(table.columns)
+    assert {"a_initial", "a_composite", "gamma_GFN2-xTB"} <= set(table.columns)
+    # No relaxation: the cell after is the cell before.
+    assert table.loc["pa3", "a_composite"] == pytest.approx(table.loc["pa3", "a_initial"])
     assert (table["Z"] == 4).all()
     assert (tmp_path / "ladder.png").stat().st_size > 1000
     assert json.loads((tmp_path / "summary.json").read_text())["table"].endswith("ranking.csv")
