@@ -567,6 +567,7 @@ def _gas_molecule(spec: str):
 @click.option("--no-relax", is_flag=True, help="single points on the given geometries")
 @click.option("--fmax", default=0.01, show_default=True, help="force threshold, eV/Å")
 @click.option("--steps", default=300, show_default=True, help="most optimizer steps")
+@click.option("--stress-tol", default=0.05, show_default=True, help="cell threshold, GPa")
 @click.option("--symmetry", is_flag=True, help="keep each candidate's space group")
 @click.option("--workdir", default="ranking", show_default=True, help="relaxed structures (resume)")
 @click.option("--reference", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -577,7 +578,8 @@ def _gas_molecule(spec: str):
 @_summary_option
 def rank_command(
     candidates: tuple[str, ...], molecules: tuple[str, ...], model: str | None, dispersion: str,
-    no_baseline: bool, no_relax: bool, fmax: float, steps: int, symmetry: bool, workdir: str,
+    no_baseline: bool, no_relax: bool, fmax: float, steps: int, stress_tol: float,
+    symmetry: bool, workdir: str,
     reference: str | None, plot: str | None, seed: int, output: str, summary: str | None,
 ) -> None:  # fmt: skip
     """Rank CANDIDATES (crystal files or ice:NAME) by lattice energy per formula unit.
@@ -601,7 +603,7 @@ def rank_command(
         ranking = rank_polymorphs(
             read_candidates(candidates, seed=seed), [_gas_molecule(m) for m in molecules],
             methods, workdir=workdir, relax_structures=not no_relax, fmax=fmax, steps=steps,
-            symmetry=symmetry, progress=True,
+            symmetry=symmetry, stress_tol_gpa=stress_tol, progress=True,
         )  # fmt: skip
         result = {"table": str(ranking.to_csv(output))}
         if plot is not None:

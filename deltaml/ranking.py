@@ -173,6 +173,7 @@ def rank_polymorphs(
     optimizer: str = "BFGS",
     symmetry: bool = False,
     maxstep: float = 0.2,
+    stress_tol_gpa: float | None = 0.05,
     progress: bool = False,
 ) -> Ranking:
     """Relax candidates and gas-phase molecules with each method; rank by lattice energy.
@@ -199,6 +200,9 @@ def rank_polymorphs(
         Keep each crystal's starting space group (spglib).
     maxstep : float, default=0.2
         Largest optimizer step, Å.
+    stress_tol_gpa : float or None, default=0.05
+        Stress threshold of the cell relaxation, GPa (None: ASE's cell filter
+        default, fmax·N/V, which for molecular crystals can leave ~1 GPa).
     progress : bool, default=False
         Progress bar over candidates.
 
@@ -219,7 +223,8 @@ def rank_polymorphs(
             raise ParameterError(f"candidate {name!r}: {exc}") from exc
     settings = {
         "relax": relax_structures, "fmax": fmax, "steps": steps, "optimizer": optimizer,
-        "symmetry": symmetry, "maxstep": maxstep, "format": RELAXATION_FORMAT,
+        "symmetry": symmetry, "maxstep": maxstep, "stress_tol_gpa": stress_tol_gpa,
+        "format": RELAXATION_FORMAT,
     }  # fmt: skip
     gas = {f"gas {k} {m.get_chemical_formula('hill')}": m for k, m in enumerate(molecules)}
     jobs = [(n, a, True) for n, a in candidates.items()] + [(n, a, False) for n, a in gas.items()]
@@ -272,6 +277,7 @@ def _relax_one(
             work, fmax=settings["fmax"], steps=settings["steps"], cell=is_crystal,
             optimizer=settings["optimizer"], symmetry=settings["symmetry"] and is_crystal,
             maxstep=settings["maxstep"],
+            stress_tol_gpa=settings["stress_tol_gpa"] if is_crystal else None,
         )  # fmt: skip
         if not summary["converged"]:
             log.warning("%s / %s: not converged in %d steps", method, name, summary["steps"])

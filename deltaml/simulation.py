@@ -50,6 +50,7 @@ def relax(
     symmetry: bool = False,
     symprec: float = 1e-3,
     maxstep: float = 0.2,
+    stress_tol_gpa: float | None = None,
 ) -> dict[str, Any]:
     """Relax positions (and the cell, for 3D-periodic structures) in place.
 
@@ -79,6 +80,10 @@ def relax(
         spglib tolerance for that space group, Å.
     maxstep : float, default=0.2
         Largest step of the optimizer, Å (bounded steps).
+    stress_tol_gpa : float, optional
+        Convergence threshold on the stress, GPa (cell relaxations): the cell
+        filter's factor is set so that ``fmax`` on its cell "forces" means this
+        stress at the starting volume. Default: ASE's factor (N atoms, see ``cell``).
 
     Returns
     -------
@@ -112,7 +117,15 @@ def relax(
     summary["energy_initial_ev"] = float(atoms.get_potential_energy())
     if cell:
         summary["volume_initial_a3"] = float(atoms.get_volume())
-    target = FrechetCellFilter(atoms) if cell else atoms
+    if cell and stress_tol_gpa is not None:
+        if stress_tol_gpa <= 0:
+            raise ParameterError(f"stress_tol_gpa must be positive, got {stress_tol_gpa}")
+        # Cell "forces" are V·σ/factor: this factor makes fmax correspond to stress_tol.
+        factor = stress_tol_gpa * units.GPa * atoms.get_volume() / fmax
+        target = FrechetCellFilter(atoms, exp_cell_factor=factor)
+        summary["stress_tol_gpa"] = stress_tol_gpa
+    else:
+        target = FrechetCellFilter(atoms) if cell else atoms
     opt = getattr(ase.optimize, optimizer)(target, logfile=None, maxstep=maxstep)
     if trajectory is not None:
         Path(trajectory).unlink(missing_ok=True)

@@ -82,7 +82,7 @@ def run(candidates: dict, gas: list, args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     ranking = rank_polymorphs(
         candidates, gas, methods(model_path, args.baseline), workdir=args.out / "relaxed",
-        fmax=args.fmax, steps=args.steps, progress=True,
+        fmax=args.fmax, steps=args.steps, stress_tol_gpa=args.stress_tol, progress=True,
     )  # fmt: skip
     table = ranking.table()
     ranking.to_csv(args.out / "ranking.csv")
@@ -94,6 +94,7 @@ def run(candidates: dict, gas: list, args: argparse.Namespace) -> dict:
         "model": str(model_path),
         "fmax_ev_a": args.fmax,
         "steps": args.steps,
+        "stress_tol_gpa": args.stress_tol,
         "wall_time_s": time.perf_counter() - start,
         "table": json.loads(table.to_json(orient="index")),
         "composite_vs_baseline": ranking.compare(
@@ -116,6 +117,7 @@ def parser_for(description: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="model.npz (default: fit)")
     parser.add_argument("--fmax", type=float, default=0.02, help="eV/Å")
     parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--stress-tol", type=float, default=0.05, help="cell threshold, GPa")
     parser.add_argument("--reference", type=Path, default=None, help="CSV of reference energies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -112,3 +112,22 @@ def test_cell_relaxation_starts_with_one_call_of_the_composite(co2_crystal):
     summary = relax(co2_crystal, fmax=0.05, steps=1, cell=True)
     # One call before the first step, one per step; the final values are cached.
     assert len(calls) == summary["steps"] + 1
+
+
+def test_stress_threshold_of_a_cell_relaxation_is_met():
+    from pathlib import Path
+
+    from ase.calculators.lj import LennardJones
+    from ase.io import read
+
+    atoms = read(Path(__file__).resolve().parent.parent / "data" / "crystals" / "co2_pa3.extxyz")
+    atoms.calc = LennardJones(sigma=2.9, epsilon=0.01, rc=6.0, smooth=True)
+    loose = atoms.copy()
+    loose.calc = LennardJones(sigma=2.9, epsilon=0.01, rc=6.0, smooth=True)
+    default = relax(loose, fmax=0.05, steps=200, cell=True)
+    tight = relax(atoms, fmax=0.05, steps=200, cell=True, stress_tol_gpa=0.001)
+    assert tight["converged"]
+    assert tight["max_stress_gpa"] < 0.001
+    assert tight["max_stress_gpa"] < default["max_stress_gpa"]
+    with pytest.raises(ParameterError, match="stress_tol_gpa"):
+        relax(atoms, cell=True, stress_tol_gpa=0.0)
