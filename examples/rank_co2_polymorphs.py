@@ -10,7 +10,7 @@ baseline evaluates them on supercells (``min_cell_width`` 7 Å).
 
 Usage::
 
-    python examples/rank_co2_polymorphs.py            # ~10 min on 2 cores
+    python examples/rank_co2_polymorphs.py            # ~5-10 min
 """
 
 from __future__ import annotations

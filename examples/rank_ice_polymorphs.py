@@ -16,7 +16,7 @@ densities and the cells; the PNG is the energy ladder. Relaxations are written t
 
 Usage::
 
-    python examples/rank_ice_polymorphs.py                         # all seven, ~1 h on 2 cores
+    python examples/rank_ice_polymorphs.py                         # all seven, ~30 min
     python examples/rank_ice_polymorphs.py --phases Ih,Ic --steps 50   # quick look
     python examples/rank_ice_polymorphs.py --reference ref.csv     # candidate,energy_kj_mol
     python examples/rank_ice_polymorphs.py --baseline GFN1-xTB --out out/ice_gfn1
