@@ -414,8 +414,7 @@ class Ranking:
         cov = self.covariance(method)
         if cov is None:
             return float("nan")
-        i, j = self.candidates.index(first), self.candidates.index(second)
-        return float(np.sqrt(max(cov[i, i] + cov[j, j] - 2.0 * cov[i, j], 0.0)))
+        return _difference_sigma(cov, self.candidates.index(first), self.candidates.index(second))
 
     def table(self) -> Any:
         """pandas DataFrame, one row per candidate, sorted by the primary method.
@@ -449,6 +448,7 @@ class Ranking:
             energies = self.lattice_energies(method)
             best = min(energies, key=energies.get)
             order = sorted(self.candidates, key=energies.get)
+            cov = self.covariance(method)
             for name in self.candidates:
                 done = self.results[method][name]
                 rows[name].update(
@@ -463,13 +463,10 @@ class Ranking:
                         f"bonding_changed_{method}": done.bonding_changed,
                     }
                 )
-                cov = self.covariance(method)
                 if cov is not None:
-                    i = self.candidates.index(name)
+                    i, b = self.candidates.index(name), self.candidates.index(best)
                     rows[name][f"sigma_latt_{method}"] = float(np.sqrt(max(cov[i, i], 0.0)))
-                    rows[name][f"sigma_rel_{method}"] = self.relative_uncertainty(
-                        name, best, method
-                    )
+                    rows[name][f"sigma_rel_{method}"] = _difference_sigma(cov, i, b)
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "candidate"
         return table.sort_values(f"E_latt_{first}")
@@ -566,6 +563,11 @@ class Ranking:
         fig.savefig(path, dpi=150)
         plt.close(fig)
         return path
+
+
+def _difference_sigma(cov: np.ndarray, i: int, j: int) -> float:
+    """Standard deviation of x_i − x_j from the covariance of x."""
+    return float(np.sqrt(max(cov[i, i] + cov[j, j] - 2.0 * cov[i, j], 0.0)))
 
 
 def _spread(values: np.ndarray, gap: float) -> np.ndarray:
