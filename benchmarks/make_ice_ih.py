@@ -43,9 +43,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.io import write
-from ase.units import _amu
 
-from deltaml.crystals import HOH_ANGLE_DEG, OH_BOND_A, genice_water
+from deltaml.crystals import HOH_ANGLE_DEG, OH_BOND_A, density_g_cm3, genice_water, repeat_unit
 
 #: Hirsch & Ojamäe (2004) structure number in GenIce2's ``11i`` plugin.
 STRUCTURE = 6
@@ -55,9 +54,6 @@ SPACE_GROUP = "P2_12_12_1"
 DEFAULT_DENSITY_G_CM3 = 0.92
 DEFAULT_SEED = 1000
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "crystals" / "ice_ih.extxyz"
-
-#: Two positions are the same site if closer than this, Å (GenIce2 works in double precision).
-_SAME_SITE_A = 1e-6
 
 
 def generate_genice2(density_g_cm3: float, seed: int) -> Atoms:
@@ -103,67 +99,6 @@ def generate_genice2(density_g_cm3: float, seed: int) -> Atoms:
     )
 
 
-def halve_along_a(doubled: Atoms) -> Atoms:
-    """Primitive half of a cell doubled along its first axis, checked to be exact.
-
-    Parameters
-    ----------
-    doubled : ase.Atoms
-        Orthorhombic cell made of two translation copies along a; molecules whole.
-
-    Returns
-    -------
-    ase.Atoms
-        The molecules whose oxygen has a fractional coordinate x < 1/2, in the cell
-        (a/2, b, c).
-
-    Raises
-    ------
-    RuntimeError
-        If a molecule of the kept half has no copy shifted by a/2 (within 1e-6 Å).
-    """
-    molecules = doubled.positions.reshape(-1, 3, 3)
-    frac_o = doubled.cell.scaled_positions(molecules[:, 0]) % 1.0
-    keep = frac_o[:, 0] < 0.5 - 1e-9
-    if keep.sum() * 2 != len(molecules):
-        raise RuntimeError(
-            f"{keep.sum()} of {len(molecules)} molecules lie in the first half along a; "
-            "expected exactly half"
-        )
-    shift = doubled.cell.array[0] / 2.0
-    others = molecules[~keep]
-    for index, mol in zip(np.flatnonzero(keep), molecules[keep], strict=True):
-        # The copy may list its two H atoms in the other order.
-        dist = np.minimum(
-            _mic_mismatch(others, mol + shift, doubled.cell.array),
-            _mic_mismatch(others, (mol + shift)[[0, 2, 1]], doubled.cell.array),
-        )
-        if dist.min() > _SAME_SITE_A:
-            raise RuntimeError(
-                f"molecule {index} has no copy shifted by a/2 (closest {dist.min():.2e} Å, "
-                f"allowed {_SAME_SITE_A:.0e} Å): the cell is not two translation copies"
-            )
-    cell = doubled.cell.array.copy()
-    cell[0] /= 2.0
-    symbols = np.array(doubled.get_chemical_symbols()).reshape(-1, 3)[keep].ravel()
-    positions = molecules[keep].reshape(-1, 3)
-    return Atoms(symbols=list(symbols), positions=positions, cell=cell, pbc=True)
-
-
-def _mic_mismatch(candidates: np.ndarray, target: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """Largest atom-by-atom distance (Å, minimum image) of each candidate molecule to ``target``."""
-    delta = (candidates - target).reshape(-1, 3)
-    frac = np.linalg.solve(cell.T, delta.T).T
-    frac -= np.round(frac)  # the copy may sit one full period away
-    return np.linalg.norm(frac @ cell, axis=1).reshape(-1, 3).max(axis=1)
-
-
-def density_g_cm3(atoms: Atoms) -> float:
-    """Mass density, g/cm³."""
-    mass_g = atoms.get_masses().sum() * _amu * 1e3
-    return float(mass_g / (atoms.get_volume() * 1e-24))
-
-
 def summary(atoms: Atoms) -> dict[str, float]:
     """Numbers that PROVENANCE.md reports: sizes (Å), density (g/cm³), dipole (e·Å)."""
     molecules = atoms.positions.reshape(-1, 3, 3)
@@ -196,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.getLogger().setLevel(logging.WARNING)  # GenIce2 logs every stage at INFO
     doubled = generate_genice2(args.density, args.seed)
-    atoms = halve_along_a(doubled)
+    atoms = repeat_unit(doubled, (2, 1, 1))  # checked: two exact translation copies
     numbers = summary(atoms)
     atoms.info.update(
         {

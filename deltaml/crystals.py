@@ -272,7 +272,8 @@ def ice_polymorph(name: str, *, min_width: float = 7.0, seed: int = 0) -> Atoms:
     if name not in ICE_PHASES:
         raise ParameterError(f"unknown ice phase {name!r}; known: {sorted(ICE_PHASES)}")
     phase = ICE_PHASES[name]
-    unit = _reduce(_genice_cell(phase.lattice, tuple(sorted(phase.options)), seed), phase.reduce)
+    cell = _genice_cell(phase.lattice, tuple(sorted(phase.options)), seed)
+    unit = repeat_unit(cell, phase.reduce)
     from ase.build import make_supercell
 
     matrix = wide_cell_matrix(unit.cell.array, min_width) if min_width > 0 else np.eye(3)
@@ -337,12 +338,25 @@ def _genice_cell(lattice: str, options: tuple[str, ...], seed: int) -> Atoms:
     )
 
 
-def _reduce(atoms: Atoms, divisors: tuple[int, int, int]) -> Atoms:
-    """The repeat unit of a cell made of translation copies (checked to 1e-6 Å).
+def repeat_unit(atoms: Atoms, divisors: tuple[int, int, int]) -> Atoms:
+    """The repeat unit of a water cell made of translation copies (checked to 1e-6 Å).
 
-    Keeps the molecules whose oxygen lies in the first 1/n_k of each axis and
-    checks that every other molecule is one of them shifted by a lattice vector
-    of the small cell (its two H atoms in either order).
+    Keeps the molecules (atoms O, H, H, consecutive and whole) whose oxygen lies
+    in the first 1/n_k of each axis and checks that every other molecule is one
+    of them shifted by a lattice vector of the small cell (its two H atoms in
+    either order).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Periodic water cell, molecules whole.
+    divisors : (int, int, int)
+        Copies along each cell vector.
+
+    Raises
+    ------
+    ParameterError
+        If the cell is not that many translation copies.
     """
     if divisors == (1, 1, 1):
         return atoms.copy()

@@ -8,12 +8,12 @@ from ase.build import molecule
 
 from deltaml.crystals import (
     ICE_PHASES,
-    _reduce,
     bonding_changes,
     density_g_cm3,
     formula_units,
     ice_polymorph,
     identify_molecules,
+    repeat_unit,
     wide_cell_matrix,
 )
 from deltaml.errors import ParameterError
@@ -108,13 +108,13 @@ def test_ice_builder_refuses_unknown_phases_and_wrong_reductions():
         ice_polymorph("XXI")
     ice = ice_polymorph("II", min_width=0.0)
     with pytest.raises(ParameterError, match="copies"):
-        _reduce(ice, (2, 1, 1))
+        repeat_unit(ice, (2, 1, 1))
 
 
 def test_reduced_ice_cell_replicates_to_the_original():
     from deltaml.crystals import _genice_cell
 
     full = _genice_cell("8", (), 0)
-    unit = _reduce(full, (2, 2, 2))
+    unit = repeat_unit(full, (2, 2, 2))
     assert len(unit) * 8 == len(full)
     np.testing.assert_allclose(unit.get_volume() * 8, full.get_volume())
