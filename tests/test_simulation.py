@@ -43,12 +43,16 @@ def test_nve_conserves_energy_and_reports_a_small_drift():
 
 def test_langevin_md_is_reproducible_with_a_seed():
     runs = []
-    for _ in range(2):
+    for seed in (4, 4, 5):
         atoms = molecule("H2O")
         atoms.calc = XTBBaseline()
-        run_md(atoms, temperature_k=300, steps=30, seed=4)
+        run_md(atoms, temperature_k=300, steps=30, seed=seed)
         runs.append(atoms.positions.copy())
-    np.testing.assert_array_equal(runs[0], runs[1])
+    # Same seed, same trajectory up to round-off: tblite's OpenMP reductions may
+    # change the last bit of a force (1e-16 Å seen in CI), never 1e-10 Å in 30 steps.
+    np.testing.assert_allclose(runs[0], runs[1], rtol=0, atol=1e-10)
+    # Another seed gives another trajectory.
+    assert np.abs(runs[0] - runs[2]).max() > 1e-4
 
 
 def test_vibrations_of_water_have_three_real_modes():
