@@ -13,6 +13,7 @@ Data flow: baseline, dispersion, correction (model) → **composite** → applic
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from deltaml.baseline import (
     check_baseline_parameters,
 )
 from deltaml.correction import Correction, CorrectionResult, record_differences
+from deltaml.crystals import check_same_molecules, identify_molecules
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import (
     OutOfDomainError,
@@ -148,6 +150,7 @@ class DeltaCalculator(Calculator):
             )
         self._baseline: XTBBaseline | None = None
         self._dispersion: D3Dispersion | None = None
+        self._molecules: tuple[weakref.ref, np.ndarray] | None = None
         Calculator.__init__(self, atoms=atoms, **kwargs)
         self.correction = correction
         _check_double_counting(self.parameters)
@@ -168,6 +171,7 @@ class DeltaCalculator(Calculator):
             )
         self._correction = value
         self._terms_checked = False
+        self._molecules = None
         self.reset()
 
     def set(self, **kwargs: Any) -> dict:
@@ -281,6 +285,7 @@ class DeltaCalculator(Calculator):
     ) -> None:
         """Evaluate every term and their sum; see the class docstring."""
         properties = properties or ["energy"]
+        owner = atoms  # the caller's object: the molecules stay fixed while it is computed
         Calculator.calculate(self, atoms, properties, system_changes)
         atoms = self.atoms
         want_stress = "stress" in properties
@@ -306,6 +311,8 @@ class DeltaCalculator(Calculator):
             "baseline": _term_results(self.baseline, atoms, wanted),
         }
         want_forces = True  # the baseline computes forces anyway; ASE caches them
+        if getattr(self.correction, "molecular", False):
+            self._check_molecules(atoms, owner)
         predicted = self.correction.predict(atoms, forces=want_forces, stress=want_stress)
         terms["correction"] = {
             "energy": float(predicted.energy),
@@ -338,6 +345,8 @@ class DeltaCalculator(Calculator):
             for name, part in zip(TERMS, parts, strict=True):
                 self.results[f"{prop}_{name}"] = np.asarray(part, dtype=float)
             self.results[prop] = np.sum(parts, axis=0)
+        for part, energy in (predicted.parts or {}).items():
+            self.results[f"energy_correction_{part}"] = float(energy)
         if "supercell_repeats" in self.baseline.results:
             self.results["supercell_repeats"] = self.baseline.results["supercell_repeats"]
         if predicted.energy_uncertainty is not None:
@@ -347,6 +356,16 @@ class DeltaCalculator(Calculator):
         if predicted.forces_uncertainty is not None:
             self.results["forces_uncertainty"] = np.asarray(predicted.forces_uncertainty)
         self._check_domain(predicted)
+
+    def _check_molecules(self, atoms: Atoms, owner: Atoms | None) -> None:
+        """Fix the molecules of a new Atoms object; refuse a change of bonding on the same one."""
+        if self._molecules is not None and owner is not None:
+            known, labels = self._molecules
+            if known() is owner and len(labels) == len(atoms):
+                check_same_molecules(labels, atoms)
+                return
+        labels = identify_molecules(atoms).labels
+        self._molecules = (weakref.ref(owner), labels) if owner is not None else None
 
     def _check_domain(self, predicted: CorrectionResult) -> None:
         """Warn or raise where the correction's force uncertainty exceeds the threshold."""

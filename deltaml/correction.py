@@ -50,6 +50,9 @@ class CorrectionResult:
         Per-atom standard deviations, eV.
     forces_uncertainty : ndarray of shape (n_atoms,) or None
         Per-atom force standard deviations, eV/Å.
+    parts : dict of str to float, or None
+        Energy of each part of a decomposed correction, eV, summing to
+        ``energy`` (e.g. ``offsets``, ``intra``, ``inter``).
     """
 
     energy: float
@@ -58,6 +61,7 @@ class CorrectionResult:
     energy_uncertainty: float | None = None
     energies_uncertainty: NDArray[np.float64] | None = None
     forces_uncertainty: NDArray[np.float64] | None = None
+    parts: dict[str, float] | None = None
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from ase import Atoms
 from ase.units import _amu
 from numpy.typing import NDArray
 
-from deltaml.errors import ParameterError
+from deltaml.errors import ParameterError, TopologyChangedError, TopologyError
 from deltaml.structures import perpendicular_widths
 
 #: Bonded if closer than this factor times the sum of the covalent radii.
@@ -99,6 +99,93 @@ def identify_molecules(atoms: Atoms, *, scale: float = BOND_SCALE) -> Molecules:
     ]
     bonds = frozenset((int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j)
     return Molecules(labels=labels.astype(np.int64), formulas=formulas, bonds=bonds)
+
+
+def whole_molecules(atoms: Atoms, *, scale: float = BOND_SCALE) -> tuple[Molecules, NDArray]:
+    """Molecules and positions with every molecule whole (unwrapped across the cell).
+
+    Each molecule is grown from its first atom along its bonds, taking every bonded
+    neighbour at the periodic image the bond reaches, so that a molecule split by
+    the cell boundary comes out in one piece. A molecule is always whole in a
+    non-periodic structure.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Molecule, cluster or periodic crystal.
+    scale : float, default=1.2
+        Bond rule of :func:`identify_molecules`.
+
+    Returns
+    -------
+    molecules : Molecules
+        As :func:`identify_molecules`.
+    positions : ndarray of shape (n_atoms, 3)
+        Cartesian positions (Å), atoms moved by lattice vectors only.
+
+    Raises
+    ------
+    TopologyError
+        A molecule is bonded to its own periodic image (a chain, layer or network
+        solid): it has no finite "own molecule".
+    """
+    from collections import deque
+
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    molecules = identify_molecules(atoms, scale=scale)
+    positions = atoms.get_positions()
+    if not atoms.pbc.any():
+        return molecules, positions
+    first, second, shifts = neighbor_list("ijS", atoms, natural_cutoffs(atoms, mult=scale))
+    order = np.argsort(first, kind="stable")
+    first, second, shifts = first[order], second[order], shifts[order]
+    bounds = np.searchsorted(first, np.arange(len(atoms) + 1))
+    image = np.zeros((len(atoms), 3), dtype=np.int64)
+    seen = np.zeros(len(atoms), dtype=bool)
+    for start in range(len(atoms)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue = deque([start])
+        while queue:
+            i = queue.popleft()
+            for k in range(bounds[i], bounds[i + 1]):
+                j, reached = int(second[k]), image[i] + shifts[k]
+                if not seen[j]:
+                    seen[j], image[j] = True, reached
+                    queue.append(j)
+                elif (image[j] != reached).any():
+                    label = molecules.labels[i]
+                    raise TopologyError(
+                        f"molecule {label} ({molecules.formulas[label]}) is bonded to its own "
+                        f"periodic image (atoms {i} and {j}): an infinite "
+                        "chain, layer or network has no intramolecular part; use the atomic "
+                        "decomposition for it"
+                    )
+    return molecules, positions + image @ atoms.cell.array
+
+
+def check_same_molecules(reference: NDArray, atoms: Atoms, *, scale: float = BOND_SCALE) -> None:
+    """Refuse a structure whose molecules differ from ``reference`` labels.
+
+    Raises
+    ------
+    TopologyChangedError
+        Naming a molecule that broke or two that merged.
+    """
+    now = identify_molecules(atoms, scale=scale).labels
+    if len(now) == len(reference) and (now == reference).all():
+        return
+    # Labels are numbered by first atom, so equal partitions give equal labels.
+    changed = np.flatnonzero(now != reference) if len(now) == len(reference) else [0]
+    atom = int(changed[0])
+    raise TopologyChangedError(
+        f"the covalent bonding changed (at atom {atom}, {atoms.get_chemical_symbols()[atom]}): "
+        f"{int(reference.max()) + 1} molecules at the start, {int(now.max()) + 1} now. The "
+        "molecular decomposition fixes the molecules for a calculation; a bond broken or "
+        "formed is outside what it models"
+    )
 
 
 def bonding_changes(

@@ -44,6 +44,7 @@ __all__ = [
     "delta_targets",
     "export_labelled",
     "import_labelled",
+    "interaction_groups",
     "read_labelled",
     "write_labelled",
 ]
@@ -474,7 +475,8 @@ def delta_targets(
     -------
     frames : list of ase.Atoms
         Copies whose calculator holds the Δ energy (eV), forces (eV/Å) and stress
-        (eV/Å³) where the reference has them; ``info`` is kept.
+        (eV/Å³) where the reference has them; ``info`` is kept, with the
+        reference's own energy added as ``info["reference_energy"]`` (eV).
     trained_with : dict
         ``{"baseline": record, "dispersion": record or None}``, as
         :meth:`deltaml.calculator.DeltaCalculator.terms_record` gives them.
@@ -510,7 +512,7 @@ def delta_targets(
             for key in delta:
                 delta[key] = delta[key] - term[key]
         frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-        frame.info = dict(atoms.info)
+        frame.info = {**atoms.info, "reference_energy": float(results["energy"])}
         frame.calc = SinglePointCalculator(frame, **delta)
         frames.append(frame)
     return frames, {"baseline": records["baseline"], "dispersion": records.get("dispersion")}
@@ -551,3 +553,50 @@ def _computed_term(atoms: Atoms, calc: Any, wanted: list[str]) -> dict[str, Any]
     if "stress" in wanted:
         term["stress"] = probe.get_stress(voigt=True)
     return term
+
+
+def interaction_groups(structures: Sequence[Atoms]) -> list[tuple[int, list[int]]]:
+    """Complexes whose every molecule is also a structure of its own, at the same geometry.
+
+    Such a group makes an interaction energy an exact difference of labels:
+    E_int = E(complex) − Σ E(molecule). A molecule matches when a single-molecule,
+    non-periodic structure has the same elements and positions in the same order,
+    up to a translation, to 1e-6 Å (a rigid scan moves a monomer; it does not
+    change it). Molecules are found by :func:`deltaml.crystals.whole_molecules`.
+
+    Parameters
+    ----------
+    structures : sequence of ase.Atoms
+        Any structures; periodic ones are skipped.
+
+    Returns
+    -------
+    list of (int, list of int)
+        Index of each complex and the indices of its molecules, in the order of
+        the complex's molecules (first atom first).
+    """
+    from deltaml.crystals import whole_molecules
+
+    def key(numbers: np.ndarray, positions: np.ndarray) -> bytes:
+        centred = positions - positions.mean(axis=0)
+        return numbers.astype(np.int64).tobytes() + np.round(centred, 6).tobytes()
+
+    monomers: dict[bytes, int] = {}
+    complexes = []
+    for index, atoms in enumerate(structures):
+        if atoms.pbc.any():
+            continue
+        molecules, positions = whole_molecules(atoms)
+        if len(molecules.formulas) == 1:
+            monomers.setdefault(key(atoms.numbers, positions), index)
+            continue
+        parts = [
+            key(atoms.numbers[molecules.labels == m], positions[molecules.labels == m])
+            for m in range(len(molecules.formulas))
+        ]
+        complexes.append((index, parts))
+    return [
+        (index, [monomers[p] for p in parts])
+        for index, parts in complexes
+        if all(p in monomers for p in parts)
+    ]

@@ -38,7 +38,7 @@ from deltaml.errors import (
 )
 from deltaml.structures import validate_structure
 
-__all__ = ["BACKENDS", "GRADIENTS", "DescriptorBatch", "SOAPDescriptor"]
+__all__ = ["BACKENDS", "GRADIENTS", "DescriptorBatch", "SOAPDescriptor", "normalise_rows"]
 
 #: Engines behind :class:`SOAPDescriptor`.
 BACKENDS = ("featomic", "dscribe")
@@ -347,7 +347,11 @@ class SOAPDescriptor:
     # ------------------------------------------------------------------ compute
 
     def compute(
-        self, frames: Atoms | Sequence[Atoms], gradients: Iterable[str] = ()
+        self,
+        frames: Atoms | Sequence[Atoms],
+        gradients: Iterable[str] = (),
+        *,
+        normalise: bool = True,
     ) -> DescriptorBatch:
         """Normalised SOAP rows of every atom of one or several structures.
 
@@ -358,6 +362,10 @@ class SOAPDescriptor:
             False) or periodic in all three directions.
         gradients : iterable of str, default=()
             Any of ``"positions"`` and ``"strain"`` (featomic only).
+        normalise : bool, default=True
+            False: the raw power spectra (and their gradients), whose norm grows
+            with the density of neighbours (the intermolecular part of
+            :mod:`deltaml.intermolecular` needs them; see :func:`normalise_rows`).
 
         Returns
         -------
@@ -398,7 +406,7 @@ class SOAPDescriptor:
             batch = self._compute_featomic(frames, gradients, offsets)
         else:
             batch = self._compute_dscribe(frames, gradients, offsets)
-        return _normalise(batch)
+        return normalise_rows(batch) if normalise else batch
 
     def _check_frame(self, atoms: Atoms, k: int) -> None:
         if not isinstance(atoms, Atoms):
@@ -547,7 +555,7 @@ def _densify_featomic(
     return batch
 
 
-def _normalise(batch: DescriptorBatch) -> DescriptorBatch:
+def normalise_rows(batch: DescriptorBatch) -> DescriptorBatch:
     """Rows ``x / |x|`` and gradients ``(dx - x̂ (x̂ · dx)) / |x|``, in place."""
     norms = np.linalg.norm(batch.values, axis=1)
     if np.any(norms == 0):

@@ -34,6 +34,8 @@ __all__ = [
     "SingularCellError",
     "StructureError",
     "TermMismatchError",
+    "TopologyChangedError",
+    "TopologyError",
     "UnsupportedCapabilityError",
     "UnsupportedElementError",
 ]
@@ -69,6 +71,14 @@ class SingularCellError(StructureError):
 
 class ChargeMultiplicityError(StructureError):
     """Charge and multiplicity are inconsistent with the number of electrons."""
+
+
+class TopologyError(StructureError):
+    """The molecules of a structure cannot be told apart (a molecule bonded to its own image)."""
+
+
+class TopologyChangedError(DeltaMLError, CalculationFailed):
+    """The covalent bonding changed during a calculation that fixed the molecules."""
 
 
 class ParameterError(DeltaMLError, InputError, ValueError):

@@ -34,6 +34,7 @@ __all__ = [
     "delta_targets_for",
     "error_table",
     "errors",
+    "interaction_energies",
     "md_stability",
     "plot_calibration",
     "plot_parity",
@@ -94,6 +95,73 @@ def predict_all(model: Any, frames: Sequence[Atoms], *, progress: bool = False) 
         out.force_predicted = np.concatenate(forces["predicted"])
         out.force_std = np.concatenate(forces["std"])
         out.force_numbers = np.concatenate(forces["numbers"])
+    return out
+
+
+def interaction_energies(
+    model: Any, targets: Sequence[Atoms], groups: Sequence[tuple[int, list[int]]] | None = None
+) -> list[dict[str, Any]]:
+    """Interaction energies of complexes: reference, terms alone and composite, with σ.
+
+    For a complex C with molecules M_k at the same geometry, the interaction
+    energy is E(C) − Σ_k E(M_k). Δ targets are reference − terms, so the terms'
+    interaction energy is the reference's minus the Δ targets', and the
+    composite's is the terms' plus the model's. σ is that of the model's
+    prediction of the difference, from the posterior covariance of the complex
+    and its molecules together (:meth:`~deltaml.model.SparseGPR.energy_covariance`).
+
+    Parameters
+    ----------
+    model : SparseGPR
+        Fitted Δ-model.
+    targets : sequence of ase.Atoms
+        Δ-labelled structures (:func:`deltaml.dataset.delta_targets`), each with
+        ``info["reference_energy"]`` (eV), complexes and molecules among them.
+    groups : sequence of (int, list of int), optional
+        Complex and molecule indices into ``targets``; default: every complex
+        found by :func:`deltaml.dataset.interaction_groups`.
+
+    Returns
+    -------
+    list of dict
+        Per complex: ``index``, ``name``, ``reference``, ``terms``, ``composite``
+        and ``sigma`` (kcal/mol).
+    """
+    from deltaml.dataset import interaction_groups
+
+    if groups is None:
+        groups = interaction_groups(targets)
+    out = []
+    weights = None
+    for index, parts in groups:
+        members = [targets[index], *(targets[k] for k in parts)]
+        missing = [
+            k
+            for k, a in zip([index, *parts], members, strict=True)
+            if "reference_energy" not in a.info
+        ]
+        if missing:
+            raise ValueError(
+                f"structure(s) {missing} carry no info['reference_energy'] (eV): use the targets "
+                "returned by deltaml.dataset.delta_targets"
+            )
+        weights = np.array([1.0] + [-1.0] * len(parts))
+        reference = float(weights @ [a.info["reference_energy"] for a in members])
+        delta = float(weights @ [a.calc.results["energy"] for a in members])
+        predicted = float(weights @ [model.predict(a, forces=False).energy for a in members])
+        covariance = model.energy_covariance(members)
+        sigma = float(np.sqrt(max(weights @ covariance @ weights, 0.0)))
+        terms = reference - delta
+        out.append(
+            {
+                "index": int(index),
+                "name": targets[index].info.get("name", str(index)),
+                "reference": reference / _KCAL_PER_MOL,
+                "terms": terms / _KCAL_PER_MOL,
+                "composite": (terms + predicted) / _KCAL_PER_MOL,
+                "sigma": sigma / _KCAL_PER_MOL,
+            }
+        )
     return out
 
 

@@ -1,6 +1,23 @@
 r"""The Δ-model: sparse Gaussian-process regression on SOAP, energies + forces + virials.
 
-The correction energy is a sum of atomic contributions (size-extensive by
+Two decompositions of the correction, chosen with ``decomposition`` and recorded
+in the model file:
+
+- ``"atomic"``: a sum of atomic energies of whole environments (below). For
+  covalent and reactive use: bonds may break and form.
+- ``"molecular"`` (default): per-element offsets + an **intramolecular** GP on
+  each atom's SOAP within its own molecule + an **intermolecular** GP on what the
+  other molecules add to it (:mod:`deltaml.intermolecular`). The intramolecular
+  part cancels exactly in an interaction or lattice energy at fixed monomer
+  geometry, so its error cannot leak there; the intermolecular part is zero,
+  with its gradient, when no other molecule is within the cut-off, and has its
+  own prior width ``inter_delta``, set from the spread of the interaction
+  energies in the training set (pairs of a complex and all its monomers), so
+  that with little interaction data it stays small. Molecules come from
+  covalent connectivity; a calculation keeps them fixed (a change of bonding is
+  an error, see :class:`~deltaml.calculator.DeltaCalculator`).
+
+The atomic decomposition: the correction energy is a sum of atomic contributions (size-extensive by
 construction), each a per-element offset plus a Gaussian process on the atom's
 normalised SOAP power spectrum :math:`\hat x_i`:
 
@@ -33,8 +50,9 @@ Data flow: descriptors, labelled data → **model** → composite calculator.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -48,6 +66,7 @@ from numpy.typing import NDArray
 from sklearn.base import BaseEstimator
 
 from deltaml.correction import CorrectionResult
+from deltaml.dataset import interaction_groups
 from deltaml.descriptors import DescriptorBatch, SOAPDescriptor
 from deltaml.errors import (
     MissingLabelError,
@@ -56,28 +75,29 @@ from deltaml.errors import (
     ParameterError,
     UnsupportedElementError,
 )
+from deltaml.intermolecular import split_by_molecule
+from deltaml.kernels import VOIGT as _VOIGT
+from deltaml.kernels import KernelTerm, kernel_values
 
-__all__ = ["MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR"]
+__all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR", "kernel_values"]
 
 MODEL_FORMAT = "deltaml-model"
-#: Bumped whenever the arrays or metadata of a model file change meaning.
-MODEL_FORMAT_VERSION = 1
+#: Bumped whenever the arrays or metadata of a model file change meaning. Version 1
+#: (atomic decomposition only) is still read.
+MODEL_FORMAT_VERSION = 2
 
+#: Decompositions of the correction (see the module docstring).
+DECOMPOSITIONS = ("molecular", "atomic")
 _KERNELS = ("dot", "exp")
 _SELECTIONS = ("fps", "cur", "random")
 _UNCERTAINTY = ("forces", "energy", None)
-#: Voigt order of ASE: xx, yy, zz, yz, xz, xy.
-_VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
-
-
-def kernel_values(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
-    """k(c), k'(c), k''(c) of the kernel as a function of c = x̂·ŷ (``kind`` "dot" or "exp")."""
-    if kind == "dot":
-        k1 = zeta * c ** (zeta - 1) if zeta >= 1 else np.zeros_like(c)
-        k2 = zeta * (zeta - 1) * c ** (zeta - 2) if zeta >= 2 else np.zeros_like(c)
-        return c**zeta, k1, k2
-    k = np.exp(zeta * (c - 1.0))
-    return k, zeta * k, zeta * zeta * k
+#: Prior width of the intermolecular part when the training set has no interaction
+#: energy (no complex with all its monomers), eV per atom at a typical contact:
+#: about 0.5 kcal/mol on a hydrogen-bonded dimer, i.e. small.
+INTER_DELTA_FALLBACK = 0.005
+#: Intermolecular rows shorter than this fraction of the element's typical row are
+#: not taken as sparse points (contacts at the edge of the cut-off).
+_INTER_MIN_NORM = 0.05
 
 
 class SparseGPR(BaseEstimator):
@@ -89,6 +109,7 @@ class SparseGPR(BaseEstimator):
      descriptor       None              -       SOAPDescriptor keywords except species
                                                 (backend, cutoff, smoothing, ...);
                                                 None: its defaults
+     decomposition    "molecular"       -       molecular (intra + inter) or atomic
      n_sparse         200               -       sparse environments per element (at most
                                                 the number of distinct ones)
      selection        "fps"             -       fps (farthest point), cur, or random
@@ -96,6 +117,12 @@ class SparseGPR(BaseEstimator):
      zeta             2                 -       kernel exponent ζ (integer for dot)
      delta            None              eV      prior std of an atomic energy; None:
                                                 from the spread of the training energies
+     inter_n_sparse   100               -       intermolecular sparse points per element
+     inter_zeta       1                 -       exponent of the intermolecular kernel
+                                                (x·y)^ζ on unnormalised rows (integer)
+     inter_delta      None              eV      prior std of an atom's intermolecular
+                                                energy at a typical contact; None: from
+                                                the training interaction energies
      energy_sigma     0.002             eV/atom energy noise (× √N per structure)
      force_sigma      0.05              eV/Å    force-component noise
      virial_sigma     0.05              eV/atom virial noise (× √N per structure)
@@ -108,11 +135,15 @@ class SparseGPR(BaseEstimator):
     ================ ================= ======= ===========================================
 
     Fitted attributes end in ``_``: ``descriptor_`` (:class:`SOAPDescriptor`),
-    ``species_``, ``offsets_`` ({Z: eV}), ``delta_`` (eV), ``sparse_values_``,
-    ``sparse_numbers_``, ``alpha_``, ``trained_with_`` (records of the terms the
-    targets were formed with), ``reference_`` (reference method record),
-    ``training_set_sha256_``, ``uncertainty_scale_`` ({"energy", "forces"}: factor
-    applied to the GP's standard deviations, 1 until :meth:`calibrate`).
+    ``species_``, ``offsets_`` ({Z: eV}), ``terms_`` (list of
+    :class:`~deltaml.kernels.KernelTerm`: ``[atomic]`` or ``[intra, inter]``),
+    ``inter_scale_`` ({Z: norm of a typical intermolecular row}, molecular only),
+    ``n_interactions_`` (interaction energies found in the training set),
+    ``alpha_``, ``trained_with_`` (records of the terms the targets were formed
+    with), ``reference_`` (reference method record), ``training_set_sha256_``,
+    ``uncertainty_scale_`` ({"energy", "forces"}: factor applied to the GP's
+    standard deviations, 1 until :meth:`calibrate`). ``delta_``,
+    ``sparse_values_`` and ``sparse_numbers_`` are those of the first term.
 
     The model is a :class:`~deltaml.correction.Correction`: ``name``,
     ``trained_with`` and ``predict(atoms, forces=, stress=)``.
@@ -130,11 +161,15 @@ class SparseGPR(BaseEstimator):
     def __init__(
         self,
         descriptor: dict[str, Any] | None = None,
+        decomposition: str = "molecular",
         n_sparse: int = 200,
         selection: str = "fps",
         kernel: str = "dot",
         zeta: float = 2,
         delta: float | None = None,
+        inter_n_sparse: int = 100,
+        inter_zeta: int = 1,
+        inter_delta: float | None = None,
         energy_sigma: float = 0.002,
         force_sigma: float = 0.05,
         virial_sigma: float = 0.05,
@@ -145,11 +180,15 @@ class SparseGPR(BaseEstimator):
         seed: int = 0,
     ) -> None:
         self.descriptor = descriptor
+        self.decomposition = decomposition
         self.n_sparse = n_sparse
         self.selection = selection
         self.kernel = kernel
         self.zeta = zeta
         self.delta = delta
+        self.inter_n_sparse = inter_n_sparse
+        self.inter_zeta = inter_zeta
+        self.inter_delta = inter_delta
         self.energy_sigma = energy_sigma
         self.force_sigma = force_sigma
         self.virial_sigma = virial_sigma
@@ -167,21 +206,46 @@ class SparseGPR(BaseEstimator):
         self._check_fitted()
         return self.trained_with_
 
+    @property
+    def molecular(self) -> bool:
+        """True if the correction is split by molecule (the composite then fixes them)."""
+        return self.decomposition == "molecular"
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "alpha_"):
             raise NotFittedError(
                 "this SparseGPR is not fitted yet: call fit(frames) or SparseGPR.load(path)"
             )
 
+    # The first term's arrays, under the names of format version 1.
+    @property
+    def delta_(self) -> float:
+        return self.terms_[0].delta
+
+    @property
+    def sparse_values_(self) -> NDArray:
+        return self.terms_[0].sparse_values
+
+    @property
+    def sparse_numbers_(self) -> NDArray:
+        return self.terms_[0].sparse_numbers
+
     # -- fitting ------------------------------------------------------------------
 
     def _check_parameters(self) -> None:
+        if self.decomposition not in DECOMPOSITIONS:
+            raise ParameterError(
+                f"decomposition must be one of {DECOMPOSITIONS}, got {self.decomposition!r}"
+            )
         if self.kernel not in _KERNELS:
             raise ParameterError(f"kernel must be one of {_KERNELS}, got {self.kernel!r}")
         if self.kernel == "dot" and (self.zeta < 1 or int(self.zeta) != self.zeta):
             raise ParameterError(f"the dot kernel needs an integer zeta >= 1, got {self.zeta}")
         if self.kernel == "exp" and not self.zeta > 0:
             raise ParameterError(f"zeta must be positive, got {self.zeta}")
+        if self.inter_zeta < 1 or int(self.inter_zeta) != self.inter_zeta:
+            # Only a polynomial of integer degree >= 1 vanishes with its row.
+            raise ParameterError(f"inter_zeta must be an integer >= 1, got {self.inter_zeta}")
         if self.selection not in _SELECTIONS:
             raise ParameterError(f"selection must be one of {_SELECTIONS}, got {self.selection!r}")
         if self.uncertainty not in _UNCERTAINTY:
@@ -190,10 +254,12 @@ class SparseGPR(BaseEstimator):
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise ParameterError(f"{name} must be positive, got {value}")
-        if self.delta is not None and not self.delta > 0:
-            raise ParameterError(f"delta must be positive (eV) or None, got {self.delta}")
-        if int(self.n_sparse) < 1 or int(self.batch_size) < 1:
-            raise ParameterError("n_sparse and batch_size must be at least 1")
+        for name in ("delta", "inter_delta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ParameterError(f"{name} must be positive (eV) or None, got {value}")
+        if min(int(self.n_sparse), int(self.inter_n_sparse), int(self.batch_size)) < 1:
+            raise ParameterError("n_sparse, inter_n_sparse and batch_size must be at least 1")
 
     def fit(
         self,
@@ -231,8 +297,39 @@ class SparseGPR(BaseEstimator):
         self.species_ = sorted({int(z) for a in frames for z in a.numbers})
         self.descriptor_ = SOAPDescriptor(self.species_, **(self.descriptor or {}))
         self.offsets_ = self._fit_offsets(frames)
-        self.delta_ = float(self.delta) if self.delta is not None else self._auto_delta(frames)
-        self._select_sparse(frames)
+        self.inter_scale_: dict[int, float] = {}
+        # Features without gradients, once: sparse points, scales and prior widths.
+        if self.molecular:
+            splits = [split_by_molecule(self.descriptor_, b) for b in self._batches(frames)]
+            # Inter rows are measured in units of the element's typical own-molecule
+            # row, so that δ_inter means the same with or without interaction data.
+            self.inter_scale_ = _typical_norms(splits, self.species_)
+            for split in splits:
+                _scale_rows(split.inter, self.inter_scale_)
+            features = [[split.intra, split.inter] for split in splits]
+        else:
+            features = [self._features(batch, ()) for batch in self._batches(frames)]
+        first = "intra" if self.molecular else "atomic"
+        first_rows = _stacked(f[0] for f in features)
+        self.terms_ = [
+            KernelTerm(
+                first,
+                self.kernel,
+                float(self.zeta),
+                1.0,
+                *self._select_sparse(first_rows, int(self.n_sparse), normalised=True),
+            )
+        ]
+        self.terms_[0].delta = (
+            float(self.delta) if self.delta is not None else self._auto_delta(frames)
+        )
+        self.n_interactions_ = 0
+        if self.molecular:
+            inter_rows = _stacked(f[1] for f in features)
+            sparse = self._select_sparse(inter_rows, int(self.inter_n_sparse), normalised=False)
+            term = KernelTerm("inter", "dot", float(self.inter_zeta), 1.0, *sparse)
+            self.terms_.append(term)
+            term.delta = self._inter_delta(frames, features)
         design, target, sigma = self._design(frames, progress)
         self._solve(design, target, sigma)
         self.trained_with_ = trained_with
@@ -241,6 +338,15 @@ class SparseGPR(BaseEstimator):
         self.n_train_ = len(frames)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
         return self
+
+    def _features(self, frames: Atoms | Sequence[Atoms], gradients: tuple[str, ...]) -> list:
+        """Descriptor rows of each term: ``[atomic]`` or ``[intra, inter (scaled)]``."""
+        if not self.molecular:
+            return [self.descriptor_.compute(frames, gradients=gradients)]
+        split = split_by_molecule(self.descriptor_, frames, gradients)
+        if self.inter_scale_:
+            _scale_rows(split.inter, self.inter_scale_)
+        return [split.intra, split.inter]
 
     def _fit_offsets(self, frames: list[Atoms]) -> dict[int, float]:
         if isinstance(self.offsets, dict):
@@ -271,7 +377,7 @@ class SparseGPR(BaseEstimator):
         return _counts(frames, self.species_) @ mu
 
     def _auto_delta(self, frames: list[Atoms]) -> float:
-        """Prior std of an atomic energy (eV), from the spread of the training targets.
+        """Prior std of an atomic energy (eV) of the first term, from the training targets.
 
         Energies: if atomic energies were independent with variance δ², a
         structure of N atoms would vary by N δ² around its offsets, so
@@ -291,9 +397,9 @@ class SparseGPR(BaseEstimator):
             rng = np.random.default_rng(self.seed)
             picked = rng.permutation(len(with_forces))[:20]
             sample = [with_forces[i] for i in sorted(picked)]
-            self.delta_ = 1.0
+            term = self.terms_[0]
             prior = [
-                self._prior_force_variance(self.descriptor_.compute(a, gradients=("positions",)))
+                term.prior_force_variance(self._features(a, ("positions",))[0]) / term.delta**2
                 for a in sample
             ]
             forces = np.concatenate([a.calc.results["forces"].ravel() for a in sample])
@@ -302,30 +408,62 @@ class SparseGPR(BaseEstimator):
                 delta = max(delta, float(np.sqrt(np.mean(forces**2) / p)))
         return max(delta, 1e-3)
 
+    def _inter_delta(self, frames: list[Atoms], features: list[list]) -> float:
+        """Prior std of the intermolecular part (eV), from the training interaction energies.
+
+        An interaction energy is a complex's Δ minus those of all its molecules,
+        each present in the training set at the same internal geometry. Its prior
+        variance is δ² v with v = Σ_ij k(x_i·x_j) over the complex's
+        intermolecular rows at δ = 1, so δ² = Σ E_int² / Σ v. Without any such
+        set, :data:`INTER_DELTA_FALLBACK`.
+        """
+        if self.inter_delta is not None:
+            return float(self.inter_delta)
+        targets = interaction_targets(frames)
+        self.n_interactions_ = len(targets)
+        if not targets:
+            return INTER_DELTA_FALLBACK
+        rows = [row for f in features for row in _frame_batches(f[1])]
+        term = self.terms_[1]
+        saved, term.delta = term.delta, 1.0
+        prior = np.array([term.prior_energy_covariance(rows[i], rows[i]) for i, _ in targets])
+        term.delta = saved
+        energies = np.array([e for _, e in targets])
+        if not prior.sum() > 0:
+            return INTER_DELTA_FALLBACK
+        return max(float(np.sqrt(np.sum(energies**2) / np.sum(prior))), 1e-5)
+
     def _batches(self, frames: Sequence[Atoms]) -> list[list[Atoms]]:
         size = int(self.batch_size)
         return [list(frames[i : i + size]) for i in range(0, len(frames), size)]
 
-    def _select_sparse(self, frames: list[Atoms]) -> None:
-        values, numbers = [], []
-        for batch in self._batches(frames):
-            computed = self.descriptor_.compute(batch)
-            values.append(computed.values)
-            numbers.append(computed.numbers)
-        values, numbers = np.concatenate(values), np.concatenate(numbers)
+    def _select_sparse(
+        self, rows: DescriptorBatch, count: int, *, normalised: bool
+    ) -> tuple[NDArray, NDArray]:
+        """Sparse rows per element: distinct environments (for inter rows: real contacts)."""
+        values, numbers = rows.values, rows.numbers
         rng = np.random.default_rng(self.seed)
         chosen_values, chosen_numbers = [], []
         for z in self.species_:
-            rows = values[numbers == z]
-            rows = np.unique(np.round(rows, 12), axis=0)  # identical environments once
-            picked = _select(rows, min(int(self.n_sparse), len(rows)), self.selection, rng)
-            chosen_values.append(rows[picked])
+            mine = values[numbers == z]
+            if not normalised:
+                mine = mine[np.linalg.norm(mine, axis=1) > _INTER_MIN_NORM]
+            if not len(mine):
+                continue
+            mine = np.unique(np.round(mine, 12), axis=0)  # identical environments once
+            # Selection compares directions; unnormalised rows keep their length.
+            unit = mine / np.linalg.norm(mine, axis=1, keepdims=True)
+            picked = _select(unit, min(count, len(mine)), self.selection, rng)
+            chosen_values.append(mine[picked])
             chosen_numbers.append(np.full(len(picked), z))
-        self.sparse_values_ = np.concatenate(chosen_values)
-        self.sparse_numbers_ = np.concatenate(chosen_numbers)
+        if not chosen_values:
+            return np.zeros((0, values.shape[1])), np.zeros(0, dtype=np.int64)
+        return np.concatenate(chosen_values), np.concatenate(chosen_numbers)
 
-    def _columns(self) -> dict[int, NDArray[np.int64]]:
-        return {z: np.flatnonzero(self.sparse_numbers_ == z) for z in self.species_}
+    def _columns(self) -> list[slice]:
+        """Columns of each term in the joint design matrix."""
+        bounds = np.concatenate([[0], np.cumsum([t.size for t in self.terms_])])
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
 
     def _design(
         self, frames: list[Atoms], progress: bool
@@ -342,8 +480,9 @@ class SparseGPR(BaseEstimator):
             gradients = ("positions",) if with_forces else ()
             if any(with_stress):
                 gradients += ("strain",)
-            computed = self.descriptor_.compute(batch, gradients=gradients)
-            rows = self._rows(computed, batch, with_forces, any(with_stress))
+            rows = self._rows(
+                self._features(batch, gradients), len(batch), with_forces, any(with_stress)
+            )
             n_atoms = np.array([len(a) for a in batch])
             energies = np.array([a.calc.results["energy"] for a in batch])
             blocks.append(rows["energy"])
@@ -365,62 +504,23 @@ class SparseGPR(BaseEstimator):
         return np.vstack(blocks), np.concatenate(targets), np.concatenate(sigmas)
 
     def _rows(
-        self, computed: DescriptorBatch, frames: Sequence[Atoms], forces: bool, virial: bool
+        self, features: list[DescriptorBatch], n_frames: int, forces: bool, virial: bool
     ) -> dict[str, NDArray[np.float64]]:
-        """Kernel rows of energies, forces (−dE/dr) and virials (dE/dε, Voigt) per structure."""
-        n_frames, n_atoms = len(frames), len(computed.values)
-        m = len(self.sparse_values_)
-        frame_of_row = np.repeat(np.arange(n_frames), np.diff(computed.offsets))
-        energy = np.zeros((n_frames, m))
-        force = np.zeros((3 * n_atoms, m)) if forces else None
-        virial_rows = np.zeros((n_frames, 6, m)) if virial else None
-        d2 = self.delta_**2
-        for z, cols in self._columns().items():
-            rows = np.flatnonzero(computed.numbers == z)
-            if not len(rows):
-                continue
-            sparse = self.sparse_values_[cols]
-            k, dk, _ = kernel_values(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
-            block = np.zeros((n_frames, len(cols)))
-            np.add.at(block, frame_of_row[rows], d2 * k)
-            energy[:, cols] = block
-            local = np.full(n_atoms, -1)
-            local[rows] = np.arange(len(rows))
-            if forces:
-                pairs = np.flatnonzero(local[computed.position_rows] >= 0)
-                grad = computed.position_gradients[pairs]  # (p, 3, F)
-                proj = (grad.reshape(-1, grad.shape[-1]) @ sparse.T).reshape(len(pairs), 3, -1)
-                proj *= d2 * dk[local[computed.position_rows[pairs]]][:, None, :]
-                atoms_idx = computed.position_atoms[pairs]
-                target_rows = (3 * atoms_idx[:, None] + np.arange(3)).ravel()
-                gather = scipy.sparse.csr_matrix(
-                    (np.ones(len(target_rows)), (target_rows, np.arange(len(target_rows)))),
-                    shape=(3 * n_atoms, len(target_rows)),
-                )
-                force[:, cols] = -(gather @ proj.reshape(len(target_rows), -1))
-            if virial:
-                strain = computed.strain_gradients[rows][:, _VOIGT[0], _VOIGT[1], :]  # (r, 6, F)
-                proj = (strain.reshape(-1, strain.shape[-1]) @ sparse.T).reshape(len(rows), 6, -1)
-                proj *= d2 * dk[:, None, :]
-                block = np.zeros((n_frames, 6, len(cols)))
-                np.add.at(block, frame_of_row[rows], proj)
-                virial_rows[:, :, cols] = block
-        out = {"energy": energy}
-        if forces:
-            out["forces"] = force
-        if virial:
-            out["virial"] = virial_rows
-        return out
+        """Joint kernel rows of all terms: energies, forces (−dE/dr), virials (dE/dε)."""
+        parts = [
+            term.rows(batch, n_frames, forces, virial)
+            for term, batch in zip(self.terms_, features, strict=True)
+        ]
+        return {key: np.concatenate([p[key] for p in parts], axis=-1) for key in parts[0]}
 
     def _kmm(self) -> NDArray[np.float64]:
-        same = self.sparse_numbers_[:, None] == self.sparse_numbers_[None, :]
-        k, _, _ = kernel_values(self.sparse_values_ @ self.sparse_values_.T, self.kernel, self.zeta)
-        return self.delta_**2 * np.where(same, k, 0.0)
+        return scipy.linalg.block_diag(*[term.kmm() for term in self.terms_])
 
     def _solve(self, design: NDArray, target: NDArray, sigma: NDArray) -> None:
         kmm = self._kmm()
         m = len(kmm)
-        kmm[np.diag_indices(m)] += self.jitter * self.delta_**2
+        scale = np.concatenate([np.full(t.size, t.delta**2) for t in self.terms_])
+        kmm[np.diag_indices(m)] += self.jitter * scale
         self.chol_mm_ = np.linalg.cholesky(kmm)
         stacked = np.vstack([design / sigma[:, None], self.chol_mm_.T])
         rhs = np.concatenate([target / sigma, np.zeros(m)])
@@ -438,6 +538,8 @@ class SparseGPR(BaseEstimator):
         Uncertainties (standard deviations, scaled by :meth:`calibrate`): per
         structure and per atom (eV) always (unless ``uncertainty=None``), per
         atom for forces (eV/Å, RMS over x, y, z) with ``uncertainty="forces"``.
+        With the molecular decomposition, ``parts`` holds the energy of each part
+        (eV): ``offsets``, ``intra`` and ``inter``.
         """
         self._check_fitted()
         want_var = self.uncertainty is not None
@@ -445,101 +547,73 @@ class SparseGPR(BaseEstimator):
         gradients: tuple[str, ...] = ("positions",) if forces or want_force_var else ()
         if stress:
             gradients += ("strain",)
-        computed = self.descriptor_.compute(atoms, gradients=gradients)
+        features = self._features(atoms, gradients)
         result: dict[str, Any] = {}
-        if want_force_var:
-            # The kernel rows of the forces are needed for their variance anyway.
-            rows = self._rows(computed, [atoms], True, stress)
-            result["energy"] = float(rows["energy"][0] @ self.alpha_)
+        parts: dict[str, float] = {"offsets": float(self._offset_energy([atoms])[0])}
+        total_forces = np.zeros((len(atoms), 3)) if forces else None
+        virial = np.zeros((3, 3))
+        for term, batch, cols in zip(self.terms_, features, self._columns(), strict=True):
+            energy, f, v = term.energy_and_gradients(batch, self.alpha_[cols], forces, stress)
+            parts[term.name] = energy
             if forces:
-                result["forces"] = (rows["forces"] @ self.alpha_).reshape(-1, 3)
+                total_forces += f
             if stress:
-                result["stress"] = rows["virial"][0] @ self.alpha_ / atoms.get_volume()
-        else:
-            result.update(self._fast_prediction(computed, forces, stress, atoms))
-        result["energy"] += float(self._offset_energy([atoms])[0])
+                virial += v
+        result["energy"] = float(sum(parts.values()))
+        if forces:
+            result["forces"] = total_forces
+        if stress:
+            result["stress"] = virial[_VOIGT] / atoms.get_volume()
+        if self.molecular:
+            result["parts"] = parts
         if want_var:
-            per_atom, total = self._energy_variance(computed)
+            per_atom, total = self._energy_variance(features)
             scale = self.uncertainty_scale_["energy"]
             result["energies_uncertainty"] = scale * np.sqrt(per_atom)
             result["energy_uncertainty"] = scale * float(np.sqrt(total))
         if want_force_var:
-            variance = self._force_variance(computed, rows["forces"])
+            force_rows = self._rows(features, 1, True, False)["forces"]
+            variance = self._force_variance(features, force_rows)
             rms = np.sqrt(variance.reshape(-1, 3).mean(axis=1))
             result["forces_uncertainty"] = self.uncertainty_scale_["forces"] * rms
         return CorrectionResult(**result)
-
-    def _fast_prediction(
-        self, computed: DescriptorBatch, forces: bool, stress: bool, atoms: Atoms
-    ) -> dict[str, Any]:
-        """Energy, forces and stress through dE/dx̂ per atom (no kernel rows per force).
-
-        With w_i = δ² Σ_m α_m k'(x̂_i·x̂_m) x̂_m, dE/dr = Σ_i (dx̂_i/dr)·w_i: the cost
-        is atoms × sparse points × features once, instead of per force component.
-        """
-        d2 = self.delta_**2
-        n_atoms = len(computed.values)
-        energy = 0.0
-        weights = np.zeros_like(computed.values)
-        for z, cols in self._columns().items():
-            rows = np.flatnonzero(computed.numbers == z)
-            if not len(rows):
-                continue
-            sparse, alpha = self.sparse_values_[cols], self.alpha_[cols]
-            k, dk, _ = kernel_values(computed.values[rows] @ sparse.T, self.kernel, self.zeta)
-            energy += d2 * float(np.sum(k @ alpha))
-            weights[rows] = d2 * (dk * alpha) @ sparse
-        out: dict[str, Any] = {"energy": energy}
-        if forces:
-            per_pair = np.einsum(
-                "paf,pf->pa", computed.position_gradients, weights[computed.position_rows]
-            )
-            gradient = np.zeros((n_atoms, 3))
-            np.add.at(gradient, computed.position_atoms, per_pair)
-            out["forces"] = -gradient
-        if stress:
-            virial = np.einsum("iabf,if->ab", computed.strain_gradients, weights)
-            out["stress"] = virial[_VOIGT] / atoms.get_volume()
-        return out
 
     def predict_energies(self, frames: Sequence[Atoms]) -> NDArray[np.float64]:
         """Correction energies of many structures (eV), batched, without gradients."""
         self._check_fitted()
         out = []
         for batch in self._batches(list(frames)):
-            rows = self._rows(self.descriptor_.compute(batch), batch, False, False)
+            rows = self._rows(self._features(batch, ()), len(batch), False, False)
             out.append(rows["energy"] @ self.alpha_ + self._offset_energy(batch))
         return np.concatenate(out)
 
     def _posterior_terms(self, kvec: NDArray) -> NDArray:
-        """k^T K_mm^-1 k and k^T Σ k for rows of kernel vectors (DTC variance)."""
+        """−k^T K_mm^-1 k + k^T Σ k for rows of kernel vectors (DTC variance)."""
         q = scipy.linalg.solve_triangular(self.chol_mm_, kvec.T, lower=True, check_finite=False)
         s = scipy.linalg.solve_triangular(self.r_factor_, kvec.T, trans="T", check_finite=False)
         return -np.sum(q**2, axis=0) + np.sum(s**2, axis=0)
 
-    def _atom_kernel_rows(self, computed: DescriptorBatch) -> NDArray:
-        """δ² k(x̂_i, x̂_m) of every atom i with every sparse point m (zero across species)."""
-        values, numbers = computed.values, computed.numbers
-        per_atom_k = np.zeros((len(values), len(self.sparse_values_)))
-        for z, cols in self._columns().items():
-            mine = numbers == z
-            c = values[mine] @ self.sparse_values_[cols].T
-            k, _, _ = kernel_values(c, self.kernel, self.zeta)
-            per_atom_k[np.ix_(mine, cols)] = self.delta_**2 * k
-        return per_atom_k
+    def _atom_kernel_rows(self, features: list[DescriptorBatch]) -> NDArray:
+        """Kernel rows of every atom with every sparse point of every term."""
+        return np.concatenate(
+            [t.atom_rows(b) for t, b in zip(self.terms_, features, strict=True)], axis=1
+        )
 
-    def _prior_energy_covariance(self, first: DescriptorBatch, second: DescriptorBatch) -> float:
-        """Prior covariance of two structures' energies (eV²): δ² Σ_ij k(x̂_i, x̂_j), same species."""
-        same = first.numbers[:, None] == second.numbers[None, :]
-        k_pairs, _, _ = kernel_values(first.values @ second.values.T, self.kernel, self.zeta)
-        return self.delta_**2 * float(np.sum(np.where(same, k_pairs, 0.0)))
+    def _prior_energy_covariance(self, first: list, second: list) -> float:
+        """Prior covariance of two structures' energies (eV²), all terms."""
+        return sum(
+            t.prior_energy_covariance(a, b)
+            for t, a, b in zip(self.terms_, first, second, strict=True)
+        )
 
-    def _energy_variance(self, computed: DescriptorBatch) -> tuple[NDArray, float]:
+    def _energy_variance(self, features: list[DescriptorBatch]) -> tuple[NDArray, float]:
         """Posterior variance of each atomic energy and of the total (eV²), one structure."""
-        per_atom_k = self._atom_kernel_rows(computed)
-        k_self, _, _ = kernel_values(np.ones(1), self.kernel, self.zeta)
-        per_atom = self.delta_**2 * k_self[0] + self._posterior_terms(per_atom_k)
-        prior_total = self._prior_energy_covariance(computed, computed)
+        per_atom_k = self._atom_kernel_rows(features)
+        prior_atoms = sum(
+            t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
+        )
+        per_atom = prior_atoms + self._posterior_terms(per_atom_k)
+        prior_total = self._prior_energy_covariance(features, features)
         # The structure's kernel row is the sum of its atoms' rows.
         total_k = per_atom_k.sum(axis=0, keepdims=True)
         total = prior_total + float(self._posterior_terms(total_k)[0])
@@ -550,8 +624,11 @@ class SparseGPR(BaseEstimator):
 
         The diagonal is the square of :meth:`predict`'s ``energy_uncertainty``;
         the off-diagonal terms are what makes an energy *difference* between
-        similar structures more certain than either energy (polymorph ranking).
-        Scaled by the energy factor of :meth:`calibrate`.
+        similar structures more certain than either energy (polymorph ranking,
+        interaction energies: with the molecular decomposition the intramolecular
+        part of a complex and of its monomers at the same geometry cancel, in
+        the covariance as in the energy). Scaled by the energy factor of
+        :meth:`calibrate`.
 
         Parameters
         ----------
@@ -564,45 +641,23 @@ class SparseGPR(BaseEstimator):
             Symmetric, positive semi-definite up to round-off, eV².
         """
         self._check_fitted()
-        computed = [self.descriptor_.compute(atoms) for atoms in frames]
-        n = len(computed)
+        features = [self._features(atoms, ()) for atoms in frames]
+        n = len(features)
         prior = np.zeros((n, n))
         for i in range(n):
             for j in range(i, n):
-                prior[i, j] = prior[j, i] = self._prior_energy_covariance(computed[i], computed[j])
-        rows = np.array([self._atom_kernel_rows(c).sum(axis=0) for c in computed])
+                prior[i, j] = prior[j, i] = self._prior_energy_covariance(features[i], features[j])
+        rows = np.array([self._atom_kernel_rows(f).sum(axis=0) for f in features])
         q = scipy.linalg.solve_triangular(self.chol_mm_, rows.T, lower=True, check_finite=False)
         s = scipy.linalg.solve_triangular(self.r_factor_, rows.T, trans="T", check_finite=False)
         covariance = prior - q.T @ q + s.T @ s
         return self.uncertainty_scale_["energy"] ** 2 * (covariance + covariance.T) / 2.0
 
-    def _force_variance(self, computed: DescriptorBatch, force_rows: NDArray) -> NDArray:
+    def _force_variance(self, features: list[DescriptorBatch], force_rows: NDArray) -> NDArray:
         """Posterior variance of each force component (eV²/Å²)."""
         # Forces are −dE/dr: the sign does not change a variance.
-        prior = self._prior_force_variance(computed)
+        prior = sum(t.prior_force_variance(b) for t, b in zip(self.terms_, features, strict=True))
         return np.maximum(prior + self._posterior_terms(force_rows), 0.0)
-
-    def _prior_force_variance(self, computed: DescriptorBatch) -> NDArray:
-        """Prior variance of each force component (eV²/Å²), exactly, pair by pair."""
-        d2 = self.delta_**2
-        values, numbers = computed.values, computed.numbers
-        n_atoms = len(values)
-        prior = np.zeros(3 * n_atoms)
-        order = np.argsort(computed.position_atoms, kind="stable")
-        atoms_sorted = computed.position_atoms[order]
-        bounds = np.searchsorted(atoms_sorted, np.arange(n_atoms + 1))
-        for j in range(n_atoms):
-            pairs = order[bounds[j] : bounds[j + 1]]
-            rows = computed.position_rows[pairs]
-            x = values[rows]
-            same = numbers[rows][:, None] == numbers[rows][None, :]
-            _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
-            for a in range(3):
-                g = computed.position_gradients[pairs, a, :]
-                gx = g @ x.T  # (g_i · x̂_i')
-                cov = k1 * (g @ g.T) + k2 * gx * gx.T
-                prior[3 * j + a] = d2 * np.sum(np.where(same, cov, 0.0))
-        return prior
 
     # -- calibration --------------------------------------------------------------
 
@@ -655,10 +710,16 @@ class SparseGPR(BaseEstimator):
             "deltaml_version": _deltaml_version(),
             "model": type(self).__name__,
             "params": self.get_params(),
+            "decomposition": self.decomposition,
+            "terms": [
+                {"name": t.name, "kernel": t.kernel, "zeta": t.zeta, "delta_ev": t.delta}
+                for t in self.terms_
+            ],
+            "inter_scale": {chemical_symbols[z]: v for z, v in self.inter_scale_.items()},
+            "n_interactions": self.n_interactions_,
             "descriptor": self.descriptor_.record(),
             "species": [chemical_symbols[z] for z in self.species_],
             "offsets_ev": {chemical_symbols[z]: v for z, v in self.offsets_.items()},
-            "delta_ev": self.delta_,
             "trained_with": self.trained_with_,
             "reference": self.reference_,
             "training_set_sha256": self.training_set_sha256_,
@@ -677,21 +738,24 @@ class SparseGPR(BaseEstimator):
         """
         path = Path(path)
         partial = path.with_name(path.name + ".partial.npz")
+        arrays = {}
+        for k, term in enumerate(self.terms_):
+            arrays[f"sparse_values_{k}"] = term.sparse_values
+            arrays[f"sparse_numbers_{k}"] = term.sparse_numbers
         np.savez(
             partial,
             metadata=np.array(json.dumps(self.metadata(), sort_keys=True)),
-            sparse_values=self.sparse_values_,
-            sparse_numbers=self.sparse_numbers_,
             alpha=self.alpha_,
             chol_mm=self.chol_mm_,
             r_factor=self.r_factor_,
+            **arrays,
         )
         partial.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> SparseGPR:
-        """Read a model file written by :meth:`save`.
+        """Read a model file written by :meth:`save` (format version 1 or 2).
 
         Raises
         ------
@@ -708,28 +772,136 @@ class SparseGPR(BaseEstimator):
         meta = json.loads(str(arrays["metadata"]))
         if meta.get("format") != MODEL_FORMAT:
             raise ModelFileError(f"{path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
-        if meta.get("format_version") != MODEL_FORMAT_VERSION:
+        version_read = meta.get("format_version")
+        if version_read not in (1, MODEL_FORMAT_VERSION):
             raise ModelFileError(
-                f"{path}: model format version {meta.get('format_version')} (written by deltaml "
+                f"{path}: model format version {version_read} (written by deltaml "
                 f"{meta.get('deltaml_version')}); this deltaml ({_deltaml_version()}) reads "
-                f"version {MODEL_FORMAT_VERSION}: refit the model"
+                f"versions 1 and {MODEL_FORMAT_VERSION}: refit the model"
             )
-        model = cls(**meta["params"])
+        params = dict(meta["params"])
+        if version_read == 1:
+            # Version 1 knew only the atomic decomposition, with one term.
+            params["decomposition"] = "atomic"
+            meta["terms"] = [
+                {"name": "atomic", "kernel": params["kernel"], "zeta": params["zeta"],
+                 "delta_ev": meta["delta_ev"]}
+            ]  # fmt: skip
+            for name in ("sparse_values", "sparse_numbers"):
+                if name in arrays:
+                    arrays[f"{name}_0"] = arrays[name]
+        elif meta.get("decomposition") not in DECOMPOSITIONS or "terms" not in meta:
+            raise ModelFileError(
+                f"{path}: decomposition {meta.get('decomposition')!r} or its terms missing or "
+                f"unknown (expected one of {DECOMPOSITIONS})"
+            )
+        params["decomposition"] = meta.get("decomposition", "atomic")
+        needed = ["alpha", "chol_mm", "r_factor"] + [
+            f"{name}_{k}"
+            for k in range(len(meta["terms"]))
+            for name in ("sparse_values", "sparse_numbers")
+        ]
+        missing = [name for name in needed if name not in arrays]
+        if missing:
+            raise ModelFileError(f"{path}: array(s) {missing} missing; the file is incomplete")
+        try:
+            model = cls(**params)
+        except TypeError as exc:
+            raise ModelFileError(f"{path}: unknown model parameters ({exc})") from exc
         model.species_ = [atomic_numbers[s] for s in meta["species"]]
         model.descriptor_ = SOAPDescriptor.from_record(meta["descriptor"])
         model.offsets_ = {atomic_numbers[s]: float(v) for s, v in meta["offsets_ev"].items()}
-        model.delta_ = float(meta["delta_ev"])
+        model.terms_ = [
+            KernelTerm(
+                t["name"],
+                t["kernel"],
+                float(t["zeta"]),
+                float(t["delta_ev"]),
+                arrays[f"sparse_values_{k}"],
+                arrays[f"sparse_numbers_{k}"],
+            )
+            for k, t in enumerate(meta["terms"])
+        ]
+        expected = ["atomic"] if params["decomposition"] == "atomic" else ["intra", "inter"]
+        if [t.name for t in model.terms_] != expected:
+            raise ModelFileError(
+                f"{path}: terms {[t.name for t in model.terms_]} do not match the "
+                f"{params['decomposition']!r} decomposition"
+            )
+        model.inter_scale_ = {
+            atomic_numbers[s]: float(v) for s, v in meta.get("inter_scale", {}).items()
+        }
+        model.n_interactions_ = int(meta.get("n_interactions", 0))
         model.trained_with_ = meta["trained_with"]
         model.reference_ = meta["reference"]
         model.training_set_sha256_ = meta["training_set_sha256"]
         model.n_train_ = int(meta["n_train"])
         model.uncertainty_scale_ = dict(meta["uncertainty_scale"])
-        model.sparse_values_ = arrays["sparse_values"]
-        model.sparse_numbers_ = arrays["sparse_numbers"]
         model.alpha_ = arrays["alpha"]
         model.chol_mm_ = arrays["chol_mm"]
         model.r_factor_ = arrays["r_factor"]
         return model
+
+
+def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:
+    """Rows of several batches in one (values and numbers only)."""
+    batches = list(batches)
+    return DescriptorBatch(
+        values=np.concatenate([b.values for b in batches]),
+        numbers=np.concatenate([b.numbers for b in batches]),
+        offsets=np.zeros(1, dtype=np.int64),
+    )
+
+
+def _frame_batches(batch: DescriptorBatch) -> list[DescriptorBatch]:
+    """One batch (values and numbers) per frame of ``batch``."""
+    out = []
+    for k in range(len(batch.offsets) - 1):
+        rows = batch.frame_slice(k)
+        out.append(
+            DescriptorBatch(
+                values=batch.values[rows],
+                numbers=batch.numbers[rows],
+                offsets=np.array([0, rows.stop - rows.start]),
+            )
+        )
+    return out
+
+
+def _typical_norms(batches: list, species: list[int]) -> dict[int, float]:
+    """RMS norm of the raw own-molecule rows of each element (MolecularBatch list)."""
+    norms = np.concatenate([b.intra_norms for b in batches])
+    numbers = np.concatenate([b.intra.numbers for b in batches])
+    return {z: float(np.sqrt(np.mean(norms[numbers == z] ** 2))) for z in species}
+
+
+def _scale_rows(batch: DescriptorBatch, scale: dict[int, float]) -> None:
+    """Divide every row (and its gradients) by its element's scale, in place."""
+    factor = np.array([1.0 / scale.get(int(z), 1.0) for z in batch.numbers])
+    batch.values *= factor[:, None]
+    if batch.position_gradients is not None:
+        batch.position_gradients *= factor[batch.position_rows][:, None, None]
+    if batch.strain_gradients is not None:
+        batch.strain_gradients *= factor[:, None, None, None]
+
+
+def interaction_targets(frames: Sequence[Atoms]) -> list[tuple[int, float]]:
+    """Interaction energies in a labelled set (:func:`~deltaml.dataset.interaction_groups`).
+
+    Returns
+    -------
+    list of (int, float)
+        Index of each complex and E(complex) − Σ E(molecules) (eV, of whatever the
+        frames' ``energy`` is: Δ targets here).
+    """
+
+    def energy(index: int) -> float:
+        return float(frames[index].calc.results["energy"])
+
+    return [
+        (index, energy(index) - sum(energy(m) for m in parts))
+        for index, parts in interaction_groups(frames)
+    ]
 
 
 def _counts(frames: Sequence[Atoms], species: list[int]) -> NDArray[np.float64]:

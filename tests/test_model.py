@@ -63,7 +63,7 @@ def data() -> dict[str, list[Atoms]]:
 
 @pytest.fixture(scope="module")
 def model(data) -> SparseGPR:
-    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=60).fit(data["train"])
+    return SparseGPR(decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=60).fit(data["train"])
 
 
 def _energy(model: SparseGPR, atoms: Atoms) -> float:
@@ -85,14 +85,16 @@ def test_fit_beats_the_mean_on_held_out_structures(model, data):
 def test_a_target_inside_the_model_family_is_recovered(data):
     """Labels made by a model with random weights are learned back exactly."""
     train = [a.copy() for a in data["train"]]
-    teacher = SparseGPR(descriptor=DESCRIPTOR, n_sparse=40, delta=0.1).fit(data["train"])
+    teacher = SparseGPR(decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=40, delta=0.1).fit(
+        data["train"]
+    )
     teacher.alpha_ = np.random.default_rng(3).normal(size=teacher.alpha_.shape)
     for atoms in train:
         result = teacher.predict(atoms)
         atoms.calc = SinglePointCalculator(atoms, energy=result.energy, forces=result.forces)
     offsets = {chemical_symbols[z]: v for z, v in teacher.offsets_.items()}
     student = SparseGPR(
-        descriptor=DESCRIPTOR, n_sparse=40, delta=0.1, offsets=offsets,
+        decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=40, delta=0.1, offsets=offsets,
         energy_sigma=1e-6, force_sigma=1e-6, jitter=1e-10,
     ).fit(train)  # fmt: skip
     np.testing.assert_array_equal(student.sparse_values_, teacher.sparse_values_)
@@ -148,7 +150,14 @@ def test_energy_is_invariant_and_size_extensive(model, data, rotation):
 
 def test_far_from_the_data_the_prediction_returns_to_the_offsets(data):
     """With a sharp kernel, a structure unlike the training set gets the offsets and the prior."""
-    sharp = SparseGPR(descriptor=DESCRIPTOR, n_sparse=60, kernel="exp", zeta=200.0, delta=0.1)
+    sharp = SparseGPR(
+        decomposition="atomic",
+        descriptor=DESCRIPTOR,
+        n_sparse=60,
+        kernel="exp",
+        zeta=200.0,
+        delta=0.1,
+    )
     sharp.fit(data["train"])
     near, far = data["train"][0].copy(), molecule("H2O")
     far.positions[1:] = far.positions[0] + 0.55 * (far.positions[1:] - far.positions[0])
@@ -210,9 +219,15 @@ def test_calibration_makes_held_out_z_scores_unit(model, data):
 
 
 def test_fits_are_reproducible_bit_for_bit(data):
-    first = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5)
-    second = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5)
-    other = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=6)
+    first = SparseGPR(
+        decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5
+    )
+    second = SparseGPR(
+        decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5
+    )
+    other = SparseGPR(
+        decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=6
+    )
     for estimator in (first, second, other):
         estimator.fit(data["train"])
     np.testing.assert_array_equal(first.alpha_, second.alpha_)
@@ -222,7 +237,9 @@ def test_fits_are_reproducible_bit_for_bit(data):
 
 @pytest.mark.parametrize("selection", ["fps", "cur"])
 def test_sparse_selection_picks_distinct_environments_per_element(data, selection):
-    fitted = SparseGPR(descriptor=DESCRIPTOR, n_sparse=25, selection=selection).fit(data["train"])
+    fitted = SparseGPR(
+        decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=25, selection=selection
+    ).fit(data["train"])
     for z in fitted.species_:
         rows = fitted.sparse_values_[fitted.sparse_numbers_ == z]
         assert len(rows) == 25
@@ -287,7 +304,9 @@ def test_featomic_and_dscribe_models_predict_the_same_energies(data):
     n_atoms = np.array([len(a) for a in test])
     predictions = {}
     for backend in ("featomic", "dscribe"):
-        fitted = SparseGPR(descriptor={**DESCRIPTOR, "backend": backend}, n_sparse=60)
+        fitted = SparseGPR(
+            decomposition="atomic", descriptor={**DESCRIPTOR, "backend": backend}, n_sparse=60
+        )
         fitted.fit(data["train"])
         predictions[backend] = np.array([fitted.predict(a, forces=False).energy for a in test])
     target = np.array([a.get_potential_energy() for a in test])
@@ -300,7 +319,7 @@ def test_featomic_and_dscribe_models_predict_the_same_energies(data):
 def test_kfold_tuner_prefers_a_sensible_noise_level(data):
     from deltaml.selection import kfold_tune
 
-    template = SparseGPR(descriptor=DESCRIPTOR, n_sparse=40, delta=0.1)
+    template = SparseGPR(decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=40, delta=0.1)
     grid = {"force_sigma": [0.01, 10.0]}  # 10 eV/Å ignores the forces
     result = kfold_tune(template, data["train"], grid, folds=3, seed=0)
     assert result["best"] == {"force_sigma": 0.01}
@@ -311,18 +330,16 @@ def test_kfold_tuner_prefers_a_sensible_noise_level(data):
         kfold_tune(template, data["train"], {"sigma": [1.0]})
 
 
-def test_the_fast_path_without_force_uncertainty_gives_the_same_numbers(model, co2_crystal):
-    from sklearn.base import clone
-
-    fast = clone(model).set_params(uncertainty="energy")
-    for name in ("sparse_values_", "sparse_numbers_", "alpha_", "chol_mm_", "r_factor_"):
-        setattr(fast, name, getattr(model, name))
-    for name in ("species_", "descriptor_", "offsets_", "delta_", "uncertainty_scale_"):
-        setattr(fast, name, getattr(model, name))
+def test_the_fitting_rows_and_the_fast_prediction_path_agree(model, co2_crystal):
+    """The kernel rows the fit uses and the dE/dx path of predict are the same function."""
     atoms = co2_crystal.copy()
     atoms.positions += np.random.default_rng(1).normal(scale=0.03, size=atoms.positions.shape)
-    slow, quick = model.predict(atoms, stress=True), fast.predict(atoms, stress=True)
-    assert quick.energy == pytest.approx(slow.energy, abs=1e-10)
-    np.testing.assert_allclose(quick.forces, slow.forces, atol=1e-10)
-    np.testing.assert_allclose(quick.stress, slow.stress, atol=1e-12)
-    assert quick.forces_uncertainty is None and quick.energy_uncertainty > 0
+    features = model._features(atoms, ("positions", "strain"))
+    rows = model._rows(features, 1, True, True)
+    quick = model.predict(atoms, stress=True)
+    assert quick.energy == pytest.approx(
+        float(rows["energy"][0] @ model.alpha_ + model._offset_energy([atoms])[0]), abs=1e-10
+    )
+    np.testing.assert_allclose(quick.forces.ravel(), rows["forces"] @ model.alpha_, atol=1e-10)
+    virial = rows["virial"][0] @ model.alpha_
+    np.testing.assert_allclose(quick.stress, virial / atoms.get_volume(), atol=1e-12)

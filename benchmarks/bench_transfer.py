@@ -1,0 +1,370 @@
+"""Transfer of interaction energies to unseen molecule families: terms alone vs the Δ-models.
+
+Data: ``data/labelled/interactions.extxyz`` (dimer minima, rigid scans and small
+clusters of common CHNO molecules, every monomer labelled at its geometry in the
+complex, revPBE0/def2-TZVP) and ``data/labelled/water_chno.extxyz`` (the shipped
+training set). Interaction energies are exact differences of labels:
+E_int = E(complex) − Σ E(monomers).
+
+Split by molecule family, never by frame: the families of the interaction set
+are dealt (seeded) into ``--folds`` folds; each fold in turn is *unseen*: every
+complex of those families, and every structure of ``water_chno`` that holds one
+of their molecules, leaves the training set. Of the other (*seen*) families,
+``--seen-test`` of the systems (a system = a minimum with its scan and monomers)
+are held out as well, to measure the error on seen families.
+
+Side by side, in kcal/mol, on the complexes of the held-out systems:
+
+* ``GFN2-xTB``: GFN2-xTB with its own D4, no correction;
+* ``terms``: GFN2-xTB without D4 + D3(BJ)-revPBE0, zero correction;
+* ``atomic``: the terms + :class:`deltaml.SparseGPR` with ``decomposition="atomic"``
+  (the model of the previous release);
+* ``molecular``: the terms + ``decomposition="molecular"`` (intra + inter).
+
+Reported: MAE of interaction energies (minima, scans, all) and of the scan
+energies relative to their minimum (the shape of each curve); the difference of
+the molecular composite's MAE from the terms' on unseen families with a
+bootstrap 95 % interval over systems (the target: never worse beyond noise);
+the calibration of σ (fraction of errors within 1σ and 2σ); a learning curve
+against the number of interaction systems in training (first fold); the errors
+on the shipped demo split of ``water_chno`` (seeded 20 % held out); fit time and
+the cost of one composite call (energy + forces) with each model, measured in
+the same run.
+
+Usage::
+
+    python benchmarks/bench_transfer.py                    # all folds, learning curve
+    python benchmarks/bench_transfer.py --folds 3 --curve 0,8,all
+
+Writes ``benchmarks/results/bench_transfer.json`` (``--out`` to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import RESULTS_DIR, machine_info, markdown_table, write_json
+from ase import Atoms
+from ase.units import kcal, mol
+
+from deltaml import DeltaCalculator, SparseGPR, XTBBaseline, delta_targets, read_labelled
+from deltaml.dataset import interaction_groups
+from deltaml.evaluation import interaction_energies
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "labelled"
+KCAL = kcal / mol
+METHODS = ("GFN2-xTB", "terms", "atomic", "molecular")
+
+
+def systems_of(frames: list[Atoms]) -> dict[str, list[int]]:
+    """Indices of the frames of each system (``info["system"]``)."""
+    out: dict[str, list[int]] = {}
+    for index, atoms in enumerate(frames):
+        out.setdefault(atoms.info["system"], []).append(index)
+    return out
+
+
+def molecule_families(frames: list[Atoms]) -> dict[str, str]:
+    """Family of every molecule name, from the complexes' fragment names and families."""
+    out = {}
+    for atoms in frames:
+        names = atoms.info["fragment_names"].split(",")
+        families = atoms.info["families"].split(",")
+        out.update(zip(names, families, strict=True))
+    return out
+
+
+def holds_family(atoms: Atoms, families: set[str], family_of: dict[str, str]) -> bool:
+    """Whether a ``water_chno`` structure holds a molecule of one of ``families``."""
+    names = str(atoms.info.get("name", "")).replace("(H2O)", "H2O").split("...")
+    return any(family_of.get(name.split(")")[0]) in families for name in names)
+
+
+def gfn2_energies(frames: list[Atoms]) -> np.ndarray:
+    """GFN2-xTB (with its D4) energies, eV."""
+    calc = XTBBaseline(method="GFN2-xTB")
+    out = []
+    for atoms in frames:
+        probe = Atoms(atoms.numbers, atoms.positions)
+        probe.calc = calc
+        out.append(probe.get_potential_energy())
+    return np.array(out)
+
+
+def fit(decomposition: str, frames: list[Atoms], terms: dict, seed: int) -> tuple[SparseGPR, float]:
+    start = time.perf_counter()
+    model = SparseGPR(decomposition=decomposition, uncertainty="energy", seed=seed)
+    model.fit(frames, trained_with=terms)
+    return model, time.perf_counter() - start
+
+
+def held_out(
+    groups: list[tuple[int, list[int]]], targets: list[Atoms], unseen: set[str], held: set[str]
+) -> dict[str, list[tuple[int, list[int]]]]:
+    """Complexes of the unseen families and of the held-out systems of seen families."""
+    info = [targets[g[0]].info for g in groups]
+    return {
+        "unseen": [g for g, i in zip(groups, info, strict=True) if i["family"] in unseen],
+        "seen": [g for g, i in zip(groups, info, strict=True) if i["system"] in held],
+    }
+
+
+def score(
+    models: dict[str, SparseGPR],
+    targets: list[Atoms],
+    groups: list[tuple[int, list[int]]],
+    gfn2: np.ndarray,
+) -> list[dict]:
+    """One row per complex: interaction energies of every method (kcal/mol) and σ."""
+    rows = [
+        {
+            "index": g[0],
+            "system": targets[g[0]].info["system"],
+            "family": targets[g[0]].info["family"],
+            "scan_factor": float(targets[g[0]].info.get("scan_factor", 1.0)),
+            "GFN2-xTB": float(gfn2[g[0]] - gfn2[g[1]].sum()) / KCAL,
+        }
+        for g in groups
+    ]
+    for name, model in models.items():
+        for row, result in zip(rows, interaction_energies(model, targets, groups), strict=True):
+            row["reference"], row["terms"] = result["reference"], result["terms"]
+            row[name], row[f"sigma_{name}"] = result["composite"], result["sigma"]
+    return rows
+
+
+def summary(rows: list[dict], methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """MAE (kcal/mol) of interaction energies (minima, scans, all) and of scan shapes."""
+    out: dict[str, dict[str, float]] = {}
+    minima = [r for r in rows if r["scan_factor"] == 1.0]
+    minimum_of = {r["system"]: r for r in minima}
+    scans = [r for r in rows if r["scan_factor"] != 1.0]
+    shaped = [r for r in scans if r["system"] in minimum_of]
+    for method in methods:
+
+        def err(chosen: list[dict], method: str = method) -> list[float]:
+            return [abs(r[method] - r["reference"]) for r in chosen]
+
+        shape = [
+            abs(
+                (r[method] - minimum_of[r["system"]][method])
+                - (r["reference"] - minimum_of[r["system"]]["reference"])
+            )
+            for r in shaped
+        ]
+        out[method] = {
+            "mae_all": float(np.mean(err(rows))) if rows else float("nan"),
+            "mae_minima": float(np.mean(err(minima))) if minima else float("nan"),
+            "mae_scans": float(np.mean(err(scans))) if scans else float("nan"),
+            "mae_scan_shape": float(np.mean(shape)) if shape else float("nan"),
+            "n": len(rows),
+        }
+        if f"sigma_{method}" in rows[0] if rows else False:
+            z = np.array(
+                [abs(r[method] - r["reference"]) / max(r[f"sigma_{method}"], 1e-9) for r in rows]
+            )
+            out[method]["within_1_sigma"] = float(np.mean(z <= 1.0))
+            out[method]["within_2_sigma"] = float(np.mean(z <= 2.0))
+    return out
+
+
+def bootstrap_difference(rows: list[dict], first: str, second: str, seed: int) -> dict[str, float]:
+    """MAE(first) − MAE(second) with a 95 % bootstrap interval over systems (kcal/mol)."""
+    by_system: dict[str, list[dict]] = {}
+    for row in rows:
+        by_system.setdefault(row["system"], []).append(row)
+    names = sorted(by_system)
+    rng = np.random.default_rng(seed)
+
+    def diff(chosen: list[str]) -> float:
+        picked = [r for name in chosen for r in by_system[name]]
+        return float(
+            np.mean(
+                [abs(r[first] - r["reference"]) - abs(r[second] - r["reference"]) for r in picked]
+            )
+        )
+
+    draws = [diff(list(rng.choice(names, size=len(names)))) for _ in range(2000)]
+    return {
+        "difference": diff(names),
+        "low": float(np.percentile(draws, 2.5)),
+        "high": float(np.percentile(draws, 97.5)),
+    }
+
+
+def call_cost(
+    models: dict[str, SparseGPR], frames: list[Atoms], repeats: int = 3
+) -> dict[str, float]:
+    """Seconds per composite call (energy + forces, σ as fitted) with each model and with none."""
+    from deltaml import ZeroCorrection
+
+    out = {}
+    for name, correction in [("terms", ZeroCorrection()), *models.items()]:
+        calc = DeltaCalculator.from_model(correction) if name != "terms" else None
+        if calc is None:
+            calc = DeltaCalculator(correction=correction, dispersion="d3bj:revpbe0")
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for atoms in frames:
+                probe = Atoms(atoms.numbers, atoms.positions)
+                probe.calc = calc
+                probe.get_forces()
+        out[name] = (time.perf_counter() - start) / (repeats * len(frames))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folds", type=int, default=4)
+    parser.add_argument(
+        "--seen-test", type=float, default=0.2, help="systems of seen families held out"
+    )
+    parser.add_argument("--curve", default="0,4,8,16,all", help="interaction systems in training")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_transfer.json")
+    args = parser.parse_args()
+
+    base = read_labelled(DATA / "water_chno.extxyz")
+    extra = read_labelled(DATA / "interactions.extxyz")
+    base_targets, terms = delta_targets(base)
+    targets, _ = delta_targets(extra)
+    groups = interaction_groups(targets)
+    gfn2 = gfn2_energies(targets)
+    systems = systems_of(targets)
+    family_of = molecule_families(targets)
+    system_family = {name: targets[idx[0]].info["family"] for name, idx in systems.items()}
+    families = sorted(set(system_family.values()) - {"water", "mixed"})
+    rng = np.random.default_rng(args.seed)
+    dealt = [families[i] for i in rng.permutation(len(families))]
+    folds = [set(dealt[k :: args.folds]) for k in range(args.folds)]
+    print(f"{len(targets)} interaction structures, {len(groups)} complexes, "
+          f"{len(systems)} systems, "
+          f"{len(families)} families; folds: {[sorted(f) for f in folds]}")  # fmt: skip
+
+    report: dict = {"machine": machine_info(), "folds": [sorted(f) for f in folds], "per_fold": []}
+    all_rows: dict[str, list[dict]] = {"unseen": [], "seen": []}
+    costs, fit_times = [], {"atomic": [], "molecular": []}
+    curve_fold = None
+    for k, unseen in enumerate(folds):
+        seen_systems = sorted(s for s, f in system_family.items() if f not in unseen)
+        held = set(
+            rng.choice(seen_systems, size=round(args.seen_test * len(seen_systems)), replace=False)
+        )
+        train_systems = [s for s in seen_systems if s not in held]
+        base_train = [a for a in base_targets if not holds_family(a, unseen, family_of)]
+        train = base_train + [targets[i] for s in train_systems for i in systems[s]]
+        models = {}
+        for decomposition in ("atomic", "molecular"):
+            models[decomposition], seconds = fit(decomposition, train, terms, args.seed)
+            fit_times[decomposition].append(seconds)
+        for part, picked in held_out(groups, targets, unseen, held).items():
+            rows = score(models, targets, picked, gfn2)
+            all_rows[part] += rows
+            report["per_fold"].append({"fold": k, "part": part, "summary": summary(rows, METHODS)})
+        probe = [targets[g[0]] for g in groups if targets[g[0]].info["family"] in unseen][:4]
+        costs.append(call_cost(models, probe))
+        if curve_fold is None:
+            curve_fold = (k, unseen, held, train_systems, base_train)
+        print(f"fold {k}: unseen {sorted(unseen)}: {len(train)} training structures")
+
+    report["unseen"] = summary(all_rows["unseen"], METHODS)
+    report["seen"] = summary(all_rows["seen"], METHODS)
+    report["molecular_minus_terms_unseen"] = bootstrap_difference(
+        all_rows["unseen"], "molecular", "terms", args.seed
+    )
+    report["atomic_minus_terms_unseen"] = bootstrap_difference(
+        all_rows["unseen"], "atomic", "terms", args.seed
+    )
+    report["fit_seconds"] = {k: float(np.mean(v)) for k, v in fit_times.items()}
+    report["call_seconds"] = {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
+    report["rows"] = all_rows
+
+    # Learning curve on the first fold: interaction systems added in a seeded order.
+    k, unseen, held, train_systems, base_train = curve_fold
+    order = [
+        train_systems[i]
+        for i in np.random.default_rng(args.seed + 1).permutation(len(train_systems))
+    ]
+    curve = []
+    for size in args.curve.split(","):
+        n = len(order) if size == "all" else min(int(size), len(order))
+        train = base_train + [targets[i] for s in order[:n] for i in systems[s]]
+        point = {"n_systems": n, "n_interactions": len(interaction_groups(train))}
+        for decomposition in ("atomic", "molecular"):
+            model, _ = fit(decomposition, train, terms, args.seed)
+            for part, picked in held_out(groups, targets, unseen, held).items():
+                rows = score({decomposition: model}, targets, picked, gfn2)
+                maes = summary(rows, (decomposition, "terms"))
+                point[f"{decomposition}_{part}"] = maes[decomposition]["mae_all"]
+                point[f"terms_{part}"] = maes["terms"]["mae_all"]
+        curve.append(point)
+        print(f"curve: {n} systems done")
+    report["learning_curve"] = curve
+
+    # The shipped demo split of water_chno (seed 0, 20 % held out): must not get worse.
+    order = np.random.default_rng(0).permutation(len(base_targets))
+    n_test = round(0.2 * len(base_targets))
+    test = [base_targets[i] for i in np.sort(order[:n_test])]
+    train = [base_targets[i] for i in np.sort(order[n_test:])]
+    shipped = {}
+    for decomposition in ("atomic", "molecular"):
+        model = SparseGPR(decomposition=decomposition, uncertainty=None, seed=0).fit(
+            train, trained_with=terms
+        )
+        e_err, f_err = [], []
+        for atoms in test:
+            result = model.predict(atoms)
+            e_err.append(result.energy - atoms.calc.results["energy"])
+            f_err.append(np.abs(result.forces - atoms.calc.results["forces"]).ravel())
+        shipped[decomposition] = {
+            "energy_mae_kcal_mol": float(np.mean(np.abs(e_err))) / KCAL,
+            "force_mae": float(np.mean(np.concatenate(f_err))),
+        }
+    report["shipped_split"] = shipped
+    write_json(args.out, report)
+
+    for part in ("unseen", "seen"):
+        print(
+            f"\n{part} families: interaction energies, MAE kcal/mol "
+            f"({report[part]['terms']['n']} complexes)"
+        )
+        header = ["method", "minima", "scans", "all", "scan shape", "within 1σ", "within 2σ"]
+        table = []
+        for method in METHODS:
+            s = report[part][method]
+            table.append([
+                method, f"{s['mae_minima']:.2f}", f"{s['mae_scans']:.2f}", f"{s['mae_all']:.2f}",
+                f"{s['mae_scan_shape']:.2f}", f"{s.get('within_1_sigma', float('nan')):.2f}",
+                f"{s.get('within_2_sigma', float('nan')):.2f}",
+            ])  # fmt: skip
+        print(markdown_table(header, table))
+    for name in ("molecular", "atomic"):
+        d = report[f"{name}_minus_terms_unseen"]
+        print(f"\n{name} − terms on unseen families: {d['difference']:+.2f} kcal/mol "
+              f"(95 % bootstrap over systems {d['low']:+.2f} … {d['high']:+.2f})")  # fmt: skip
+    print("\nlearning curve (first fold), interaction MAE kcal/mol")
+    print(markdown_table(
+        ["systems", "interactions", "terms unseen", "atomic unseen", "molecular unseen",
+         "terms seen", "atomic seen", "molecular seen"],
+        [[p["n_systems"], p["n_interactions"], *(f"{p[k]:.2f}" for k in (
+            "terms_unseen", "atomic_unseen", "molecular_unseen", "terms_seen", "atomic_seen",
+            "molecular_seen"))] for p in curve],
+    ))  # fmt: skip
+    print("\nshipped demo split (water_chno, 20 % held out):")
+    for name, s in shipped.items():
+        print(
+            f"  {name:9s} energy MAE {s['energy_mae_kcal_mol']:.2f} kcal/mol, "
+            f"force MAE {s['force_mae']:.4f} eV/Å"
+        )
+    print(
+        f"\nfit seconds {report['fit_seconds']}; "
+        f"seconds per composite call {report['call_seconds']}"
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+r"""SOAP split by molecule: what an atom sees of its own molecule, and of the others.
+
+The molecular decomposition of the Δ-model (:class:`~deltaml.model.SparseGPR`
+with ``decomposition="molecular"``) needs two rows per atom *i* of molecule *M*:
+
+- **intra**: the SOAP power spectrum of *i* in *M* alone (isolated, made whole
+  across the cell), normalised. It depends on the geometry of *M* only, so an
+  energy built from it cancels exactly in an interaction or lattice energy at
+  fixed monomer geometry.
+- **inter**: the raw power spectrum of *i* in the whole structure minus that of
+  *i* in *M* alone. With the neighbour density split as
+  :math:`\rho_i = \rho_i^M + \rho_i^{o}` (own molecule, others), the power
+  spectrum is quadratic in the density expansion :math:`c`, so
+
+  .. math::
+
+      p(\rho_i) - p(\rho_i^M) = c^M \otimes c^{o} + c^{o} \otimes c^M + c^{o} \otimes c^{o},
+
+  which is exactly zero when no atom of another molecule is within the cut-off,
+  and goes to zero smoothly, with zero slope, as they leave it (the cut-off
+  function does). It carries the directions of the contacts relative to the
+  own molecule (the cross terms), e.g. of a hydrogen bond.
+
+Molecules come from covalent connectivity (:func:`deltaml.crystals.whole_molecules`).
+
+Data flow: structures, descriptors → **intermolecular** → model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from numpy.typing import NDArray
+
+from deltaml.crystals import whole_molecules
+from deltaml.descriptors import DescriptorBatch, SOAPDescriptor, normalise_rows
+
+__all__ = ["MolecularBatch", "split_by_molecule"]
+
+
+@dataclass
+class MolecularBatch:
+    """Descriptor rows of a batch of frames, split by molecule.
+
+    Attributes
+    ----------
+    intra : DescriptorBatch
+        Normalised SOAP rows of every atom within its own molecule.
+    inter : DescriptorBatch
+        Raw full-structure rows minus raw own-molecule rows (not normalised).
+    labels : list of ndarray
+        Molecule index of every atom, one array per frame.
+    intra_norms : ndarray of shape (n_atoms_total,)
+        Norm of each raw own-molecule row (the natural scale of the inter rows).
+    """
+
+    intra: DescriptorBatch
+    inter: DescriptorBatch
+    labels: list[NDArray[np.int64]]
+    intra_norms: NDArray[np.float64]
+
+
+def split_by_molecule(
+    soap: SOAPDescriptor, frames: Atoms | Sequence[Atoms], gradients: Iterable[str] = ()
+) -> MolecularBatch:
+    """Intra- and intermolecular rows of every atom, with the requested gradients.
+
+    Parameters
+    ----------
+    soap : SOAPDescriptor
+        The descriptor (both parts use its settings).
+    frames : ase.Atoms or sequence of ase.Atoms
+        Molecules, clusters or periodic cells.
+    gradients : iterable of str, default=()
+        ``"positions"`` and/or ``"strain"``. The strain gradients of the intra
+        rows follow from their position gradients at the unwrapped positions
+        (an isolated molecule deforms with the cell as its atoms move).
+
+    Returns
+    -------
+    MolecularBatch
+
+    Raises
+    ------
+    TopologyError
+        A molecule bonded to its own periodic image.
+    """
+    frames = [frames] if isinstance(frames, Atoms) else list(frames)
+    gradients = tuple(dict.fromkeys((gradients,) if isinstance(gradients, str) else gradients))
+    full = soap.compute(frames, gradients, normalise=False)
+    n_atoms = len(full.values)
+    pieces, owners, labels = [], [], []
+    unwrapped = np.zeros((n_atoms, 3))
+    for k, atoms in enumerate(frames):
+        molecules, positions = whole_molecules(atoms)
+        start = int(full.offsets[k])
+        unwrapped[start : start + len(atoms)] = positions
+        labels.append(molecules.labels)
+        for m in range(len(molecules.formulas)):
+            index = np.flatnonzero(molecules.labels == m)
+            pieces.append(Atoms(numbers=atoms.numbers[index], positions=positions[index]))
+            owners.append(start + index)
+    owner = np.concatenate(owners)
+    own_gradients = ("positions",) if gradients else ()
+    own = soap.compute(pieces, own_gradients, normalise=False)
+    # Rows of ``own`` are molecule by molecule; put them back in atom order.
+    own_values = np.empty_like(own.values)
+    own_values[owner] = own.values
+    intra = DescriptorBatch(values=own_values, numbers=full.numbers, offsets=full.offsets)
+    inter = DescriptorBatch(
+        values=full.values - own_values, numbers=full.numbers, offsets=full.offsets
+    )
+    if "positions" in gradients:
+        rows, moved = owner[own.position_rows], owner[own.position_atoms]
+        order = np.lexsort((moved, rows))
+        intra.position_rows, intra.position_atoms = rows[order], moved[order]
+        intra.position_gradients = own.position_gradients[order]
+        inter.position_rows, inter.position_atoms, inter.position_gradients = _difference_pairs(
+            full, intra, n_atoms
+        )
+    if "strain" in gradients:
+        # r -> r @ (I + eps): d x_i / d eps[a, c] = sum_j r_j[a] d x_i / d r_j[c].
+        # Pairs are sorted by row and every row has its self pair: sum by segments.
+        contribution = np.einsum(
+            "pa,pcf->pacf", unwrapped[intra.position_atoms], intra.position_gradients
+        )
+        starts = np.searchsorted(intra.position_rows, np.arange(n_atoms))
+        own_strain = np.add.reduceat(contribution, starts, axis=0)
+        intra.strain_gradients = own_strain
+        inter.strain_gradients = full.strain_gradients - own_strain
+    norms = np.linalg.norm(intra.values, axis=1)
+    normalise_rows(intra)  # after the raw rows were used for ``inter``
+    return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
+
+
+def _difference_pairs(
+    full: DescriptorBatch, own: DescriptorBatch, n_atoms: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
+    """Position gradients of full − own rows, over the union of their (row, atom) pairs."""
+    keys = np.concatenate(
+        [
+            full.position_rows * n_atoms + full.position_atoms,
+            own.position_rows * n_atoms + own.position_atoms,
+        ]
+    )
+    unique, where = np.unique(keys, return_inverse=True)
+    gradients = np.zeros((len(unique), 3, full.values.shape[1]))
+    n_full = len(full.position_rows)
+    # Pairs are unique within each part, so plain fancy indexing accumulates correctly.
+    gradients[where[:n_full]] = full.position_gradients
+    gradients[where[n_full:]] -= own.position_gradients
+    return unique // n_atoms, unique % n_atoms, gradients

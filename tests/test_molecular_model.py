@@ -1,0 +1,390 @@
+"""The molecular decomposition of the Δ-model: intramolecular + intermolecular parts.
+
+Targets are cheap and physical, Δ = GFN1-xTB − GFN2-xTB, on rattled monomers and on
+rigid-monomer scans of hydrogen-bonded dimers whose monomers are labelled at the
+same geometry (so that the training set holds exact interaction energies).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import molecule
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from deltaml.baseline import XTBBaseline
+from deltaml.calculator import DeltaCalculator
+from deltaml.correction import ZeroCorrection
+from deltaml.crystals import whole_molecules
+from deltaml.errors import ModelFileError, TopologyChangedError, TopologyError
+from deltaml.model import SparseGPR, interaction_targets
+
+DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
+CUTOFF = DESCRIPTOR["cutoff"]
+TERMS = {"dispersion": None}
+
+
+def _labelled(frames: list[Atoms]) -> list[Atoms]:
+    """Label each structure with GFN1-xTB − GFN2-xTB energy, forces (and stress)."""
+    gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
+    out = []
+    for atoms in frames:
+        values: dict = {}
+        for sign, calc in ((1.0, gfn1), (-1.0, gfn2)):
+            probe = atoms.copy()
+            probe.calc = calc
+            values["energy"] = values.get("energy", 0.0) + sign * probe.get_potential_energy()
+            values["forces"] = values.get("forces", 0.0) + sign * probe.get_forces()
+        labelled = atoms.copy()
+        labelled.calc = SinglePointCalculator(labelled, **values)
+        out.append(labelled)
+    return out
+
+
+def _hydrogen_bonded(donor: str, acceptor: str, distance: float, seed: int) -> Atoms:
+    """A donor O–H pointing at the acceptor's O, H···O = ``distance`` (Å), a little rattled."""
+    rng = np.random.default_rng(seed)
+    a, b = molecule(donor), molecule(acceptor)
+    for mol in (a, b):
+        mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
+    o_a = int(np.flatnonzero(a.numbers == 8)[0])
+    h_a = int(np.argmin(np.where(a.numbers == 1, a.get_distances(o_a, range(len(a))), 9.0)))
+    axis = a.positions[h_a] - a.positions[o_a]
+    axis /= np.linalg.norm(axis)
+    o_b = int(np.flatnonzero(b.numbers == 8)[0])
+    b.positions += a.positions[h_a] + distance * axis - b.positions[o_b]
+    for _ in range(100):  # random orientations until no other contact is short
+        turned = b.copy()
+        turned.rotate(float(rng.uniform(0, 360)), rng.normal(size=3), center=b.positions[o_b])
+        contacts = np.linalg.norm(a.positions[:, None] - turned.positions[None], axis=-1)
+        contacts[h_a, o_b] = np.inf
+        if contacts.min() > distance + 0.3:
+            break
+    dimer = a + turned
+    dimer.info["n_first"] = len(a)
+    return dimer
+
+
+def _scan(dimer: Atoms, factors: tuple[float, ...]) -> list[Atoms]:
+    """Rigid-monomer scan along the centre-of-mass axis."""
+    n = dimer.info["n_first"]
+    axis = dimer[n:].get_center_of_mass() - dimer[:n].get_center_of_mass()
+    frames = []
+    for factor in factors:
+        moved = dimer.copy()
+        moved.positions[n:] += (factor - 1.0) * axis
+        frames.append(moved)
+    return frames
+
+
+def _monomers(dimer: Atoms) -> list[Atoms]:
+    n = dimer.info["n_first"]
+    return [dimer[:n], dimer[n:]]
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, list[Atoms]]:
+    rng = np.random.default_rng(3)
+    monomers = []
+    for k in range(12):
+        atoms = molecule(("H2O", "CH3OH", "CH3CH2OH")[k % 3])
+        atoms.positions += rng.normal(scale=0.04, size=atoms.positions.shape)
+        monomers.append(atoms)
+    complexes, parts = [], []
+    for seed, (donor, acceptor) in enumerate(
+        [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
+    ):
+        dimer = _hydrogen_bonded(donor, acceptor, 1.95, seed)
+        complexes += _scan(dimer, (0.95, 1.0, 1.15, 1.4))
+        parts += _monomers(dimer)
+    held_out = _hydrogen_bonded("CH3OH", "H2O", 2.0, seed=11)
+    return {
+        "monomers": _labelled(monomers),
+        "interactions": _labelled(complexes + parts),
+        "held_out": [held_out],
+    }
+
+
+@pytest.fixture(scope="module")
+def model(data) -> SparseGPR:
+    frames = data["monomers"] + data["interactions"]
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=60, inter_n_sparse=40).fit(
+        frames, trained_with=TERMS
+    )
+
+
+@pytest.fixture(scope="module")
+def monomer_model(data) -> SparseGPR:
+    """A molecular model fitted on single molecules only: its inter part has no data."""
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=60).fit(data["monomers"])
+
+
+def _parts(model: SparseGPR, atoms: Atoms) -> dict[str, float]:
+    return model.predict(atoms, forces=False).parts
+
+
+def test_the_training_set_holds_exact_interaction_energies(model, data):
+    frames = data["monomers"] + data["interactions"]
+    found = interaction_targets(frames)
+    assert len(found) == 16  # every complex of every scan, not the monomers
+    assert model.n_interactions_ == 16
+    assert model.terms_[1].name == "inter" and model.terms_[1].size > 0
+
+
+def test_an_interaction_energy_gets_nothing_from_the_intramolecular_part(model, data):
+    dimer = data["held_out"][0]
+    whole, first, second = (_parts(model, a) for a in [dimer, *_monomers(dimer)])
+    assert whole["intra"] == pytest.approx(first["intra"] + second["intra"], abs=1e-12)
+    assert whole["offsets"] == pytest.approx(first["offsets"] + second["offsets"], abs=1e-12)
+    assert first["inter"] == 0.0 and second["inter"] == 0.0
+    interaction = model.predict(dimer, forces=False).energy - sum(
+        model.predict(m, forces=False).energy for m in _monomers(dimer)
+    )
+    assert interaction == pytest.approx(whole["inter"], abs=1e-12)
+    assert abs(whole["inter"]) > 1e-5  # a hydrogen bond is corrected by something
+
+
+def _closest_contact(dimer: Atoms) -> float:
+    n = dimer.info["n_first"]
+    return float(
+        np.min(np.linalg.norm(dimer.positions[:n, None] - dimer.positions[None, n:], axis=-1))
+    )
+
+
+def _at_contact(dimer: Atoms, contact: float) -> Atoms:
+    """The dimer with monomer B moved rigidly along the CoM axis to a closest contact (Å)."""
+    n = dimer.info["n_first"]
+    axis = dimer[n:].get_center_of_mass() - dimer[:n].get_center_of_mass()
+    axis /= np.linalg.norm(axis)
+    low, high = 0.0, 2 * contact
+    for _ in range(80):  # bisection on the shift
+        mid = 0.5 * (low + high)
+        moved = dimer.copy()
+        moved.positions[n:] += mid * axis
+        low, high = (mid, high) if _closest_contact(moved) < contact else (low, mid)
+    moved = dimer.copy()
+    moved.positions[n:] += high * axis
+    return moved
+
+
+def test_the_intermolecular_part_vanishes_smoothly_at_the_cutoff(model, data):
+    dimer = data["held_out"][0]
+    monomers = _monomers(dimer)
+    alone = [model.predict(m) for m in monomers]
+
+    def interaction(contact: float) -> tuple[float, np.ndarray]:
+        moved = _at_contact(dimer, contact)
+        result = model.predict(moved)
+        n = dimer.info["n_first"]
+        moved_b = moved[n:]
+        energy = result.energy - alone[0].energy - model.predict(moved_b, forces=False).energy
+        forces = result.forces - np.vstack([alone[0].forces, model.predict(moved_b).forces])
+        return energy, forces
+
+    beyond_energy, beyond_forces = interaction(CUTOFF + 0.01)
+    assert model.predict(_at_contact(dimer, CUTOFF + 0.01), forces=False).parts["inter"] == 0.0
+    assert beyond_energy == pytest.approx(0.0, abs=1e-11)  # round-off of the other parts
+    assert np.abs(beyond_forces).max() < 1e-11
+    # Inside the smooth cut-off the interaction goes to zero like ε² and its force like ε.
+    e1, f1 = interaction(CUTOFF - 0.02)
+    e2, f2 = interaction(CUTOFF - 0.01)
+    assert 0 < abs(e2) < abs(e1)
+    assert abs(e2 / e1) == pytest.approx(0.25, rel=0.1)
+    assert np.abs(f2).max() / np.abs(f1).max() == pytest.approx(0.5, rel=0.1)
+
+
+def _finite_difference_forces(model: SparseGPR, atoms: Atoms, h: float = 1e-4) -> np.ndarray:
+    forces = np.zeros((len(atoms), 3))
+    for i in range(len(atoms)):
+        for a in range(3):
+            energies = []
+            for sign in (1, -1):
+                probe = atoms.copy()
+                probe.positions[i, a] += sign * h
+                energies.append(model.predict(probe, forces=False).energy)
+            forces[i, a] = -(energies[0] - energies[1]) / (2 * h)
+    return forces
+
+
+def test_forces_of_a_dimer_are_minus_the_gradient(model, data):
+    dimer = data["held_out"][0]
+    predicted = model.predict(dimer).forces
+    np.testing.assert_allclose(predicted, _finite_difference_forces(model, dimer), atol=2e-7)
+
+
+@pytest.fixture(scope="module")
+def co2_model() -> SparseGPR:
+    """A molecular model with intermolecular data on C and O (CO2 dimers and monomers)."""
+    rng = np.random.default_rng(5)
+    frames = []
+    for k in range(4):
+        a, b = molecule("CO2"), molecule("CO2")
+        b.rotate(float(rng.uniform(0, 180)), rng.normal(size=3))
+        b.translate([0.0, 3.2 + 0.2 * k, 0.5 * k])
+        for mol in (a, b):
+            mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
+        frames += [a + b, a, b]
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(_labelled(frames))
+
+
+def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_crystal_strained):
+    atoms = co2_crystal_strained
+    result = co2_model.predict(atoms, stress=True)
+    assert abs(result.parts["inter"]) > 1e-6
+    h = 1e-5
+    volume = atoms.get_volume()
+    voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+    for k, (a, b) in enumerate(voigt):
+        energies = []
+        for sign in (1, -1):
+            eps = np.zeros((3, 3))
+            eps[a, b] = eps[b, a] = sign * h / (1 if a == b else 2)
+            probe = atoms.copy()
+            probe.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+            energies.append(co2_model.predict(probe, forces=False).energy)
+        assert result.stress[k] == pytest.approx(
+            (energies[0] - energies[1]) / (2 * h * volume), abs=1e-8
+        )
+    np.testing.assert_allclose(
+        result.forces, _finite_difference_forces(co2_model, atoms), atol=2e-7
+    )
+
+
+def test_energy_is_invariant_and_size_extensive(co2_model, co2_crystal_strained, rotation):
+    atoms = co2_crystal_strained
+    energy = co2_model.predict(atoms, forces=False).energy
+    turned = atoms.copy()
+    turned.set_cell(atoms.cell.array @ rotation.T, scale_atoms=False)
+    turned.positions = atoms.positions @ rotation.T + [0.3, -1.2, 2.0]
+    assert co2_model.predict(turned, forces=False).energy == pytest.approx(energy, abs=1e-9)
+    # Atom order across molecules (a random permutation mixes their atoms).
+    order = np.random.default_rng(0).permutation(len(atoms))
+    assert co2_model.predict(atoms[order], forces=False).energy == pytest.approx(energy, abs=1e-9)
+    wrapped = atoms.copy()
+    wrapped.positions += [2.1, 0.7, -3.3]
+    wrapped.wrap()  # molecules cut by the cell boundary
+    assert co2_model.predict(wrapped, forces=False).energy == pytest.approx(energy, abs=1e-9)
+    double = atoms.repeat((2, 1, 1))
+    assert co2_model.predict(double, forces=False).energy == pytest.approx(2 * energy, abs=1e-8)
+
+
+def test_without_intermolecular_data_the_interaction_is_the_terms_alone(monomer_model, data):
+    assert monomer_model.terms_[1].size == 0 and monomer_model.n_interactions_ == 0
+    dimer = data["held_out"][0]
+    parts = _parts(monomer_model, dimer)
+    assert parts["inter"] == 0.0
+
+    def interaction(correction) -> float:
+        calc = DeltaCalculator(correction=correction, dispersion=None)
+        energies = []
+        for atoms in [dimer, *_monomers(dimer)]:
+            work = atoms.copy()
+            work.calc = calc
+            energies.append(work.get_potential_energy())
+        return energies[0] - energies[1] - energies[2]
+
+    assert interaction(monomer_model) == pytest.approx(interaction(ZeroCorrection()), abs=1e-9)
+
+
+def test_the_uncertainty_of_an_interaction_comes_from_the_intermolecular_part(
+    model, monomer_model, data
+):
+    trained = data["interactions"][1]  # a complex of the training set (minimum of a scan)
+    n = 3  # water donor first
+    unseen = _hydrogen_bonded("CH3CH2OH", "CH3CH2OH", 1.9, seed=4)
+
+    def sigma(fitted: SparseGPR, dimer: Atoms, n_first: int) -> float:
+        cov = fitted.energy_covariance([dimer, dimer[:n_first], dimer[n_first:]])
+        weights = np.array([1.0, -1.0, -1.0])
+        return float(np.sqrt(max(weights @ cov @ weights, 0.0)))
+
+    seen_sigma = sigma(model, trained, n)
+    unseen_sigma = sigma(model, unseen, unseen.info["n_first"])
+    assert seen_sigma < 0.5 * unseen_sigma
+    # Intramolecular uncertainty cancels: the monomer-only model's σ of an interaction
+    # is its intermolecular prior, far below its σ of the dimer's energy.
+    cov = monomer_model.energy_covariance([unseen])
+    assert sigma(monomer_model, unseen, unseen.info["n_first"]) < 0.5 * np.sqrt(cov[0, 0])
+
+
+def test_model_files_record_the_decomposition(model, data, tmp_path):
+    path = model.save(tmp_path / "model.npz")
+    with np.load(path, allow_pickle=False) as stored:
+        meta = json.loads(str(stored["metadata"]))
+    assert meta["decomposition"] == "molecular"
+    assert [t["name"] for t in meta["terms"]] == ["intra", "inter"]
+    assert meta["format_version"] == 2
+    loaded = SparseGPR.load(path)
+    dimer = data["held_out"][0]
+    assert loaded.predict(dimer).energy == pytest.approx(model.predict(dimer).energy, abs=1e-12)
+    assert loaded.predict(dimer).parts == pytest.approx(model.predict(dimer).parts, abs=1e-12)
+
+
+def test_a_version_1_file_loads_as_the_atomic_model_and_a_broken_one_is_refused(data, tmp_path):
+    atomic = SparseGPR(decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=40)
+    atomic.fit(data["monomers"])
+    path = atomic.save(tmp_path / "atomic.npz")
+    with np.load(path) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    meta = json.loads(str(arrays["metadata"]))
+    # Rewrite it as format version 1 wrote it (one term, no decomposition key).
+    meta["format_version"] = 1
+    meta["delta_ev"] = meta["terms"][0]["delta_ev"]
+    for key in ("decomposition", "terms", "inter_scale", "n_interactions"):
+        meta.pop(key)
+    for key in ("decomposition", "inter_n_sparse", "inter_zeta", "inter_delta"):
+        meta["params"].pop(key)
+    old = {
+        "metadata": np.array(json.dumps(meta)),
+        "sparse_values": arrays.pop("sparse_values_0"),
+        "sparse_numbers": arrays.pop("sparse_numbers_0"),
+        **{k: arrays[k] for k in ("alpha", "chol_mm", "r_factor")},
+    }
+    np.savez(tmp_path / "v1.npz", **old)
+    loaded = SparseGPR.load(tmp_path / "v1.npz")
+    assert loaded.decomposition == "atomic"
+    probe = data["monomers"][0]
+    assert loaded.predict(probe).energy == pytest.approx(atomic.predict(probe).energy, abs=1e-12)
+    meta["format_version"] = 2
+    meta["decomposition"] = "molecular"
+    meta["terms"] = [{"name": "atomic", "kernel": "dot", "zeta": 2, "delta_ev": 0.1}]
+    renamed = {"sparse_values_0": old["sparse_values"], "sparse_numbers_0": old["sparse_numbers"]}
+    broken = {**old, **renamed, "metadata": np.array(json.dumps(meta))}
+    np.savez(tmp_path / "broken.npz", **broken)
+    with pytest.raises(ModelFileError, match="do not match"):
+        SparseGPR.load(tmp_path / "broken.npz")
+    del broken["sparse_values_0"]
+    np.savez(tmp_path / "missing.npz", **broken)
+    with pytest.raises(ModelFileError, match="sparse_values_0"):
+        SparseGPR.load(tmp_path / "missing.npz")
+
+
+def test_a_change_of_bonding_in_a_calculation_is_an_error(monomer_model):
+    calc = DeltaCalculator(correction=monomer_model, dispersion=None)
+    atoms = molecule("CH3OH")
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    atoms.positions[3] += 3.0 * (atoms.positions[3] - atoms.positions[0])  # an H leaves C
+    with pytest.raises(TopologyChangedError, match="bonding changed"):
+        atoms.get_potential_energy()
+    # A new structure (another Atoms object) starts with its own molecules.
+    other = atoms.copy()
+    other.calc = calc
+    assert np.isfinite(other.get_potential_energy())
+
+
+def test_a_molecule_bonded_to_its_own_image_has_no_intramolecular_part(monomer_model):
+    chain = Atoms("C2", positions=[[0, 0, 0], [1.4, 0, 0]], cell=[2.8, 8.0, 8.0], pbc=True)
+    with pytest.raises(TopologyError, match="own periodic image"):
+        whole_molecules(chain)
+    wrapped = molecule("CH3OH")
+    wrapped.set_cell([9.0, 9.0, 9.0])
+    wrapped.pbc = True
+    wrapped.positions += [8.5, 0.0, 0.0]
+    wrapped.wrap()  # cut by the cell boundary
+    _, positions = whole_molecules(wrapped)
+    distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
+    assert distances.max() < 3.0  # made whole again
