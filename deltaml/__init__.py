@@ -17,6 +17,7 @@ from deltaml.dataset import (
     delta_targets,
     export_labelled,
     import_labelled,
+    interaction_groups,
     read_labelled,
     write_labelled,
 )
@@ -42,9 +43,12 @@ from deltaml.errors import (
     SingularCellError,
     StructureError,
     TermMismatchError,
+    TopologyChangedError,
+    TopologyError,
     UnsupportedCapabilityError,
     UnsupportedElementError,
 )
+from deltaml.evaluation import interaction_energies
 from deltaml.labelling import LabellingReport, label_structures
 from deltaml.model import SparseGPR
 from deltaml.ranking import Ranking, rank_polymorphs, read_candidates
@@ -90,6 +94,8 @@ __all__ = [
     "SparseGPR",
     "StructureError",
     "TermMismatchError",
+    "TopologyChangedError",
+    "TopologyError",
     "UnsupportedCapabilityError",
     "UnsupportedElementError",
     "XTBBaseline",
@@ -105,6 +111,8 @@ __all__ = [
     "ice_polymorph",
     "identify_molecules",
     "import_labelled",
+    "interaction_energies",
+    "interaction_groups",
     "kfold_tune",
     "label_key",
     "label_structures",

@@ -257,10 +257,18 @@ def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[in
 @click.option(
     "--data",
     type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="labelled extxyz to train on (instead of --store)",
+    multiple=True,
+    help="labelled extxyz to train on (instead of --store; repeat for several files)",
 )
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="model.npz")
+@click.option(
+    "--decomposition",
+    type=click.Choice(["molecular", "atomic"]),
+    default="molecular",
+    show_default=True,
+    help="molecular: intra- + intermolecular parts (interactions corrected only by the "
+    "intermolecular one); atomic: whole environments (bonds may break)",
+)
 @click.option("--validation", default=0.1, show_default=True, help="held-out fraction")
 @click.option("--seed", default=0, show_default=True, help="seed of the split and the model")
 @click.option("--n-sparse", type=int, default=None, help="sparse points per element [200]")
@@ -272,8 +280,9 @@ def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[in
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def fit_command(
     store_url: str | None,
-    data: str | None,
+    data: tuple[str, ...],
     output: str,
+    decomposition: str,
     validation: float,
     seed: int,
     n_sparse: int | None,
@@ -285,12 +294,15 @@ def fit_command(
     no_progress: bool,
 ) -> None:
     """Fit the Δ-model on labelled data; print train and validation errors."""
-    if (store_url is None) == (data is None):
+    if (store_url is None) == (not data):
         raise click.UsageError("give exactly one of --store and --data")
     if not 0 <= validation < 1:
         raise click.UsageError("--validation must be in [0, 1)")
     try:
-        frames = LabelStore(store_url).labelled() if store_url else read_labelled(data)
+        if store_url:
+            frames = LabelStore(store_url).labelled()
+        else:
+            frames = [atoms for path in data for atoms in read_labelled(path)]
         targets, trained_with = delta_targets(frames)
         train_idx, val_idx = _split(len(targets), validation, seed)
         train = [targets[i] for i in train_idx]
@@ -303,7 +315,11 @@ def fit_command(
             "energy_sigma": energy_sigma,
             "force_sigma": force_sigma,
         }
-        model = SparseGPR(seed=seed, **{k: v for k, v in given.items() if v is not None})
+        model = SparseGPR(
+            decomposition=decomposition,
+            seed=seed,
+            **{k: v for k, v in given.items() if v is not None},
+        )
         model.fit(train, trained_with=trained_with, progress=not no_progress)
         if held_out:
             scales = model.calibrate(held_out)

@@ -1,13 +1,20 @@
 """Demo: fit the Δ-model on the shipped dataset, evaluate it, relax a molecule with it.
 
 1. Reads ``data/labelled/water_chno.extxyz`` (revPBE0/def2-TZVP labels of water
-   clusters, CHNO molecules and dimers), forms the Δ targets (reference −
-   dispersion-free GFN2-xTB − D3(BJ)-revPBE0) from the terms stored with the
-   labels, and splits it (seeded) into training and held-out parts.
-2. Fits :class:`deltaml.SparseGPR`, calibrates its uncertainty on a validation
-   part of the training split, and prints the held-out errors of the baseline
-   alone (GFN2-xTB + D3 + per-element offsets) and of the composite side by side.
-3. Relaxes acetic acid with the composite and with baseline + D3 alone, and
+   clusters, CHNO molecules and dimers) and ``data/labelled/interactions.extxyz``
+   (dimer minima and scans with every monomer labelled at its geometry in the
+   dimer), forms the Δ targets (reference − dispersion-free GFN2-xTB −
+   D3(BJ)-revPBE0) from the terms stored with the labels, and splits them
+   (seeded) into training and held-out parts: structures of ``water_chno`` at
+   random, whole interaction systems (a dimer with its scan and monomers) of
+   the interaction set.
+2. Fits :class:`deltaml.SparseGPR` (molecular decomposition), calibrates its
+   uncertainty on a validation part of the training split, and prints the
+   held-out errors of the baseline alone (GFN2-xTB + D3 + per-element offsets)
+   and of the composite side by side.
+3. Prints the interaction energies of the held-out dimers: reference, terms
+   alone (no correction), composite and its σ.
+4. Relaxes acetic acid with the composite and with baseline + D3 alone, and
    prints the bond lengths of the carboxyl group and the predicted uncertainty.
 
 Writes ``model.npz``, the relaxed molecules and a summary to ``--out``::
@@ -23,13 +30,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
 from ase.io import write
 from ase.optimize import BFGS
 
 from deltaml import DeltaCalculator, SparseGPR, ZeroCorrection, delta_targets, read_labelled
-from deltaml.evaluation import error_table, errors, predict_all
+from deltaml.dataset import interaction_groups
+from deltaml.evaluation import error_table, errors, interaction_energies, predict_all
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "labelled" / "water_chno.extxyz"
+LABELLED = Path(__file__).resolve().parents[1] / "data" / "labelled"
+DATA = LABELLED / "water_chno.extxyz"
+INTERACTIONS = LABELLED / "interactions.extxyz"
 
 
 def split(count: int, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,6 +66,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     parser.add_argument("--held-out", type=float, default=0.2, help="fraction held out")
+    parser.add_argument(
+        "--held-out-systems", type=int, default=4, help="interaction systems held out"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -67,8 +81,20 @@ def main() -> None:
     train = [targets[i] for i in train_idx[fit_idx]]
     validation = [targets[i] for i in train_idx[val_idx]]
     test = [targets[i] for i in test_idx]
-    print(f"{len(targets)} labelled structures: {len(train)} to fit, {len(validation)} to "
-          f"calibrate the uncertainty, {len(test)} held out")  # fmt: skip
+    pairs: list[Atoms] = []
+    if INTERACTIONS.exists():
+        extra, _ = delta_targets(read_labelled(INTERACTIONS))
+        systems = sorted({a.info["system"] for a in extra})
+        rng = np.random.default_rng(args.seed)
+        held = set(
+            rng.choice(systems, size=min(args.held_out_systems, len(systems) - 1), replace=False)
+        )
+        train += [a for a in extra if a.info["system"] not in held]
+        pairs = [a for a in extra if a.info["system"] in held]
+    n_extra = len(train) - len(train_idx[fit_idx])
+    print(f"{len(targets)} labelled structures + {n_extra} of interaction systems: "
+          f"{len(train)} to fit, {len(validation)} to calibrate the uncertainty, "
+          f"{len(test)} held out, {len(pairs)} in held-out interaction systems")  # fmt: skip
 
     model = SparseGPR(seed=args.seed)
     t0 = time.perf_counter()
@@ -81,6 +107,19 @@ def main() -> None:
     table = errors(predict_all(model, test))
     print(f"\nheld-out errors ({len(test)} structures)")
     print(error_table(table))
+
+    interactions = []
+    if pairs:
+        interactions = interaction_energies(model, pairs, interaction_groups(pairs))
+        print("\ninteraction energies of held-out dimers (kcal/mol; systems not fitted)")
+        print(f"  {'dimer':28s} {'scan':>5s} {'reference':>9s} {'terms':>7s} {'composite':>9s}  σ")
+        for row in interactions:
+            scan = float(pairs[row["index"]].info.get("scan_factor", 1.0))
+            print(f"  {row['name']:28s} {scan:5.2f} {row['reference']:9.2f} "
+                  f"{row['terms']:7.2f} {row['composite']:9.2f}  {row['sigma']:.2f}")  # fmt: skip
+        for method in ("terms", "composite"):
+            mae = np.mean([abs(r[method] - r["reference"]) for r in interactions])
+            print(f"  MAE {method}: {mae:.2f} kcal/mol")
 
     print("\nacetic acid relaxed with baseline + D3 alone and with the composite (Å)")
     start_geometry = next(
@@ -115,6 +154,7 @@ def main() -> None:
         "fit_time_s": round(fit_time, 2),
         "uncertainty_scales": scales,
         "held_out_errors": table,
+        "held_out_interactions_kcal_mol": interactions,
         "acetic_acid": relaxed,
         "wall_time_s": round(time.perf_counter() - start, 1),
     }
