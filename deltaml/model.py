@@ -126,6 +126,10 @@ class SparseGPR(BaseEstimator):
      energy_sigma     0.002             eV/atom energy noise (× √N per structure)
      force_sigma      0.05              eV/Å    force-component noise
      virial_sigma     0.05              eV/atom virial noise (× √N per structure)
+     interaction_     0.002             eV      noise of an interaction energy found in
+     sigma                                      the training set (a complex minus its
+                                                molecules), fitted as an observation of
+                                                its own; None: not fitted separately
      offsets          "least_squares"   eV      per-element offsets: least squares on
                                                 the energies, or {symbol: eV}
      jitter           1e-8              -       relative diagonal added to K_mm
@@ -173,6 +177,7 @@ class SparseGPR(BaseEstimator):
         energy_sigma: float = 0.002,
         force_sigma: float = 0.05,
         virial_sigma: float = 0.05,
+        interaction_sigma: float | None = 0.002,
         offsets: str | dict[str, float] = "least_squares",
         jitter: float = 1e-8,
         batch_size: int = 20,
@@ -192,6 +197,7 @@ class SparseGPR(BaseEstimator):
         self.energy_sigma = energy_sigma
         self.force_sigma = force_sigma
         self.virial_sigma = virial_sigma
+        self.interaction_sigma = interaction_sigma
         self.offsets = offsets
         self.jitter = jitter
         self.batch_size = batch_size
@@ -254,7 +260,7 @@ class SparseGPR(BaseEstimator):
             value = getattr(self, name)
             if not (np.isfinite(value) and value > 0):
                 raise ParameterError(f"{name} must be positive, got {value}")
-        for name in ("delta", "inter_delta"):
+        for name in ("delta", "inter_delta", "interaction_sigma"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ParameterError(f"{name} must be positive (eV) or None, got {value}")
@@ -323,7 +329,8 @@ class SparseGPR(BaseEstimator):
         self.terms_[0].delta = (
             float(self.delta) if self.delta is not None else self._auto_delta(frames)
         )
-        self.n_interactions_ = 0
+        self.groups_ = interaction_groups(frames)
+        self.n_interactions_ = len(self.groups_)
         if self.molecular:
             inter_rows = _stacked(f[1] for f in features)
             sparse = self._select_sparse(inter_rows, int(self.inter_n_sparse), normalised=False)
@@ -419,8 +426,11 @@ class SparseGPR(BaseEstimator):
         """
         if self.inter_delta is not None:
             return float(self.inter_delta)
-        targets = interaction_targets(frames)
-        self.n_interactions_ = len(targets)
+
+        def energy(index: int) -> float:
+            return float(frames[index].calc.results["energy"])
+
+        targets = [(i, energy(i) - sum(energy(m) for m in parts)) for i, parts in self.groups_]
         if not targets:
             return INTER_DELTA_FALLBACK
         rows = [row for f in features for row in _frame_batches(f[1])]
@@ -472,6 +482,7 @@ class SparseGPR(BaseEstimator):
         from tqdm.auto import tqdm
 
         blocks, targets, sigmas = [], [], []
+        energy_rows, energy_targets = [], []
         offsets = self._offset_energy(frames)
         start = 0
         for batch in tqdm(self._batches(frames), disable=not progress, unit="batch"):
@@ -488,6 +499,8 @@ class SparseGPR(BaseEstimator):
             blocks.append(rows["energy"])
             targets.append(energies - offsets[start : start + len(batch)])
             sigmas.append(self.energy_sigma * np.sqrt(n_atoms))
+            energy_rows.append(rows["energy"])
+            energy_targets.append(targets[-1])
             if with_forces:
                 blocks.append(rows["forces"])
                 targets.append(np.concatenate([a.calc.results["forces"].ravel() for a in batch]))
@@ -501,6 +514,17 @@ class SparseGPR(BaseEstimator):
                     targets.append(stress * atoms.get_volume())
                     sigmas.append(np.full(6, self.virial_sigma * np.sqrt(len(atoms))))
             start += len(batch)
+        if self.interaction_sigma is not None and self.groups_:
+            # An interaction energy is a difference of large totals: its error is far
+            # smaller than the errors of the totals assumed independent (σ_E √N each),
+            # so it is fitted as an observation of its own. Offsets cancel in it, and
+            # with the molecular decomposition so do the intramolecular columns.
+            rows, values = np.vstack(energy_rows), np.concatenate(energy_targets)
+            for index, parts in self.groups_:
+                blocks.append(rows[index] - rows[parts].sum(axis=0))
+                targets.append(np.array([values[index] - values[parts].sum()]))
+                sigmas.append(np.array([self.interaction_sigma]))
+        blocks = [b if b.ndim == 2 else b[None, :] for b in blocks]
         return np.vstack(blocks), np.concatenate(targets), np.concatenate(sigmas)
 
     def _rows(
@@ -883,25 +907,6 @@ def _scale_rows(batch: DescriptorBatch, scale: dict[int, float]) -> None:
         batch.position_gradients *= factor[batch.position_rows][:, None, None]
     if batch.strain_gradients is not None:
         batch.strain_gradients *= factor[:, None, None, None]
-
-
-def interaction_targets(frames: Sequence[Atoms]) -> list[tuple[int, float]]:
-    """Interaction energies in a labelled set (:func:`~deltaml.dataset.interaction_groups`).
-
-    Returns
-    -------
-    list of (int, float)
-        Index of each complex and E(complex) − Σ E(molecules) (eV, of whatever the
-        frames' ``energy`` is: Δ targets here).
-    """
-
-    def energy(index: int) -> float:
-        return float(frames[index].calc.results["energy"])
-
-    return [
-        (index, energy(index) - sum(energy(m) for m in parts))
-        for index, parts in interaction_groups(frames)
-    ]
 
 
 def _counts(frames: Sequence[Atoms], species: list[int]) -> NDArray[np.float64]:

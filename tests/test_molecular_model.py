@@ -19,8 +19,9 @@ from deltaml.baseline import XTBBaseline
 from deltaml.calculator import DeltaCalculator
 from deltaml.correction import ZeroCorrection
 from deltaml.crystals import whole_molecules
+from deltaml.dataset import interaction_groups
 from deltaml.errors import ModelFileError, TopologyChangedError, TopologyError
-from deltaml.model import SparseGPR, interaction_targets
+from deltaml.model import SparseGPR
 
 DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
 CUTOFF = DESCRIPTOR["cutoff"]
@@ -128,8 +129,9 @@ def _parts(model: SparseGPR, atoms: Atoms) -> dict[str, float]:
 
 def test_the_training_set_holds_exact_interaction_energies(model, data):
     frames = data["monomers"] + data["interactions"]
-    found = interaction_targets(frames)
+    found = interaction_groups(frames)
     assert len(found) == 16  # every complex of every scan, not the monomers
+    assert all(len(parts) == 2 and index not in parts for index, parts in found)
     assert model.n_interactions_ == 16
     assert model.terms_[1].name == "inter" and model.terms_[1].size > 0
 
@@ -388,3 +390,29 @@ def test_a_molecule_bonded_to_its_own_image_has_no_intramolecular_part(monomer_m
     _, positions = whole_molecules(wrapped)
     distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
     assert distances.max() < 3.0  # made whole again
+
+
+def test_interaction_energies_of_the_training_set_are_fitted_as_observations(data):
+    frames = data["monomers"] + data["interactions"]
+    groups = interaction_groups(frames)
+
+    def error(fitted: SparseGPR) -> float:
+        predicted = [fitted.predict(a, forces=False).energy for a in frames]
+        given = [a.get_potential_energy() for a in frames]
+        return float(
+            np.mean(
+                [
+                    abs(
+                        (predicted[i] - sum(predicted[m] for m in parts))
+                        - (given[i] - sum(given[m] for m in parts))
+                    )
+                    for i, parts in groups
+                ]
+            )
+        )
+
+    settings = {"descriptor": DESCRIPTOR, "n_sparse": 60, "inter_n_sparse": 40}
+    tight = SparseGPR(**settings, interaction_sigma=1e-4).fit(frames)
+    loose = SparseGPR(**settings, interaction_sigma=None).fit(frames)
+    assert error(tight) < 0.5 * error(loose)
+    assert error(tight) < 1e-3  # eV
