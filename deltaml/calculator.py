@@ -31,6 +31,7 @@ from deltaml.correction import Correction, CorrectionResult, record_differences
 from deltaml.crystals import check_same_molecules, identify_molecules
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import (
+    NonFiniteResultError,
     OutOfDomainError,
     OutOfDomainWarning,
     ParameterError,
@@ -329,6 +330,7 @@ class DeltaCalculator(Calculator):
                 "stress": np.zeros(6) if want_stress else None,
             }
 
+        _check_finite(terms)
         self.results["energy"] = sum(t["energy"] for t in terms.values())
         self.results["free_energy"] = self.results["energy"]
         for name, values in terms.items():
@@ -443,6 +445,18 @@ def _settings_from_records(trained: dict[str, Any]) -> dict[str, Any]:
             ":atm" if disp["atm"] else ""
         )
     return settings
+
+
+def _check_finite(terms: dict[str, dict[str, Any]]) -> None:
+    """Refuse NaN or infinite values from any term: never a silent wrong number."""
+    for name, values in terms.items():
+        for prop, value in values.items():
+            if value is not None and not np.isfinite(np.asarray(value, dtype=float)).all():
+                raise NonFiniteResultError(
+                    f"the {name} term returned non-finite {prop} (NaN or inf); nothing was "
+                    "summed. A model file with such values is refused on load: refit or "
+                    "reload it; for the baseline, check the structure and SCF settings"
+                )
 
 
 def _check_double_counting(parameters: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "MissingLabelError",
     "ModelFileError",
     "NonFiniteGeometryError",
+    "NonFiniteResultError",
     "NotFittedError",
     "OutOfDomainError",
     "OutOfDomainWarning",
@@ -95,6 +96,10 @@ class TermMismatchError(DeltaMLError, InputError, ValueError):
 
 class EngineError(DeltaMLError, CalculationFailed):
     """An electronic-structure or dispersion library failed during a calculation."""
+
+
+class NonFiniteResultError(EngineError):
+    """A term returned NaN or infinite energies, forces or stress."""
 
 
 class SCFConvergenceError(EngineError):

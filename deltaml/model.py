@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -78,10 +77,10 @@ from deltaml.errors import (
 from deltaml.intermolecular import split_by_molecule
 from deltaml.kernels import VOIGT as _VOIGT
 from deltaml.kernels import KernelTerm, kernel_values
+from deltaml.model_files import MODEL_FORMAT, content_checksum, read_model_file, write_model_file
 
 __all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR", "kernel_values"]
 
-MODEL_FORMAT = "deltaml-model"
 #: Bumped whenever the arrays or metadata of a model file change meaning. Version 1
 #: (atomic decomposition only) is still read.
 MODEL_FORMAT_VERSION = 2
@@ -344,6 +343,7 @@ class SparseGPR(BaseEstimator):
         self.training_set_sha256_ = training_set_hash(frames)
         self.n_train_ = len(frames)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
+        self.content_sha256_ = None
         return self
 
     def _features(self, frames: Atoms | Sequence[Atoms], gradients: tuple[str, ...]) -> list:
@@ -700,6 +700,9 @@ class SparseGPR(BaseEstimator):
             scaling (1 means the GP's variance was calibrated already).
         """
         self._check_fitted()
+        frames = list(frames)
+        if not frames:
+            raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
         saved = dict(self.uncertainty_scale_)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
         z_energy, z_forces = [], []
@@ -721,6 +724,7 @@ class SparseGPR(BaseEstimator):
             float(np.sqrt(np.mean(np.square(np.concatenate(z_forces))))) if z_forces else 1.0
         )
         self.uncertainty_scale_ = scale
+        self.content_sha256_ = None  # the model changed
         return dict(scale)
 
     # -- files --------------------------------------------------------------------
@@ -753,85 +757,31 @@ class SparseGPR(BaseEstimator):
         }
 
     def save(self, path: str | Path) -> Path:
-        """Write ``.npz`` arrays plus JSON metadata (no pickle), atomically.
+        """Write ``.npz`` arrays plus JSON metadata (no pickle), atomically, checksummed.
 
         Returns
         -------
         pathlib.Path
-            The file written.
+            The file written. Its content checksum becomes ``content_sha256_``.
         """
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial.npz")
-        arrays = {}
+        self._check_fitted()
+        self.content_sha256_ = write_model_file(path, self.metadata(), self._arrays())
+        return Path(path)
+
+    def _arrays(self) -> dict[str, NDArray]:
+        """The arrays of the model file (see :meth:`save`)."""
+        arrays = {"alpha": self.alpha_, "chol_mm": self.chol_mm_, "r_factor": self.r_factor_}
         for k, term in enumerate(self.terms_):
             arrays[f"sparse_values_{k}"] = term.sparse_values
             arrays[f"sparse_numbers_{k}"] = term.sparse_numbers
-        np.savez(
-            partial,
-            metadata=np.array(json.dumps(self.metadata(), sort_keys=True)),
-            alpha=self.alpha_,
-            chol_mm=self.chol_mm_,
-            r_factor=self.r_factor_,
-            **arrays,
-        )
-        partial.replace(path)
-        return path
+        return arrays
 
     @classmethod
-    def load(cls, path: str | Path) -> SparseGPR:
-        """Read a model file written by :meth:`save` (format version 1 or 2).
-
-        Raises
-        ------
-        ModelFileError
-            Not a deltaml model, or written in another format version.
-        """
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {key: data[key] for key in data.files}
-        except (OSError, ValueError) as exc:
-            raise ModelFileError(f"{path}: not a deltaml model file ({exc})") from exc
-        if "metadata" not in arrays:
-            raise ModelFileError(f"{path}: no metadata; not a deltaml model file")
-        meta = json.loads(str(arrays["metadata"]))
-        if meta.get("format") != MODEL_FORMAT:
-            raise ModelFileError(f"{path}: format {meta.get('format')!r} is not {MODEL_FORMAT!r}")
-        version_read = meta.get("format_version")
-        if version_read not in (1, MODEL_FORMAT_VERSION):
-            raise ModelFileError(
-                f"{path}: model format version {version_read} (written by deltaml "
-                f"{meta.get('deltaml_version')}); this deltaml ({_deltaml_version()}) reads "
-                f"versions 1 and {MODEL_FORMAT_VERSION}: refit the model"
-            )
-        params = dict(meta["params"])
-        if version_read == 1:
-            # Version 1 knew only the atomic decomposition, with one term.
-            params["decomposition"] = "atomic"
-            meta["terms"] = [
-                {"name": "atomic", "kernel": params["kernel"], "zeta": params["zeta"],
-                 "delta_ev": meta["delta_ev"]}
-            ]  # fmt: skip
-            for name in ("sparse_values", "sparse_numbers"):
-                if name in arrays:
-                    arrays[f"{name}_0"] = arrays[name]
-        elif meta.get("decomposition") not in DECOMPOSITIONS or "terms" not in meta:
-            raise ModelFileError(
-                f"{path}: decomposition {meta.get('decomposition')!r} or its terms missing or "
-                f"unknown (expected one of {DECOMPOSITIONS})"
-            )
-        params["decomposition"] = meta.get("decomposition", "atomic")
-        needed = ["alpha", "chol_mm", "r_factor"] + [
-            f"{name}_{k}"
-            for k in range(len(meta["terms"]))
-            for name in ("sparse_values", "sparse_numbers")
-        ]
-        missing = [name for name in needed if name not in arrays]
-        if missing:
-            raise ModelFileError(f"{path}: array(s) {missing} missing; the file is incomplete")
-        try:
-            model = cls(**params)
-        except TypeError as exc:
-            raise ModelFileError(f"{path}: unknown model parameters ({exc})") from exc
+    def _from_metadata(
+        cls, meta: dict[str, Any], arrays: dict[str, NDArray], params: dict, path: str | Path
+    ) -> SparseGPR:
+        """The fitted model described by checked file contents (raises KeyError etc.)."""
+        model = cls(**params)
         model.species_ = [atomic_numbers[s] for s in meta["species"]]
         model.descriptor_ = SOAPDescriptor.from_record(meta["descriptor"])
         model.offsets_ = {atomic_numbers[s]: float(v) for s, v in meta["offsets_ev"].items()}
@@ -865,6 +815,106 @@ class SparseGPR(BaseEstimator):
         model.chol_mm_ = arrays["chol_mm"]
         model.r_factor_ = arrays["r_factor"]
         return model
+
+    @property
+    def content_sha256(self) -> str:
+        """SHA-256 of the model's content (metadata and arrays): its identity.
+
+        The checksum of the file it was loaded from or saved to; computed for a
+        model that was never saved.
+        """
+        self._check_fitted()
+        if getattr(self, "content_sha256_", None) is None:
+            self.content_sha256_ = content_checksum(self.metadata(), self._arrays())
+        return self.content_sha256_
+
+    @classmethod
+    def load(cls, path: str | Path) -> SparseGPR:
+        """Read a model file written by :meth:`save` (format version 1 or 2).
+
+        The file is checked before use (:func:`deltaml.model_files.read_model_file`:
+        sizes, finite values, checksum), then its arrays against its metadata
+        (shapes, species, the decomposition's terms).
+
+        Raises
+        ------
+        ModelFileError
+            Not a deltaml model, another format version, or an inconsistent or
+            damaged file (the message says what).
+        """
+        meta, arrays = read_model_file(path, (1, MODEL_FORMAT_VERSION))
+        version_read = meta["format_version"]
+        params = dict(meta.get("params", {}))
+        if version_read == 1:
+            # Version 1 knew only the atomic decomposition, with one term.
+            params["decomposition"] = "atomic"
+            meta["terms"] = [
+                {"name": "atomic", "kernel": params.get("kernel"), "zeta": params.get("zeta"),
+                 "delta_ev": meta.get("delta_ev")}
+            ]  # fmt: skip
+            for name in ("sparse_values", "sparse_numbers"):
+                if name in arrays:
+                    arrays[f"{name}_0"] = arrays[name]
+        elif meta.get("decomposition") not in DECOMPOSITIONS or "terms" not in meta:
+            raise ModelFileError(
+                f"{path}: decomposition {meta.get('decomposition')!r} or its terms missing or "
+                f"unknown (expected one of {DECOMPOSITIONS})"
+            )
+        params["decomposition"] = meta.get("decomposition", "atomic")
+        needed = ["alpha", "chol_mm", "r_factor"] + [
+            f"{name}_{k}"
+            for k in range(len(meta["terms"]))
+            for name in ("sparse_values", "sparse_numbers")
+        ]
+        missing = [name for name in needed if name not in arrays]
+        if missing:
+            raise ModelFileError(f"{path}: array(s) {missing} missing; the file is incomplete")
+        try:
+            model = cls._from_metadata(meta, arrays, params, path)
+        except ModelFileError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ModelFileError(f"{path}: metadata incomplete or invalid ({exc!r})") from exc
+        model.content_sha256_ = meta.get("content_sha256")
+        _check_consistent(model, path)
+        return model
+
+
+def _check_consistent(model: SparseGPR, path: str | Path) -> None:
+    """Refuse a loaded model whose arrays do not fit its metadata (shapes, species, scales)."""
+    problems = []
+    width = model.descriptor_.n_features
+    sizes = [t.size for t in model.terms_]
+    for term in model.terms_:
+        values, numbers = term.sparse_values, term.sparse_numbers
+        if values.ndim != 2 or values.shape[1] != width or numbers.shape != (len(values),):
+            problems.append(f"term {term.name}: sparse arrays {values.shape}/{numbers.shape} "
+                            f"do not fit {width} descriptor features")  # fmt: skip
+        elif not set(numbers.tolist()) <= set(model.species_):
+            problems.append(f"term {term.name}: sparse points of elements outside the species")
+        if not (np.isfinite(term.delta) and term.delta > 0):
+            problems.append(f"term {term.name}: prior width {term.delta} is not positive")
+    m = sum(sizes)
+    for name in ("alpha", "chol_mm", "r_factor"):
+        shape = getattr(model, f"{name}_").shape
+        expected = (m,) if name == "alpha" else (m, m)
+        if shape != expected:
+            problems.append(f"{name} has shape {shape}, expected {expected}")
+    if set(model.offsets_) != set(model.species_):
+        problems.append("offsets do not cover exactly the species")
+    if not all(np.isfinite(v) for v in model.offsets_.values()):
+        problems.append("an offset is not finite")
+    scales = model.uncertainty_scale_
+    if set(scales) != {"energy", "forces"} or not all(
+        np.isfinite(v) and v > 0 for v in scales.values()
+    ):
+        problems.append(f"uncertainty scales {scales} are not two positive numbers")
+    if model.molecular and set(model.inter_scale_) != set(model.species_):
+        problems.append("intermolecular scales do not cover exactly the species")
+    if any(not (np.isfinite(v) and v > 0) for v in model.inter_scale_.values()):
+        problems.append("an intermolecular scale is not positive")
+    if problems:
+        raise ModelFileError(f"{path}: inconsistent model file: " + "; ".join(problems))
 
 
 def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:

@@ -466,3 +466,21 @@ def test_uncertainty_threshold_warns_or_raises_out_of_domain(fitted_model):
     strange.get_potential_energy()  # below the threshold: no complaint
     with pytest.raises(ParameterError, match="uncertainty_action"):
         calc.set(uncertainty_action="ignore")
+
+
+@pytest.mark.parametrize("where", ["energy", "forces"])
+def test_a_non_finite_term_is_refused_not_summed(water, where):
+    from deltaml.errors import NonFiniteResultError
+
+    class Broken(HarmonicCorrection):
+        def predict(self, atoms, *, forces, stress):
+            good = super().predict(atoms, forces=forces, stress=stress)
+            if where == "energy":
+                return CorrectionResult(energy=float("nan"), forces=good.forces)
+            bad = good.forces.copy()
+            bad[0, 1] = np.inf
+            return CorrectionResult(energy=good.energy, forces=bad)
+
+    water.calc = _composite(correction=Broken())
+    with pytest.raises(NonFiniteResultError, match=f"correction term returned non-finite {where}"):
+        water.get_forces()

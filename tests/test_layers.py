@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
     ["store", "dataset"],
     ["labelling"],
     ["descriptors", "intermolecular"],
-    ["kernels", "model", "selection"],
+    ["kernels", "model_files", "model", "selection"],
     ["calculator"],
     ["evaluation", "simulation"],
     ["active", "ranking"],
