@@ -258,6 +258,28 @@ class DeltaCalculator(Calculator):
                 "with DeltaCalculator.set() so that the composite and its record agree"
             )
 
+    def correction_record(self) -> dict[str, Any]:
+        """What identifies the correction: name, content checksum and file, where known."""
+        correction = self.correction
+        return {
+            "name": correction.name,
+            "content_sha256": getattr(correction, "content_sha256", None),
+            "path": getattr(self, "_model_path", None),
+        }
+
+    def todict(self) -> dict[str, Any]:
+        """ASE's parameter record plus the correction's identity and the terms by value.
+
+        What produced a result, across the ASE boundary: trajectories, databases
+        and saved results key on it (a model's content checksum changes whenever
+        its numbers do).
+        """
+        return {
+            **Calculator.todict(self),
+            "correction": self.correction_record(),
+            "terms": self.terms_record(),
+        }
+
     def check_correction(self) -> None:
         """Refuse a correction fitted against other physical terms.
 
@@ -410,14 +432,18 @@ class DeltaCalculator(Calculator):
         """
         from deltaml.model import SparseGPR
 
+        path = None
         if isinstance(model, (str, Path)):
+            path = str(Path(model).resolve())
             model = SparseGPR.load(model)
         trained = model.trained_with
         settings: dict[str, Any] = {}
         if trained is not None:
             settings.update(_settings_from_records(trained))
         settings.update(kwargs)
-        return cls(correction=model, **settings)
+        calc = cls(correction=model, **settings)
+        calc._model_path = path
+        return calc
 
 
 def _settings_from_records(trained: dict[str, Any]) -> dict[str, Any]:

@@ -637,7 +637,16 @@ def rank_command(
             f"Spearman {comparison['spearman']:.2f}, {len(comparison['wrong_pairs'])} pairs "
             "in the wrong order"
         )
+    correction = ranking.records["composite"].get("correction", {})
+    if correction.get("content_sha256"):
+        click.echo(
+            f"composite: model {correction.get('path')} (content sha256 "
+            f"{correction['content_sha256'][:16]}…)"
+        )
+    else:
+        click.echo(f"composite: correction {correction.get('name')!r} (no model file)")
     click.echo(f"table written to {output}")
+    result["records"] = ranking.records
     _write_summary(result, summary)
 
 

@@ -33,7 +33,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 KJ_PER_MOL = kJ / mol
 
 #: Version of the files in the work folder (a different one is relaxed again).
-RELAXATION_FORMAT = 1
+RELAXATION_FORMAT = 2
 
 _CELL_KEYS = ("a", "b", "c", "alpha", "beta", "gamma")
 
@@ -226,6 +226,9 @@ def rank_polymorphs(
         "symmetry": symmetry, "maxstep": maxstep, "stress_tol_gpa": stress_tol_gpa,
         "format": RELAXATION_FORMAT,
     }  # fmt: skip
+    # Every saved relaxation is keyed by the full record of what produced it: the
+    # calculator's parameters, the model's content checksum and the terms by value.
+    records = {method: calculator_record(factory()) for method, factory in methods.items()}
     gas = {f"gas {k} {m.get_chemical_formula('hill')}": m for k, m in enumerate(molecules)}
     jobs = [(n, a, True) for n, a in candidates.items()] + [(n, a, False) for n, a in gas.items()]
     results: dict[str, dict[str, Relaxed]] = {m: {} for m in methods}
@@ -233,8 +236,9 @@ def rank_polymorphs(
     for method, factory in methods.items():
         for name, atoms, is_crystal in jobs:
             bar.set_postfix_str(f"{method}: {name}")
+            keyed = {**settings, "calculator": records[method]}
             results[method][name] = _relax_one(
-                name, method, atoms, factory, settings, is_crystal, workdir
+                name, method, atoms, factory, keyed, is_crystal, workdir
             )
             bar.update(1)
     bar.close()
@@ -249,6 +253,7 @@ def rank_polymorphs(
         unit=unit,
         results=results,
         correction_covariance=covariances,
+        records=records,
     )
 
 
@@ -303,6 +308,13 @@ def _relax_one(
     return Relaxed(name, method, atoms.copy(), final, summary)
 
 
+def calculator_record(calc: Calculator) -> dict[str, Any]:
+    """JSON-safe record of a calculator: its class and ``todict()`` (parameters, model)."""
+    return json.loads(
+        json.dumps({"class": type(calc).__name__, **calc.todict()}, sort_keys=True, default=str)
+    )
+
+
 def _job_key(atoms: Atoms, method: str, settings: dict[str, Any], is_crystal: bool) -> str:
     """SHA-256 of the input structure, the method name and the settings."""
     digest = hashlib.sha256()
@@ -314,7 +326,11 @@ def _job_key(atoms: Atoms, method: str, settings: dict[str, Any], is_crystal: bo
 
 
 def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    """A file name for ``name``: readable, and distinct for distinct names (``x/y`` ≠ ``x_y``)."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    if readable == name:
+        return name
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def _write_relaxed(path: Path, atoms: Atoms, summary: dict[str, Any], key: str) -> None:
@@ -330,11 +346,16 @@ def _write_relaxed(path: Path, atoms: Atoms, summary: dict[str, Any], key: str) 
 def _read_relaxed(path: Path, key: str) -> tuple[Atoms, dict[str, Any]] | None:
     if not path.is_file():
         return None
-    atoms = read(path, format="extxyz")
-    if atoms.info.get("ranking_key") != key:
-        log.info("%s holds another input or settings: relaxing again", path)
+    try:
+        atoms = read(path, format="extxyz")
+        stored_key = atoms.info.get("ranking_key")
+        summary = json.loads(atoms.info["ranking_summary"]) if stored_key == key else None
+    except Exception as exc:  # a truncated or foreign file: compute again, never crash
+        log.warning("%s cannot be read back (%s): relaxing again", path, exc)
         return None
-    summary = json.loads(atoms.info["ranking_summary"])
+    if summary is None:
+        log.info("%s holds another input, settings or model: relaxing again", path)
+        return None
     atoms.info = {}
     atoms.calc = None
     return atoms, summary
@@ -373,6 +394,9 @@ class Ranking:
     correction_covariance : dict
         Per method, the correction energies' covariance (eV², crystals then gas),
         or None where the method has no uncertainty.
+    records : dict
+        Per method, :func:`calculator_record` of its calculator (the model's
+        content checksum among it).
     """
 
     candidates: list[str]
@@ -381,6 +405,7 @@ class Ranking:
     unit: dict[str, int]
     results: dict[str, dict[str, Relaxed]]
     correction_covariance: dict[str, np.ndarray | None]
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:

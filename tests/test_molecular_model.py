@@ -25,7 +25,8 @@ from deltaml.model import SparseGPR
 
 DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
 CUTOFF = DESCRIPTOR["cutoff"]
-TERMS = {"dispersion": None}
+#: Terms record the test models claim (the targets are a stand-in; only the record matters).
+TERMS = DeltaCalculator(correction=ZeroCorrection(), dispersion=None).terms_record()
 
 
 def _labelled(frames: list[Atoms]) -> list[Atoms]:
@@ -320,6 +321,10 @@ def test_model_files_record_the_decomposition(model, data, tmp_path):
     assert [t["name"] for t in meta["terms"]] == ["intra", "inter"]
     assert meta["format_version"] == 2
     loaded = SparseGPR.load(path)
+    record = DeltaCalculator.from_model(path).todict()
+    assert record["correction"]["content_sha256"] == model.content_sha256 == meta["content_sha256"]
+    assert record["correction"]["path"] == str(path.resolve())
+    assert record["terms"]["baseline"]["method"] == "GFN2-xTB"
     dimer = data["held_out"][0]
     assert loaded.predict(dimer).energy == pytest.approx(model.predict(dimer).energy, abs=1e-12)
     assert loaded.predict(dimer).parts == pytest.approx(model.predict(dimer).parts, abs=1e-12)

@@ -31,6 +31,7 @@ class ToyCrystalEnergy(Calculator):
     """
 
     implemented_properties = ["energy", "forces", "stress"]
+    default_parameters = {"model": "a"}  # stands in for the model a composite carries
     calls = 0
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -127,6 +128,30 @@ def test_finished_relaxations_are_read_back_not_repeated(synthetic, tmp_path):
     changed = dict(synthetic, loose=_water_crystal(8.5))
     rank_polymorphs(changed, [molecule("H2O")], {"toy": ToyCrystalEnergy}, **kwargs)
     assert ToyCrystalEnergy.calls == 1
+
+
+def test_another_model_in_the_same_workdir_is_computed_afresh(synthetic, tmp_path):
+    kwargs = {"relax_structures": False, "workdir": tmp_path}
+    first = rank_polymorphs(synthetic, [molecule("H2O")], {"toy": ToyCrystalEnergy}, **kwargs)
+    ToyCrystalEnergy.calls = 0
+    other = {"toy": lambda: ToyCrystalEnergy(model="b")}
+    again = rank_polymorphs(synthetic, [molecule("H2O")], other, **kwargs)
+    assert ToyCrystalEnergy.calls == len(synthetic) + 1  # every crystal and the gas molecule
+    assert first.records["toy"] != again.records["toy"]
+    assert again.records["toy"]["model"] == "b"
+
+
+def test_a_damaged_saved_relaxation_is_recomputed_and_names_never_collide(synthetic, tmp_path):
+    kwargs = {"relax_structures": False, "workdir": tmp_path}
+    crystals = {"x/y": synthetic["dense"], "x_y": synthetic["loose"]}
+    first = rank_polymorphs(crystals, [molecule("H2O")], {"toy": ToyCrystalEnergy}, **kwargs)
+    saved = sorted((tmp_path / "toy").glob("x*.extxyz"))
+    assert len(saved) == 2  # two names, two files
+    saved[0].write_text(saved[0].read_text()[:40])  # truncated, as by a kill mid-write
+    ToyCrystalEnergy.calls = 0
+    again = rank_polymorphs(crystals, [molecule("H2O")], {"toy": ToyCrystalEnergy}, **kwargs)
+    assert ToyCrystalEnergy.calls == 1
+    assert again.lattice_energies("toy") == pytest.approx(first.lattice_energies("toy"))
 
 
 class PullHydrogen(Calculator):
