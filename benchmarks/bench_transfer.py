@@ -106,9 +106,15 @@ def gfn2_energies(frames: list[Atoms]) -> np.ndarray:
 
 
 def fit(name: str, frames: list[Atoms], terms: dict, seed: int) -> tuple[SparseGPR, float]:
+    """Fit on ``frames`` less a seeded 10 % of its single-molecule and cluster structures
+    (no interaction system is split), which calibrate σ as the README recommends."""
     start = time.perf_counter()
+    loose = [k for k, a in enumerate(frames) if "system" not in a.info]
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(loose, size=len(loose) // 10, replace=False).tolist())
     model = SparseGPR(**MODELS[name], uncertainty="energy", seed=seed)
-    model.fit(frames, trained_with=terms)
+    model.fit([a for k, a in enumerate(frames) if k not in held], trained_with=terms)
+    model.calibrate([frames[k] for k in sorted(held)])
     return model, time.perf_counter() - start
 
 

@@ -5,8 +5,9 @@ The phases (GenIce2, proton-ordered where it has the ordered form, see
 wide, so the Γ-point baseline needs no further supercell (16–32 molecules).
 Each is relaxed (positions and cell) with
 
-* the composite: dispersion-free GFN2-xTB + the Δ-model fitted on the shipped
-  revPBE0/def2-TZVP labels (``data/labelled/water_chno.extxyz``) + D3(BJ), and
+* the composite: dispersion-free GFN2-xTB + the Δ-model (molecular
+  decomposition) fitted on the shipped revPBE0/def2-TZVP labels
+  (``data/labelled/water_chno.extxyz`` and ``interactions.extxyz``) + D3(BJ), and
 * GFN2-xTB alone, with its own D4 (the cheap method the correction improves on);
 
 so is the gas-phase water molecule. The table gives the lattice energy per
@@ -39,7 +40,8 @@ from deltaml import DeltaCalculator, SparseGPR, XTBBaseline, delta_targets, read
 from deltaml.crystals import ICE_PHASES
 from deltaml.ranking import rank_polymorphs, read_candidates
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "labelled" / "water_chno.extxyz"
+LABELLED = Path(__file__).resolve().parent.parent / "data" / "labelled"
+DATA = [LABELLED / "water_chno.extxyz", LABELLED / "interactions.extxyz"]
 
 
 def fit_or_load_model(out: Path, model_path: Path | None, seed: int, method: str) -> Path:
@@ -54,7 +56,8 @@ def fit_or_load_model(out: Path, model_path: Path | None, seed: int, method: str
     if path.is_file():
         return path
     baseline = {"method": method, "remove_dispersion": True}
-    targets, terms = delta_targets(read_labelled(DATA), baseline=baseline)
+    labelled = [atoms for path in DATA if path.is_file() for atoms in read_labelled(path)]
+    targets, terms = delta_targets(labelled, baseline=baseline)
     order = np.random.default_rng(seed).permutation(len(targets))
     n_cal = len(targets) // 10
     model = SparseGPR(seed=seed, uncertainty="energy")
