@@ -238,6 +238,30 @@ def test_fit_and_evaluate_from_the_command_line(stand_in_labels, tmp_path):
     assert (out / "parity.png").exists() and (out / "calibration.png").exists()
 
 
+def test_fit_takes_several_files_and_the_decomposition(stand_in_labels, tmp_path):
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    frames = stand_in_labels(12, seed=2)
+    write_labelled(tmp_path / "a.extxyz", frames[:6])
+    write_labelled(tmp_path / "b.extxyz", frames[6:])
+    model = tmp_path / "model.npz"
+    result = CliRunner().invoke(
+        main,
+        ["fit", "--data", str(tmp_path / "a.extxyz"), "--data", str(tmp_path / "b.extxyz"),
+         "-o", str(model), "--decomposition", "atomic", "--validation", "0",
+         "--n-sparse", "10", "--cutoff", "3.5", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    fitted = SparseGPR.load(model)
+    assert fitted.n_train_ == 12 and fitted.decomposition == "atomic"
+    result = CliRunner().invoke(
+        main, ["fit", "--data", str(tmp_path / "a.extxyz"), "-o", str(model),
+               "--decomposition", "quantum"],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "quantum" in result.output
+
+
 def test_fit_needs_exactly_one_source(tmp_path):
     result = CliRunner().invoke(main, ["fit", "-o", str(tmp_path / "m.npz")])
     assert result.exit_code == 2 and "exactly one of --store and --data" in result.output

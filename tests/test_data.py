@@ -99,3 +99,43 @@ def test_a_shipped_label_is_reproduced_by_the_reference():
     probe.calc = PySCFReference(xc="revpbe0", basis="def2-tzvp")
     assert probe.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-5)
     np.testing.assert_allclose(probe.get_forces(), atoms.get_forces(), atol=1e-4)
+
+
+INTERACTIONS = DATA / "labelled" / "interactions.extxyz"
+
+
+def test_every_shipped_interaction_is_an_exact_difference_of_labels():
+    """Each complex's molecules are labelled at the same geometry, with the same method."""
+    from deltaml.dataset import interaction_groups, read_labelled
+
+    frames = read_labelled(INTERACTIONS, max_check_structures=12)
+    shipped = read_labelled(LABELLED, max_check_structures=1)[0].info["method_record"]
+    record = frames[0].info["method_record"]
+    assert {k: v for k, v in record.items() if k != "engine_version"} == {
+        k: v for k, v in shipped.items() if k != "engine_version"
+    }  # the same reference as water_chno: the two files train one model
+    groups = dict(interaction_groups(frames))
+    complexes = [k for k, a in enumerate(frames) if a.info["role"] == "complex"]
+    assert sorted(groups) == complexes  # every complex, and nothing else
+    for index, parts in groups.items():
+        atoms = frames[index]
+        assert {frames[m].info["system"] for m in parts} == {atoms.info["system"]}
+        assert len(parts) == len(atoms.info["fragment_names"].split(","))
+        fragments = atoms.arrays["fragment"]
+        for k, m in enumerate(parts):
+            assert frames[m].info["fragment"] == k
+            assert (frames[m].numbers == atoms.numbers[fragments == k]).all()
+    systems = {a.info["system"] for a in frames}
+    assert all(any(frames[k].info["system"] == s for k in complexes) for s in systems)
+
+
+def test_the_interaction_dataset_is_as_documented():
+    frames = read(INTERACTIONS, index=":")
+    assert INTERACTIONS.stat().st_size < 8e6
+    assert all(set(a.get_chemical_symbols()) <= set("CHNO") for a in frames)
+    systems = {a.info["system"] for a in frames}
+    readme = (DATA / "README.md").read_text()
+    assert "labelled/interactions.extxyz" in readme
+    assert f"{len(systems)} complete systems" in readme  # the README states the count
+    minima = [a for a in frames if a.info["role"] == "complex" and a.info["scan_factor"] == 1.0]
+    assert len(minima) == len(systems)
