@@ -33,6 +33,10 @@ __all__ = [
     "ParameterError",
     "SCFConvergenceError",
     "SingularCellError",
+    "StaleLockWarning",
+    "StoreBackendError",
+    "StoreConnectionError",
+    "StoreLockedError",
     "StructureError",
     "TermMismatchError",
     "TopologyChangedError",
@@ -136,3 +140,19 @@ class OutOfDomainError(DeltaMLError, CalculationFailed):
 
 class OutOfDomainWarning(UserWarning):
     """The model's predicted uncertainty exceeds the threshold (``uncertainty_action="warn"``)."""
+
+
+class StoreBackendError(DeltaMLError, ImportError):
+    """A label store's database backend or driver is not installed."""
+
+
+class StoreConnectionError(DeltaMLError, ConnectionError):
+    """A label store's database server cannot be reached."""
+
+
+class StoreLockedError(DeltaMLError, TimeoutError):
+    """A label store stayed locked by a live process for longer than the timeout."""
+
+
+class StaleLockWarning(UserWarning):
+    """A lock on a label store left by a process that no longer runs was removed."""

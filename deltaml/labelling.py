@@ -7,7 +7,9 @@ on a Dask distributed cluster given by its scheduler address (e.g. a
 compute; this process writes every result to the store the moment it arrives,
 in its own transaction, so that killing it loses at most the calculations in
 flight. Failures are written per structure with their error and retried only
-when asked (``retry_failed=True``).
+when asked (``retry_failed=True``). The local pool's workers end with this process,
+even when it is killed with SIGKILL; an interrupted run ends its workers at once
+and releases its claims.
 
 Besides the reference, every row gets the terms that form the Δ target on the
 same structure: the dispersion-free baseline and the reference's D3 partner.
@@ -17,10 +19,14 @@ Data flow: reference, baseline, dispersion → store → **labelling**.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +53,9 @@ __all__ = [
 
 #: The Δ-target baseline: GFN2-xTB with its own D4 removed (the composite's default).
 DEFAULT_BASELINE: dict[str, Any] = DELTA_BASELINE
+
+#: prctl option of linux/prctl.h: the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -233,7 +242,47 @@ def label_structures(
         raise ParameterError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
     report = LabellingReport()
     store.release_stale_claims()
-    tasks, claims, seen = [], {}, set()
+    params = {k: v for k, v in reference.items() if k not in ("charge", "multiplicity")}
+    template = {
+        "reference": params,
+        "baseline": baseline,
+        "dispersion": dispersion,
+        "threads": threads_per_worker,
+    }
+    claims: dict[str, tuple[int, Atoms, int, int]] = {}
+    try:  # interrupted (Ctrl-C, an exception), even while claiming: hand back the rest
+        tasks = _claim_tasks(
+            structures, store, record, reference, template, retry_failed, report, claims
+        )
+        # closed at once on an error, so that the pool's workers end before the claims go
+        with contextlib.closing(
+            _run(tasks, scheduler, workers, threads_per_worker, progress)
+        ) as run:
+            for outcome in run:
+                _write_outcome(store, record, outcome, claims[outcome.key], report)
+                del claims[outcome.key]  # after the write: a failed write releases it too
+    finally:
+        store.release_claims({claim for claim, *_ in claims.values()})
+    report.wall_seconds = time.perf_counter() - start
+    return report
+
+
+def _claim_tasks(
+    structures: Iterable[Atoms],
+    store: LabelStore,
+    record: dict[str, Any],
+    reference: dict[str, Any],
+    template: dict[str, Any],
+    retry_failed: bool,
+    report: LabellingReport,
+    claims: dict[str, tuple[int, Atoms, int, int]],
+) -> list[LabelTask]:
+    """Claim every structure that the store lacks; the tasks to compute.
+
+    ``claims`` receives ``{key: (row id, atoms, charge, multiplicity)}`` as each
+    claim is made, so that the caller can release them if this is interrupted.
+    """
+    tasks, seen = [], set()
     for atoms in structures:
         report.structures += 1
         charge, multiplicity = charge_and_multiplicity(
@@ -248,60 +297,51 @@ def label_structures(
             store.forget_failures({key})
         claim = store.claim(atoms, record, charge, multiplicity)
         if claim is None:
-            status = store.status(key)
-            if status == "done":
-                report.already_done += 1
-            elif status == "failed":
-                report.already_failed += 1
-            else:
-                report.in_progress += 1
+            _count_skipped(store.status(key), report)
             continue
-        params = {k: v for k, v in reference.items() if k not in ("charge", "multiplicity")}
-        tasks.append(
-            LabelTask(
-                key,
-                atoms.copy(),
-                charge,
-                multiplicity,
-                params,
-                baseline,
-                dispersion,
-                threads_per_worker,
-            )
-        )
         claims[key] = (claim, atoms, charge, multiplicity)
-    try:
-        for outcome in _run(tasks, scheduler, workers, threads_per_worker, progress):
-            claim, atoms, charge, multiplicity = claims.pop(outcome.key)
-            report.compute_seconds += outcome.seconds
-            if outcome.error is not None:
-                store.put_failure(
-                    atoms,
-                    record,
-                    outcome.error,
-                    charge=charge,
-                    multiplicity=multiplicity,
-                    claim=claim,
-                )
-                report.failed += 1
-                report.errors[outcome.key] = outcome.error
-                continue
-            store.put(
-                atoms,
-                record,
-                energy=outcome.energy,
-                forces=outcome.forces,
-                terms=outcome.terms,
-                charge=charge,
-                multiplicity=multiplicity,
-                claim=claim,
-                compute_seconds=outcome.seconds,
-            )
-            report.computed += 1
-    finally:  # interrupted (Ctrl-C, an exception): hand back what was not computed
-        store.release_claims({claim for claim, *_ in claims.values()})
-    report.wall_seconds = time.perf_counter() - start
-    return report
+        tasks.append(LabelTask(key, atoms.copy(), charge, multiplicity, **template))
+    return tasks
+
+
+def _count_skipped(status: str | None, report: LabellingReport) -> None:
+    if status == "done":
+        report.already_done += 1
+    elif status == "failed":
+        report.already_failed += 1
+    else:
+        report.in_progress += 1
+
+
+def _write_outcome(
+    store: LabelStore,
+    record: dict[str, Any],
+    outcome: LabelOutcome,
+    claimed: tuple[int, Atoms, int, int],
+    report: LabellingReport,
+) -> None:
+    """Write one worker's result (or its error) into its reservation."""
+    claim, atoms, charge, multiplicity = claimed
+    report.compute_seconds += outcome.seconds
+    if outcome.error is not None:
+        store.put_failure(
+            atoms, record, outcome.error, charge=charge, multiplicity=multiplicity, claim=claim
+        )
+        report.failed += 1
+        report.errors[outcome.key] = outcome.error
+        return
+    store.put(
+        atoms,
+        record,
+        energy=outcome.energy,
+        forces=outcome.forces,
+        terms=outcome.terms,
+        charge=charge,
+        multiplicity=multiplicity,
+        claim=claim,
+        compute_seconds=outcome.seconds,
+    )
+    report.computed += 1
 
 
 def _dispersion_parameters(
@@ -329,11 +369,12 @@ def _run(
     failed = 0
     try:
         runner = _run_dask if scheduler is not None else _run_local
-        for outcome in runner(tasks, scheduler, workers, threads):
-            failed += outcome.error is not None
-            bar.set_postfix(failed=failed, refresh=False)
-            bar.update(1)
-            yield outcome
+        with contextlib.closing(runner(tasks, scheduler, workers, threads)) as outcomes:
+            for outcome in outcomes:
+                failed += outcome.error is not None
+                bar.set_postfix(failed=failed, refresh=False)
+                bar.update(1)
+                yield outcome
     finally:
         bar.close()
 
@@ -344,14 +385,91 @@ def _run_local(
     workers = workers or max(1, (os.cpu_count() or 1) // threads)
     # spawn, not fork: the parent may hold OpenMP thread pools (PySCF, tblite).
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_end_with_parent,
+        initargs=(os.getpid(),),
+    )
+    finished = False
+    try:
         futures: dict[Future, str] = {pool.submit(compute_label, t): t.key for t in tasks}
-        try:
-            for future in as_completed(futures):
-                yield _outcome(future, futures[future])
-        finally:
-            for future in futures:
-                future.cancel()
+        for future in as_completed(futures):
+            yield _outcome(future, futures[future])
+        finished = True
+    finally:
+        if finished:
+            pool.shutdown()
+        else:
+            _stop_pool(pool)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Drop the queued tasks and end the workers now.
+
+    An interrupted run (an exception, Ctrl-C in the parent alone) does not wait
+    for the calculations in flight, which may take hours.
+    """
+    if hasattr(pool, "terminate_workers"):  # Python >= 3.14
+        pool.terminate_workers()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: the worker ends when its parent process ends.
+
+    A run killed with SIGKILL cannot stop its pool, whose workers would otherwise
+    finish their calculations as orphans. On Linux the kernel sends SIGKILL to the
+    worker when its parent ends (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon
+    thread checks every second that the parent is still there.
+
+    Parameters
+    ----------
+    parent : int
+        Process id of the labelling run.
+    """
+    _set_parent_death_signal()
+    if os.getppid() != parent:  # it ended before the signal was set
+        os._exit(1)
+    watch = threading.Thread(
+        target=_watch_parent, args=(parent,), daemon=True, name="deltaml-watch-parent"
+    )
+    watch.start()
+
+
+def _set_parent_death_signal() -> None:
+    """Linux only: SIGKILL to this process when the thread that started it ends."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _watch_parent(
+    parent: int, interval: float = 1.0, stop: Callable[[int], Any] = os._exit
+) -> None:
+    """Call ``stop(1)`` once this process's parent is no longer ``parent``.
+
+    Parameters
+    ----------
+    parent : int
+        Process id of the parent; an orphan is adopted by another process.
+    interval : float, default=1.0
+        Time between checks, s.
+    stop : callable, default=os._exit
+        Ends the process (no cleanup: the parent that would receive it is gone).
+    """
+    while os.getppid() == parent:
+        time.sleep(interval)
+    stop(1)
 
 
 def _run_dask(

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import numpy as np
+import psutil
 import pytest
 from ase import Atoms
 from ase.build import molecule
 from ase.io import write
 
+from deltaml import labelling
 from deltaml.baseline import XTBBaseline
 from deltaml.dispersion import D3Dispersion
 from deltaml.labelling import label_structures
 from deltaml.reference import PySCFReference
-from deltaml.store import LabelStore
+from deltaml.store import LabelStore, label_key
 
 #: Small basis: these tests check the runner, not the chemistry.
 REFERENCE = {"basis": "sto-3g", "grid_level": 1}
@@ -200,3 +204,157 @@ def test_charge_and_multiplicity_come_from_info_and_bad_ones_fail_per_structure(
     assert by_charge[-1].get_potential_energy() == pytest.approx(
         probe.get_potential_energy(), abs=1e-6
     )
+
+
+#: A stand-in for compute_label, importable by spawned workers: it records its
+#: worker's pid, then answers once two workers are busy (``info["quick"]``) or
+#: works for minutes.
+_STAND_IN = """
+import os, time
+from pathlib import Path
+from deltaml.labelling import LabelOutcome
+
+def compute(task):
+    folder = os.environ["DELTAML_TEST_PIDS"]
+    Path(folder, str(os.getpid())).touch()
+    while task.atoms.info.get("quick") and len(os.listdir(folder)) < 2:
+        time.sleep(0.01)
+    if not task.atoms.info.get("quick"):
+        time.sleep(300)
+    return LabelOutcome(task.key, energy=-1.0, seconds=0.01)
+"""
+
+
+def _stand_in(tmp_path) -> tuple[str, dict[str, str]]:
+    """Folder of the stand-in module and its pid folder, and the environment to use it."""
+    (tmp_path / "stand_in.py").write_text(_STAND_IN)
+    (tmp_path / "pids").mkdir()
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    return str(tmp_path / "pids"), {"PYTHONPATH": path, "DELTAML_TEST_PIDS": str(tmp_path / "pids")}
+
+
+def _wait_for_pids(folder: str, count: int, seconds: float = 120) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while len(os.listdir(folder)) < count:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    return [int(name) for name in os.listdir(folder)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _all_gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not all(_gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_end_when_the_labelling_run_is_killed(tmp_path):
+    """SIGKILL of the runner alone (not its process group): its pool must not outlive it."""
+    pids, env = _stand_in(tmp_path)
+    script = textwrap.dedent(
+        """
+        import sys
+        from ase.build import molecule
+        import deltaml.labelling, stand_in
+        from deltaml.store import LabelStore
+        deltaml.labelling.compute_label = stand_in.compute
+        deltaml.labelling.label_structures(
+            [molecule("H2O"), molecule("NH3")], LabelStore(sys.argv[1]), baseline=None,
+            dispersion=None, workers=2, progress=False,
+        )
+        """
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "labels.db")], env={**os.environ, **env}
+    )
+    workers = []
+    try:
+        workers = _wait_for_pids(pids, 2)
+        run.kill()
+        run.wait()
+        assert _all_gone_within(workers, 5.0)
+    finally:
+        run.kill()
+        _kill(workers)
+
+
+def test_the_watchdog_ends_a_worker_whose_parent_is_gone(tmp_path):
+    """The portable half of the workers' guard: no prctl, only the watching thread's check."""
+    ready = tmp_path / "watching"
+    child = textwrap.dedent(
+        """
+        import pathlib, sys
+        from deltaml import labelling
+        pathlib.Path(sys.argv[2]).touch()
+        labelling._watch_parent(int(sys.argv[1]), 0.1)
+        """
+    )
+    parent = textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+        args = [sys.executable, "-c", {child!r}, str(os.getpid()), {str(ready)!r}]
+        print(subprocess.Popen(args).pid, flush=True)
+        time.sleep(600)
+        """
+    )
+    run = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    watcher = [int(run.stdout.readline())]
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the watching process did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not _gone(watcher[0])  # it keeps watching while its parent runs
+        run.kill()
+        run.wait()
+        assert _all_gone_within(watcher, 5.0)
+    finally:
+        run.kill()
+        _kill(watcher)
+
+
+def test_an_interrupted_run_ends_its_workers_and_releases_its_claims(tmp_path, monkeypatch):
+    """An error while writing the first result must not wait minutes for the second."""
+    pids, env = _stand_in(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers inherit sys.path
+    import stand_in
+
+    monkeypatch.setattr(labelling, "compute_label", stand_in.compute)
+    store = LabelStore(tmp_path / "labels.db")
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store, "put", disk_full)
+    quick, slow = molecule("H2O"), molecule("NH3")
+    quick.info["quick"] = True
+    started = time.monotonic()
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            label_structures(
+                [quick, slow], store, baseline=None, dispersion=None, workers=2, progress=False
+            )
+        assert time.monotonic() - started < 60  # the slow stand-in works for 300 s
+        assert _all_gone_within(_wait_for_pids(pids, 2, seconds=1), 5.0)
+    finally:
+        _kill([int(name) for name in os.listdir(pids)])
+    record = PySCFReference().record()
+    assert [store.status(label_key(a, record)) for a in (quick, slow)] == [None, None]
