@@ -242,7 +242,10 @@ def import_command(
 @click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
 def export_command(output: str, store_url: str) -> None:
     """Write every done label of --store to OUTPUT (extxyz)."""
-    written = export_labelled(LabelStore(store_url), output)
+    try:
+        written = export_labelled(LabelStore(store_url), output)
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
     click.echo(f"{written} labelled structures written to {output}")
 
 
