@@ -66,7 +66,7 @@ from ase.units import kcal, mol
 
 from deltaml.baseline import XTBBaseline
 from deltaml.crystals import bonding_changes, identify_molecules
-from deltaml.dataset import write_labelled
+from deltaml.dataset import import_labelled, read_labelled, write_labelled
 from deltaml.labelling import label_structures
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore, label_key
@@ -74,7 +74,9 @@ from deltaml.structures import charge_and_multiplicity
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
-STRUCTURES = WORK / "interaction_structures.extxyz"
+#: Shipped (not in work/): a later session resumes on exactly these geometries, so the
+#: keys of the labels shipped in OUTPUT match and are not computed again.
+STRUCTURES = HERE / "structures" / "interaction_structures.extxyz"
 STORE = WORK / "interactions.db"
 OUTPUT = HERE / "labelled" / "interactions.extxyz"
 
@@ -562,7 +564,7 @@ def _ordered(systems: list[tuple[str, list[Atoms]]]) -> list[tuple[str, list[Ato
 def structures() -> list[Atoms]:
     """The sampled structures: read from the work file, or sampled and written once."""
     if not STRUCTURES.exists():
-        WORK.mkdir(parents=True, exist_ok=True)
+        STRUCTURES.parent.mkdir(parents=True, exist_ok=True)
         frames = make_structures()
         partial = STRUCTURES.with_suffix(".partial.extxyz")
         write(partial, frames, format="extxyz")
@@ -677,9 +679,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.systems is not None:
             wanted = set(args.systems.split(","))
             chosen = [a for a in frames if a.info["system"] in wanted]
+        store = LabelStore(STORE)
+        if OUTPUT.is_file():
+            # Labels shipped with the repository go into a new store first: a fresh
+            # checkout resumes where the last session's export stopped.
+            added, present = import_labelled(store, read_labelled(OUTPUT))
+            print(f"{added} shipped labels imported into {STORE} ({present} present)")
         report = label_structures(
             chosen,
-            LabelStore(STORE),
+            store,
             reference=REFERENCE,
             scheduler=args.scheduler,
             workers=args.workers,
