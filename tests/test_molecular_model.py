@@ -22,6 +22,7 @@ from deltaml.crystals import whole_molecules
 from deltaml.dataset import interaction_groups
 from deltaml.errors import ModelFileError, TopologyChangedError, TopologyError
 from deltaml.model import SparseGPR
+from deltaml.model_files import write_model_file
 
 DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
 CUTOFF = DESCRIPTOR["cutoff"]
@@ -358,13 +359,17 @@ def test_a_version_1_file_loads_as_the_atomic_model_and_a_broken_one_is_refused(
     meta["format_version"] = 2
     meta["decomposition"] = "molecular"
     meta["terms"] = [{"name": "atomic", "kernel": "dot", "zeta": 2, "delta_ev": 0.1}]
-    renamed = {"sparse_values_0": old["sparse_values"], "sparse_numbers_0": old["sparse_numbers"]}
-    broken = {**old, **renamed, "metadata": np.array(json.dumps(meta))}
-    np.savez(tmp_path / "broken.npz", **broken)
+    meta.pop("content_sha256", None)
+    arrays = {
+        k: v for k, v in old.items() if k not in ("metadata", "sparse_values", "sparse_numbers")
+    }
+    arrays |= {"sparse_values_0": old["sparse_values"], "sparse_numbers_0": old["sparse_numbers"]}
+    # Written with a valid checksum: only the content is inconsistent.
+    write_model_file(tmp_path / "broken.npz", meta, arrays)
     with pytest.raises(ModelFileError, match="do not match"):
         SparseGPR.load(tmp_path / "broken.npz")
-    del broken["sparse_values_0"]
-    np.savez(tmp_path / "missing.npz", **broken)
+    del arrays["sparse_values_0"]
+    write_model_file(tmp_path / "missing.npz", meta, arrays)
     with pytest.raises(ModelFileError, match="sparse_values_0"):
         SparseGPR.load(tmp_path / "missing.npz")
 
