@@ -147,3 +147,32 @@ def stand_in_labels() -> Callable[[int, int], list[Atoms]]:
         return frames
 
     return build
+
+
+@pytest.fixture(scope="session")
+def gfn_delta() -> Callable[[list[Atoms]], list[Atoms]]:
+    """Labeller of cheap, physical Δ targets: GFN1-xTB − GFN2-xTB energy (eV) and forces (eV/Å).
+
+    ``label(frames)`` returns copies with a single-point calculator; models do not care
+    which two methods differ.
+    """
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from deltaml.baseline import XTBBaseline
+
+    def label(frames: list[Atoms]) -> list[Atoms]:
+        gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
+        out = []
+        for atoms in frames:
+            values: dict = {}
+            for sign, calc in ((1.0, gfn1), (-1.0, gfn2)):
+                probe = atoms.copy()
+                probe.calc = calc
+                values["energy"] = values.get("energy", 0.0) + sign * probe.get_potential_energy()
+                values["forces"] = values.get("forces", 0.0) + sign * probe.get_forces()
+            labelled = atoms.copy()
+            labelled.calc = SinglePointCalculator(labelled, **values)
+            out.append(labelled)
+        return out
+
+    return label

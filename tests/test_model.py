@@ -15,7 +15,6 @@ from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import chemical_symbols
 
-from deltaml.baseline import XTBBaseline
 from deltaml.errors import (
     ModelFileError,
     NotFittedError,
@@ -39,26 +38,9 @@ def _rattled(count: int, seed: int, scale: float = 0.08) -> list[Atoms]:
     return frames
 
 
-def _gfn_delta(frames: list[Atoms]) -> list[Atoms]:
-    """Label each structure with GFN1-xTB − GFN2-xTB energy and forces."""
-    out = []
-    gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
-    for atoms in frames:
-        values = {}
-        for sign, calc in ((1.0, gfn1), (-1.0, gfn2)):
-            probe = atoms.copy()
-            probe.calc = calc
-            values["energy"] = values.get("energy", 0.0) + sign * probe.get_potential_energy()
-            values["forces"] = values.get("forces", 0.0) + sign * probe.get_forces()
-        labelled = atoms.copy()
-        labelled.calc = SinglePointCalculator(labelled, **values)
-        out.append(labelled)
-    return out
-
-
 @pytest.fixture(scope="module")
-def data() -> dict[str, list[Atoms]]:
-    return {"train": _gfn_delta(_rattled(40, seed=1)), "test": _gfn_delta(_rattled(15, seed=2))}
+def data(gfn_delta) -> dict[str, list[Atoms]]:
+    return {"train": gfn_delta(_rattled(40, seed=1)), "test": gfn_delta(_rattled(15, seed=2))}
 
 
 @pytest.fixture(scope="module")

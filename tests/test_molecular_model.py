@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import molecule
-from ase.calculators.singlepoint import SinglePointCalculator
 
-from deltaml.baseline import XTBBaseline
 from deltaml.calculator import DeltaCalculator
 from deltaml.correction import ZeroCorrection
 from deltaml.crystals import whole_molecules
@@ -28,23 +26,6 @@ DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
 CUTOFF = DESCRIPTOR["cutoff"]
 #: Terms record the test models claim (the targets are a stand-in; only the record matters).
 TERMS = DeltaCalculator(correction=ZeroCorrection(), dispersion=None).terms_record()
-
-
-def _labelled(frames: list[Atoms]) -> list[Atoms]:
-    """Label each structure with GFN1-xTB − GFN2-xTB energy, forces (and stress)."""
-    gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
-    out = []
-    for atoms in frames:
-        values: dict = {}
-        for sign, calc in ((1.0, gfn1), (-1.0, gfn2)):
-            probe = atoms.copy()
-            probe.calc = calc
-            values["energy"] = values.get("energy", 0.0) + sign * probe.get_potential_energy()
-            values["forces"] = values.get("forces", 0.0) + sign * probe.get_forces()
-        labelled = atoms.copy()
-        labelled.calc = SinglePointCalculator(labelled, **values)
-        out.append(labelled)
-    return out
 
 
 def _hydrogen_bonded(donor: str, acceptor: str, distance: float, seed: int) -> Atoms:
@@ -89,7 +70,7 @@ def _monomers(dimer: Atoms) -> list[Atoms]:
 
 
 @pytest.fixture(scope="module")
-def data() -> dict[str, list[Atoms]]:
+def data(gfn_delta) -> dict[str, list[Atoms]]:
     rng = np.random.default_rng(3)
     monomers = []
     for k in range(12):
@@ -105,8 +86,8 @@ def data() -> dict[str, list[Atoms]]:
         parts += _monomers(dimer)
     held_out = _hydrogen_bonded("CH3OH", "H2O", 2.0, seed=11)
     return {
-        "monomers": _labelled(monomers),
-        "interactions": _labelled(complexes + parts),
+        "monomers": gfn_delta(monomers),
+        "interactions": gfn_delta(complexes + parts),
         "held_out": [held_out],
     }
 
@@ -220,7 +201,7 @@ def test_forces_of_a_dimer_are_minus_the_gradient(model, data):
 
 
 @pytest.fixture(scope="module")
-def co2_model() -> SparseGPR:
+def co2_model(gfn_delta) -> SparseGPR:
     """A molecular model with intermolecular data on C and O (CO2 dimers and monomers)."""
     rng = np.random.default_rng(5)
     frames = []
@@ -231,7 +212,7 @@ def co2_model() -> SparseGPR:
         for mol in (a, b):
             mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
         frames += [a + b, a, b]
-    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(_labelled(frames))
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(gfn_delta(frames))
 
 
 def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_crystal_strained):
