@@ -30,7 +30,9 @@ from deltaml.errors import (
 )
 
 __all__ = [
+    "CHARGE_KEY",
     "DEFAULT_MIN_DISTANCE",
+    "MULTIPLICITY_KEY",
     "charge_and_multiplicity",
     "electron_count",
     "engine_frame",
@@ -225,29 +227,105 @@ def _check_multiplicity_value(multiplicity: float) -> None:
         )
 
 
-def resolve_charge(atoms: Atoms, charge: float | None) -> int:
-    """Total charge: the given one, else the sum of the initial charges (e).
+#: Keys of ``atoms.info`` that give the total charge (e) and the multiplicity 2S+1.
+CHARGE_KEY = "charge"
+MULTIPLICITY_KEY = "multiplicity"
 
-    Follows ``tblite/ase.py``: ``None`` means ``atoms.get_initial_charges().sum()``.
-    """
-    total = atoms.get_initial_charges().sum() if charge is None else charge
-    rounded = round(float(total))
-    if abs(total - rounded) > 1e-6:
-        raise ChargeMultiplicityError(f"total charge must be an integer, got {float(total)} e")
+
+def _info_value(atoms: Atoms, key: str) -> float | None:
+    """``atoms.info[key]`` as a number, or None; a non-number is an error."""
+    value = atoms.info.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ChargeMultiplicityError(
+            f"atoms.info[{key!r}] must be a number, got {value!r}"
+        ) from exc
+
+
+def _integral(value: float, what: str) -> int:
+    rounded = round(float(value))
+    if abs(value - rounded) > 1e-6:
+        raise ChargeMultiplicityError(f"{what} must be an integer, got {float(value)} e")
     return int(rounded)
 
 
-def resolve_multiplicity(
-    atoms: Atoms, charge: int, multiplicity: int | None, *, f_in_core: bool = False
-) -> int:
-    """Spin multiplicity: the given one, else from the initial magnetic moments.
+def resolve_charge(atoms: Atoms, charge: float | None = None) -> int:
+    """Total charge (e) of a structure, by the one rule every calculator and loader uses.
 
-    With no magnetic moments set, the lowest multiplicity compatible with the
-    electron count (1 for an even, 2 for an odd number of electrons).
+    In order: the given ``charge`` (a calculator's or the command line's
+    explicit value), then ``atoms.info["charge"]`` (as extxyz files carry it),
+    then the sum of the initial charges (``tblite/ase.py``'s convention).
+    An explicit value wins over the initial charges (they may be partial charges
+    from an earlier calculation), but never silently over ``info``.
+
+    Raises
+    ------
+    ChargeMultiplicityError
+        A non-integer total; an explicit charge that disagrees with
+        ``info["charge"]``; an ``info["charge"]`` that disagrees with initial
+        charges that are set (not all zero) and sum to another value.
     """
+    info = _info_value(atoms, CHARGE_KEY)
+    initial = atoms.get_initial_charges()
+    if charge is not None:
+        total = _integral(float(charge), "total charge")
+        if info is not None and abs(info - total) > 1e-6:
+            raise ChargeMultiplicityError(
+                f"charge {total} given, but the structure says charge={info:g} "
+                "(atoms.info['charge']): remove one of them or make them agree"
+            )
+        return total
+    if info is not None:
+        total = _integral(info, "atoms.info['charge']")
+        if np.any(initial != 0) and abs(initial.sum() - total) > 1e-6:
+            raise ChargeMultiplicityError(
+                f"atoms.info['charge'] is {total} but the initial charges sum to "
+                f"{float(initial.sum()):g} e: remove one of them or make them agree"
+            )
+        return total
+    return _integral(float(initial.sum()), "total charge")
+
+
+def resolve_multiplicity(
+    atoms: Atoms, charge: int, multiplicity: int | None = None, *, f_in_core: bool = False
+) -> int:
+    """Spin multiplicity 2S+1 of a structure, by the same rule as :func:`resolve_charge`.
+
+    In order: the given ``multiplicity``, then ``atoms.info["multiplicity"]``,
+    then the initial magnetic moments (|Σ m| unpaired electrons); with none of
+    them, the lowest multiplicity compatible with the electron count (1 for an
+    even, 2 for an odd number of electrons).
+
+    Raises
+    ------
+    ChargeMultiplicityError
+        An explicit multiplicity that disagrees with ``info["multiplicity"]``,
+        or an ``info["multiplicity"]`` that disagrees with magnetic moments
+        that are set (not all zero).
+    """
+    info = _info_value(atoms, MULTIPLICITY_KEY)
+    moments = atoms.get_initial_magnetic_moments()
     if multiplicity is not None:
+        if info is not None and info != multiplicity:
+            raise ChargeMultiplicityError(
+                f"multiplicity {multiplicity} given, but the structure says "
+                f"multiplicity={info:g} (atoms.info['multiplicity']): remove one of them "
+                "or make them agree"
+            )
         return int(multiplicity)
-    unpaired = int(np.rint(abs(atoms.get_initial_magnetic_moments().sum())))
+    unpaired = int(np.rint(abs(moments.sum())))
+    if info is not None:
+        if np.any(moments != 0) and unpaired + 1 != info:
+            raise ChargeMultiplicityError(
+                f"atoms.info['multiplicity'] is {info:g} but the initial magnetic moments "
+                f"give {unpaired} unpaired electron(s) (multiplicity {unpaired + 1}): "
+                "remove one of them or make them agree"
+            )
+        _check_multiplicity_value(info)
+        return int(info)
     n_electrons = electron_count(atoms, charge, f_in_core=f_in_core)
     if unpaired == 0 and n_electrons % 2:
         unpaired = 1
@@ -257,16 +335,11 @@ def resolve_multiplicity(
 def charge_and_multiplicity(
     atoms: Atoms, charge: float | None = None, multiplicity: int | None = None
 ) -> tuple[int, int]:
-    """Charge (e) and 2S+1 of a structure to be labelled or imported.
+    """Charge (e) and 2S+1 of a structure: :func:`resolve_charge`, :func:`resolve_multiplicity`.
 
-    The given values first, then ``atoms.info["charge"]``/``["multiplicity"]`` (as
-    extxyz files from other codes carry them), then the initial charges and
-    magnetic moments (:func:`resolve_charge`, :func:`resolve_multiplicity`).
+    The given values first, then ``atoms.info["charge"]``/``["multiplicity"]``,
+    then the initial charges and magnetic moments; conflicts are errors.
     """
-    if charge is None:
-        charge = atoms.info.get("charge")
-    if multiplicity is None:
-        multiplicity = atoms.info.get("multiplicity")
     total = resolve_charge(atoms, charge)
     return total, resolve_multiplicity(atoms, total, multiplicity)
 

@@ -467,9 +467,71 @@ def test_charge_and_multiplicity_prefer_given_then_info_then_initial_values():
     assert charge_and_multiplicity(oh) == (0, 2)  # odd electron count: a doublet
     oh.info.update(charge=-1)
     assert charge_and_multiplicity(oh) == (-1, 1)
-    assert charge_and_multiplicity(oh, charge=1) == (1, 1)
+    assert charge_and_multiplicity(oh, charge=-1) == (-1, 1)
     oh.info.update(multiplicity=3)
     assert charge_and_multiplicity(oh) == (-1, 3)
     oh.info.clear()
     oh.set_initial_charges([-1, 0])
     assert charge_and_multiplicity(oh) == (-1, 1)
+
+
+def test_info_charge_is_read_by_the_calculators_rule_too():
+    """One rule: resolve_charge (every calculator) reads info["charge"] like the loaders."""
+    nh4 = Atoms("NH4", positions=[[0, 0, 0], [0.6, 0.6, 0.6], [-0.6, -0.6, 0.6],
+                                  [0.6, -0.6, -0.6], [-0.6, 0.6, -0.6]])  # fmt: skip
+    assert resolve_charge(nh4) == 0 and resolve_multiplicity(nh4, 0) == 2  # the radical
+    nh4.info["charge"] = 1
+    assert resolve_charge(nh4) == 1
+    assert resolve_multiplicity(nh4, 1) == 1
+    nh4.info["multiplicity"] = 3
+    assert resolve_multiplicity(nh4, 1) == 3
+
+
+@pytest.mark.parametrize(
+    ("setup", "explicit", "message"),
+    [
+        (
+            {"info": {"charge": 1}},
+            {"charge": 0},
+            r"charge 0 given, but the structure says charge=1",
+        ),
+        (
+            {"info": {"charge": 1}, "charges": [0.5, -0.5, 0.0]},
+            {},
+            r"info\['charge'\] is 1 but the initial charges sum to 0",
+        ),
+        (
+            {"info": {"multiplicity": 1}},
+            {"multiplicity": 3},
+            r"multiplicity 3 given, but the structure says multiplicity=1",
+        ),
+        (
+            {"info": {"multiplicity": 1}, "moments": [2.0, 0.0, 0.0]},
+            {},
+            r"info\['multiplicity'\] is 1 but the initial magnetic moments give 2",
+        ),
+        ({"info": {"charge": "plus one"}}, {}, r"info\['charge'\] must be a number"),
+    ],
+)
+def test_conflicting_charge_or_multiplicity_is_an_error(water, setup, explicit, message):
+    from deltaml.structures import charge_and_multiplicity
+
+    water.info.update(setup["info"])
+    if "charges" in setup:
+        water.set_initial_charges(setup["charges"])
+    if "moments" in setup:
+        water.set_initial_magnetic_moments(setup["moments"])
+    with pytest.raises(ChargeMultiplicityError, match=message):
+        charge_and_multiplicity(water, **explicit)
+
+
+def test_agreeing_sources_are_no_conflict(water):
+    from deltaml.structures import charge_and_multiplicity
+
+    water.info.update(charge=0, multiplicity=3)
+    water.set_initial_charges([0.5, -0.25, -0.25])  # partial charges summing to the total
+    water.set_initial_magnetic_moments([2.0, 0.0, 0.0])
+    assert charge_and_multiplicity(water) == (0, 3)
+    assert charge_and_multiplicity(water, charge=0, multiplicity=3) == (0, 3)
+    water.info.clear()
+    assert charge_and_multiplicity(water, charge=-1) == (-1, 3)  # explicit wins over charges
