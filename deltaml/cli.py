@@ -1,16 +1,33 @@
 """The ``deltaml`` console script: parsing and printing only.
 
 Each subcommand calls one importable library function; no science lives here.
+
+One vocabulary on every command: ``--baseline``/``--engine`` are the GFN-xTB
+baseline, ``--dispersion`` the D3 term, ``--model`` the model file,
+``--reference`` the reference method (``label``, ``stability``, ``active-learn``),
+``--charge``/``--multiplicity`` override a structure's own (its
+``info["charge"]``/``["multiplicity"]``, else its initial charges and magnetic
+moments; a disagreement is an error). A user's mistake is one line on stderr
+(exit 1; 2 for a malformed command line), never a traceback. The group's
+``-v``/``-q`` set what the ``deltaml`` loggers print; library code never
+configures logging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
+from ase import Atoms
 from ase.io import read
 
 from deltaml import __version__
@@ -18,7 +35,15 @@ from deltaml.active import ActiveLearner
 from deltaml.baseline import XTBBaseline
 from deltaml.calculator import DeltaCalculator, energy_budget
 from deltaml.correction import ZeroCorrection
-from deltaml.dataset import delta_targets, export_labelled, import_labelled, read_labelled
+from deltaml.dataset import (
+    DELTA_BASELINE,
+    check_records,
+    delta_targets,
+    export_labelled,
+    import_labelled,
+    read_labelled,
+)
+from deltaml.dispersion import parse_dispersion_spec
 from deltaml.errors import DeltaMLError
 from deltaml.evaluation import (
     delta_targets_for,
@@ -35,62 +60,250 @@ from deltaml.ranking import rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
 from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
+from deltaml.structures import charge_and_multiplicity
+
+log = logging.getLogger(__name__)
+
+#: Defaults of the composite without a model (with one: the terms it was trained with).
+DEFAULT_METHOD = "gfn2"
+DEFAULT_ENGINE = "tblite"
+DEFAULT_DISPERSION = "d3bj:pbe0"
+
+_POSTGRESQL = ("postgresql://", "postgres://")
 
 
-@click.group()
+class _ClickHandler(logging.Handler):
+    """Log records to stderr through click (so that CliRunner captures them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Level and handler of the ``deltaml`` loggers (only the CLI does this)."""
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
+    package = logging.getLogger("deltaml")
+    handler = next((h for h in package.handlers if isinstance(h, _ClickHandler)), None)
+    if handler is None:
+        handler = _ClickHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    handler.setLevel(level)
+    package.setLevel(level)
+
+
+@contextlib.contextmanager
+def _user_errors(store: str | None = None) -> Iterator[None]:
+    """Turn the errors a user can cause into one line (click's ``Error: ...``, exit 1)."""
+    try:
+        yield
+    except click.ClickException:
+        raise
+    except DeltaMLError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except sqlite3.DatabaseError as exc:  # a damaged, foreign or read-only SQLite file
+        where = f"label store {store}" if store else "database"
+        raise click.ClickException(f"{where}: {exc}") from exc
+    except OSError as exc:  # unwritable output, unreachable scheduler, full disk, ...
+        raise click.ClickException(str(exc) or type(exc).__name__) from exc
+
+
+def _store(url: str, *, must_exist: bool) -> LabelStore:
+    """Open a label store; commands that only read refuse to create an empty one."""
+    if must_exist and not url.startswith(_POSTGRESQL) and not Path(url).is_file():
+        raise click.ClickException(
+            f"no label store at {url} (--store): check the path; only label and import "
+            "create a store"
+        )
+    return LabelStore(url)
+
+
+def _check_output(path: str | None, option: str) -> None:
+    """Refuse an output path whose folder is missing or unwritable, before any work."""
+    if path is None:
+        return
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise click.ClickException(f"{option} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise click.ClickException(f"{option} {path}: folder {folder} is not writable")
+    if Path(path).is_dir():
+        raise click.ClickException(f"{option} {path} is a folder, not a file")
+
+
+def _read_frames(path: str, index: int | str = -1) -> Any:
+    """One frame (``index`` int) or a list (``":"``); any failure is 'cannot read'."""
+    try:
+        frames = read(path, index=index)
+    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+    if isinstance(frames, list) and not frames:
+        raise click.ClickException(f"cannot read {path}: no structures in it")
+    return frames
+
+
+def _read_all(path: str) -> list:
+    return _read_frames(path, ":")
+
+
+def _alias(new: str, old: str, new_value: Any, old_value: Any) -> Any:
+    """The value of an option given under its new name or a deprecated old one."""
+    if old_value is None:
+        return new_value
+    if new_value is not None and new_value != old_value:
+        raise click.UsageError(f"{old} is the old name of {new}: give only {new}")
+    click.echo(f"warning: {old} is deprecated here; use {new}", err=True)
+    return old_value
+
+
+@click.group(context_settings={"show_default": True})
 @click.version_option(__version__, prog_name="deltaml")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="more log messages (-vv: debug)")
+@click.option("-q", "--quiet", is_flag=True, help="errors only")
+def main(verbose: int, quiet: bool) -> None:
     """deltaml: GFN-xTB baseline + learned correction + D3 dispersion."""
+    _configure_logging(verbose, quiet)
+
+
+def _none(spec: str | None) -> str | None:
+    return None if spec is None or spec.lower() == "none" else spec
+
+
+_baseline_option = click.option(
+    "--baseline", default=None, show_default=f"{DEFAULT_METHOD}; with --model: the model's",
+    help="baseline method: gfn2 or gfn1",
+)  # fmt: skip
+_method_alias = click.option("--method", "method_alias", default=None, hidden=True)
+_engine_option = click.option(
+    "--engine", default=None, show_default=f"{DEFAULT_ENGINE}; with --model: the model's",
+    help="baseline engine: tblite or xtb",
+)  # fmt: skip
+_dispersion_option = click.option(
+    "--dispersion", default=None,
+    show_default=f"{DEFAULT_DISPERSION}; with --model: the model's",
+    help="D3 term DAMPING:FUNCTIONAL[:atm], or 'none'",
+)  # fmt: skip
+_model_option = click.option(
+    "--model", default=None, type=click.Path(exists=True, dir_okay=False),
+    help="model.npz; without it, baseline + D3 alone",
+)  # fmt: skip
+_charge_option = click.option(
+    "--charge", type=int, default=None, show_default="the structure's own",
+    help="total charge, e",
+)  # fmt: skip
+_multiplicity_option = click.option(
+    "--multiplicity", type=int, default=None, show_default="the structure's own",
+    help="spin multiplicity 2S+1",
+)  # fmt: skip
+_summary_option = click.option(
+    "--summary", default=None, type=click.Path(dir_okay=False), help="JSON summary file"
+)
+
+
+def _composite(
+    model: str | None,
+    *,
+    baseline: str | None = None,
+    engine: str | None = None,
+    dispersion: str | None = None,
+    baseline_dispersion: bool = False,
+    charge: int | None = None,
+    multiplicity: int | None = None,
+) -> DeltaCalculator:
+    """The composite from a model file (its terms), or baseline + D3 alone without one.
+
+    Term options given with a model are passed on: the composite refuses them
+    (``TermMismatchError``) where they differ from what the model was trained with.
+    """
+    given: dict[str, Any] = {"charge": charge, "multiplicity": multiplicity}
+    if baseline is not None:
+        given["method"] = baseline
+    if engine is not None:
+        given["engine"] = engine
+    if dispersion is not None:
+        given["dispersion"] = _none(dispersion)
+    if baseline_dispersion:
+        given["baseline_dispersion"] = True
+    if model is not None:
+        calc = DeltaCalculator.from_model(model, **given)
+        calc.check_correction()
+        return calc
+    given.setdefault("method", DEFAULT_METHOD)
+    given.setdefault("engine", DEFAULT_ENGINE)
+    given.setdefault("dispersion", DEFAULT_DISPERSION)
+    return DeltaCalculator(correction=ZeroCorrection(), **given)
+
+
+def _warn_open_shell(
+    calc: DeltaCalculator, atoms: Atoms, charge: int | None, multiplicity: int | None
+) -> None:
+    """Say so when a model is used on an open shell it may never have seen."""
+    model = calc.correction
+    if isinstance(model, ZeroCorrection):
+        return
+    _, spin = charge_and_multiplicity(atoms, charge, multiplicity)
+    if spin == 1:
+        return
+    seen = getattr(model, "training_multiplicities_", None)
+    if seen is not None and spin in seen:
+        return
+    known = (
+        "it was trained on multiplicities " + ", ".join(map(str, sorted(seen)))
+        if seen is not None
+        else "the model file does not record the spin states it was trained on "
+        "(the shipped labels are closed shells only)"
+    )
+    click.echo(
+        f"warning: {atoms.get_chemical_formula()} is an open shell (multiplicity {spin}); "
+        f"{known}: its correction here is an extrapolation",
+        err=True,
+    )
 
 
 @main.command("single-point")
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@click.option("--method", default="gfn2", show_default=True, help="gfn2 or gfn1")
-@click.option("--engine", default="tblite", show_default=True, help="tblite or xtb")
-@click.option(
-    "--dispersion",
-    default="d3bj:pbe0",
-    show_default=True,
-    help="D3 term DAMPING:FUNCTIONAL[:atm], or 'none'",
-)
+@_model_option
+@_baseline_option
+@_method_alias
+@_engine_option
+@_dispersion_option
 @click.option(
     "--baseline-dispersion",
     is_flag=True,
     help="keep the baseline's own D4/D3 (then use --dispersion none)",
 )
-@click.option("--charge", type=int, default=None, help="total charge, e")
-@click.option("--multiplicity", type=int, default=None, help="spin multiplicity 2S+1")
-@click.option("--index", default=-1, show_default=True, help="frame of the file to read")
+@_charge_option
+@_multiplicity_option
+@click.option("--index", default=-1, help="frame of the file to read")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 def single_point(
     structure: str,
-    method: str,
-    engine: str,
-    dispersion: str,
+    model: str | None,
+    baseline: str | None,
+    method_alias: str | None,
+    engine: str | None,
+    dispersion: str | None,
     baseline_dispersion: bool,
     charge: int | None,
     multiplicity: int | None,
     index: int,
     as_json: bool,
 ) -> None:
-    """Energy, largest force and per-term budget of STRUCTURE (no learned term yet)."""
-    try:
-        atoms = read(structure, index=index)
-    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
-        raise click.ClickException(f"cannot read {structure}: {exc}") from exc
-    try:
-        calc = DeltaCalculator(
-            correction=ZeroCorrection(),
-            method=method,
-            engine=engine,
-            dispersion=None if dispersion.lower() == "none" else dispersion,
-            baseline_dispersion=baseline_dispersion,
-            charge=charge,
-            multiplicity=multiplicity,
-        )
+    """Energy, largest force and per-term budget of STRUCTURE with the composite."""
+    baseline = _alias("--baseline", "--method", baseline, method_alias)
+    atoms = _read_frames(structure, index)
+    with _user_errors():
+        calc = _composite(
+            model, baseline=baseline, engine=engine, dispersion=dispersion,
+            baseline_dispersion=baseline_dispersion, charge=charge, multiplicity=multiplicity,
+        )  # fmt: skip
+        _warn_open_shell(calc, atoms, charge, multiplicity)
         budget = energy_budget(atoms, calc)
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     if as_json:
         json.dump(budget, sys.stdout, indent=2)
         click.echo()
@@ -120,26 +333,30 @@ def _format_budget(name: str, budget: dict) -> str:
     return "\n".join(lines)
 
 
-def _read_all(path: str) -> list:
-    try:
-        return read(path, index=":")
-    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
-        raise click.ClickException(f"cannot read {path}: {exc}") from exc
+_reference_option = click.option(
+    "--reference", default="dft", type=click.Choice(["dft", "hf", "mp2"]),
+    help="reference method (with --xc for dft)",
+)  # fmt: skip
+_store_option = click.option(
+    "--store", "store_url", required=True, help="label store: file.db or a database URL"
+)
 
 
 @main.command("label")
 @click.argument("structures", type=click.Path(exists=True, dir_okay=False))
-@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+@_store_option
 @click.option("--scheduler", default=None, help="Dask scheduler address; default a local pool")
-@click.option("--workers", type=int, default=None, help="local processes [cores / threads]")
-@click.option("--threads", type=int, default=1, show_default=True, help="threads per label")
-@click.option("--method", default="dft", show_default=True, help="dft, hf or mp2")
-@click.option("--xc", default="revpbe0", show_default=True, help="functional (libxc name)")
-@click.option("--basis", default="def2-tzvp", show_default=True, help="basis set")
+@click.option("--workers", type=int, default=None, show_default="cores / threads",
+              help="local processes")  # fmt: skip
+@click.option("--threads", type=int, default=1, help="threads per label")
+@_reference_option
+@click.option("--method", "method_alias", default=None, hidden=True)
+@click.option("--xc", default="revpbe0", help="functional (libxc name)")
+@click.option("--basis", default="def2-tzvp", help="basis set")
 @click.option("--no-density-fit", is_flag=True, help="exact Coulomb and exchange integrals")
-@click.option("--grid-level", type=int, default=3, show_default=True, help="DFT grid level 0-9")
-@click.option("--charge", type=int, default=None, help="total charge of every structure, e")
-@click.option("--multiplicity", type=int, default=None, help="2S+1 of every structure")
+@click.option("--grid-level", type=int, default=3, help="DFT grid level 0-9")
+@_charge_option
+@_multiplicity_option
 @click.option("--no-terms", is_flag=True, help="skip the baseline and D3 values (Δ targets)")
 @click.option("--retry-failed", is_flag=True, help="compute failed structures again")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -149,7 +366,8 @@ def label(
     scheduler: str | None,
     workers: int | None,
     threads: int,
-    method: str,
+    reference: str,
+    method_alias: str | None,
     xc: str,
     basis: str,
     no_density_fit: bool,
@@ -163,10 +381,12 @@ def label(
     """Label STRUCTURES (any ASE-readable file) with the reference into --store.
 
     Structures already in the store are skipped; failures are recorded and
-    retried only with --retry-failed.
+    retried only with --retry-failed. --charge/--multiplicity apply to every
+    structure (each structure's own info["charge"]/["multiplicity"] otherwise).
     """
+    method = _alias("--reference", "--method", None, method_alias) or reference
     frames = _read_all(structures)
-    reference = {
+    settings: dict[str, Any] = {
         "method": method,
         "xc": xc,
         "basis": basis,
@@ -174,14 +394,14 @@ def label(
         "grid_level": grid_level,
     }
     if charge is not None:
-        reference["charge"] = charge
+        settings["charge"] = charge
     if multiplicity is not None:
-        reference["multiplicity"] = multiplicity
-    try:
+        settings["multiplicity"] = multiplicity
+    with _user_errors(store_url):
         report = label_structures(
             frames,
-            LabelStore(store_url),
-            reference=reference,
+            _store(store_url, must_exist=False),
+            reference=settings,
             baseline=None if no_terms else DEFAULT_BASELINE,
             dispersion=None if no_terms else "partner",
             scheduler=scheduler,
@@ -190,8 +410,6 @@ def label(
             retry_failed=retry_failed,
             progress=not no_progress,
         )
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"{report.structures} structures: {report.computed} computed, {report.failed} failed, "
         f"{report.already_done} already done, {report.already_failed} failed before "
@@ -206,7 +424,7 @@ def label(
 
 @main.command("import")
 @click.argument("labelled", type=click.Path(exists=True, dir_okay=False))
-@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+@_store_option
 @click.option(
     "--record",
     type=click.Path(exists=True, dir_okay=False),
@@ -223,29 +441,35 @@ def import_command(
     no_magnitude_check: bool,
 ) -> None:
     """Check LABELLED (extxyz: energy eV, forces eV/Å) and add it to --store."""
-    try:
-        record_dict = None if record is None else json.loads(Path(record).read_text())
-        frames = read_labelled(
-            labelled,
-            record=record_dict,
-            require_forces=not energies_only,
-            check_magnitudes=not no_magnitude_check,
-        )
-        added, present = import_labelled(LabelStore(store_url), frames)
-    except (DeltaMLError, json.JSONDecodeError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _user_errors(store_url):
+        try:
+            record_dict = None if record is None else json.loads(Path(record).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise click.ClickException(f"--record {record}: not JSON ({exc})") from exc
+        frames = _read_labelled(labelled, record=record_dict, require_forces=not energies_only,
+                                check_magnitudes=not no_magnitude_check)  # fmt: skip
+        added, present = import_labelled(_store(store_url, must_exist=False), frames)
     click.echo(f"{added} labels added, {present} already present")
+
+
+def _read_labelled(path: str, **kwargs: Any) -> list[Atoms]:
+    """:func:`read_labelled`, with a file that is no extxyz at all as 'cannot read'."""
+    try:
+        return read_labelled(path, **kwargs)
+    except DeltaMLError:
+        raise
+    except Exception as exc:  # ase.io raises many types; all mean "cannot read"
+        raise click.ClickException(f"cannot read {path}: {exc}") from exc
 
 
 @main.command("export")
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--store", "store_url", required=True, help="label store: file.db or a database URL")
+@_store_option
 def export_command(output: str, store_url: str) -> None:
     """Write every done label of --store to OUTPUT (extxyz)."""
-    try:
-        written = export_labelled(LabelStore(store_url), output)
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
+    _check_output(output, "OUTPUT")
+    with _user_errors(store_url):
+        written = export_labelled(_store(store_url, must_exist=True), output)
     click.echo(f"{written} labelled structures written to {output}")
 
 
@@ -268,24 +492,37 @@ def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[in
     "--decomposition",
     type=click.Choice(["molecular", "atomic"]),
     default="molecular",
-    show_default=True,
     help="molecular: intra- + intermolecular parts (interactions corrected only by the "
     "intermolecular one); atomic: whole environments (bonds may break)",
 )
-@click.option("--validation", default=0.1, show_default=True, help="held-out fraction")
-@click.option("--seed", default=0, show_default=True, help="seed of the split and the model")
-@click.option("--n-sparse", type=int, default=None, help="sparse points per element [200]")
-@click.option("--zeta", type=int, default=None, help="kernel exponent [2]")
-@click.option("--cutoff", type=float, default=None, help="SOAP cutoff, Å [5.0]")
-@click.option("--backend", default=None, help="featomic or dscribe [featomic]")
-@click.option("--energy-sigma", type=float, default=None, help="eV/atom [SparseGPR's default]")
-@click.option("--force-sigma", type=float, default=None, help="eV/Å [SparseGPR's default]")
+@click.option("--baseline", default=DEFAULT_METHOD, help="baseline method: gfn2 or gfn1")
+@click.option("--engine", default=DEFAULT_ENGINE, help="baseline engine: tblite or xtb")
+@click.option(
+    "--dispersion",
+    default="partner",
+    help="D3 term of the targets: 'partner' (the reference's published D3 partner), "
+    "DAMPING:FUNCTIONAL[:atm], or 'none' (e.g. a reference without a D3 partner: PBE, HF)",
+)
+@click.option("--validation", default=0.1, help="held-out fraction")
+@click.option("--seed", default=0, help="seed of the split and the model")
+@click.option("--n-sparse", type=int, default=None, show_default="200",
+              help="sparse points per element")  # fmt: skip
+@click.option("--zeta", type=int, default=None, show_default="2", help="kernel exponent")
+@click.option("--cutoff", type=float, default=None, show_default="5.0", help="SOAP cutoff, Å")
+@click.option("--backend", default=None, show_default="featomic", help="featomic or dscribe")
+@click.option("--energy-sigma", type=float, default=None, show_default="SparseGPR's",
+              help="eV/atom")  # fmt: skip
+@click.option("--force-sigma", type=float, default=None, show_default="SparseGPR's",
+              help="eV/Å")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def fit_command(
     store_url: str | None,
     data: tuple[str, ...],
     output: str,
     decomposition: str,
+    baseline: str,
+    engine: str,
+    dispersion: str,
     validation: float,
     seed: int,
     n_sparse: int | None,
@@ -301,12 +538,24 @@ def fit_command(
         raise click.UsageError("give exactly one of --store and --data")
     if not 0 <= validation < 1:
         raise click.UsageError("--validation must be in [0, 1)")
-    try:
+    _check_output(output, "-o/--output")
+    with _user_errors(store_url):
         if store_url:
-            frames = LabelStore(store_url).labelled()
+            frames = _store(store_url, must_exist=True).labelled()
         else:
-            frames = [atoms for path in data for atoms in read_labelled(path)]
-        targets, trained_with = delta_targets(frames)
+            frames = [atoms for path in data for atoms in _read_labelled(path)]
+        if dispersion.lower() == "partner":
+            partner = check_records(frames).get("dispersion_partner") if frames else True
+            if partner is None:
+                raise click.ClickException(
+                    "the reference's method record names no D3 partner: give --dispersion "
+                    "DAMPING:FUNCTIONAL (e.g. d3bj:pbe) or --dispersion none"
+                )
+            disp: dict[str, Any] | str | None = "partner"
+        else:
+            disp = None if dispersion.lower() == "none" else parse_dispersion_spec(dispersion)
+        terms = {**DELTA_BASELINE, "method": baseline, "engine": engine}
+        targets, trained_with = delta_targets(frames, baseline=terms, dispersion=disp)
         train_idx, val_idx = _split(len(targets), validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
@@ -327,8 +576,6 @@ def fit_command(
         if held_out:
             scales = model.calibrate(held_out)
         model.save(output)
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(f"fitted on {len(train)} structures; model written to {output}")
     for name, part in (("train", train), ("validation", held_out)):
         if part:
@@ -342,26 +589,39 @@ def fit_command(
 
 
 @main.command("evaluate")
-@click.argument("model_path", type=click.Path(exists=True, dir_okay=False))
-@click.argument("test", type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, metavar="TEST")
+@click.option("--model", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="model.npz (required)")  # fmt: skip
 @click.option("--plots", default=None, type=click.Path(file_okay=False), help="folder for PNGs")
 @click.option("--json", "as_json", is_flag=True, help="print the errors as JSON")
-def evaluate_command(model_path: str, test: str, plots: str | None, as_json: bool) -> None:
-    """Errors of MODEL_PATH on TEST (labelled extxyz): composite vs baseline alone."""
-    try:
-        model = SparseGPR.load(model_path)
-        frames = read_labelled(test)
-        predictions = predict_all(model, delta_targets_for(model, frames))
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
-    table = errors(predictions)
-    if plots is not None:
-        folder = Path(plots)
-        folder.mkdir(parents=True, exist_ok=True)
-        table["plots"] = [
-            str(plot_parity(predictions, folder / "parity.png")),
-            str(plot_calibration(predictions, folder / "calibration.png")),
-        ]
+def evaluate_command(files: tuple[str, ...], model: str | None, plots: str | None,
+                     as_json: bool) -> None:  # fmt: skip
+    """Errors of --model on TEST (labelled extxyz): composite vs baseline alone.
+
+    The older form ``deltaml evaluate MODEL TEST`` is still accepted.
+    """
+    if model is None and len(files) == 2:
+        model, files = files[0], files[1:]
+    if model is None:
+        raise click.UsageError("give the model with --model")
+    if len(files) != 1:
+        raise click.UsageError(f"give one TEST file, got {len(files)}: {' '.join(files)}")
+    test = files[0]
+    for path in (model, test):
+        if not Path(path).is_file():
+            raise click.UsageError(f"{path} does not exist")
+    with _user_errors():
+        fitted = SparseGPR.load(model)
+        frames = _read_labelled(test)
+        predictions = predict_all(fitted, delta_targets_for(fitted, frames))
+        table = errors(predictions)
+        if plots is not None:
+            folder = Path(plots)
+            folder.mkdir(parents=True, exist_ok=True)
+            table["plots"] = [
+                str(plot_parity(predictions, folder / "parity.png")),
+                str(plot_calibration(predictions, folder / "calibration.png")),
+            ]
     if as_json:
         json.dump(table, sys.stdout, indent=2)
         click.echo()
@@ -372,91 +632,110 @@ def evaluate_command(model_path: str, test: str, plots: str | None, as_json: boo
         click.echo(f"plot written: {plot}")
 
 
-def _composite(model: str | None, dispersion: str) -> DeltaCalculator:
-    """The composite from a model file, or baseline + D3 alone without one."""
-    if model is not None:
-        return DeltaCalculator.from_model(model)
-    return DeltaCalculator(
-        correction=ZeroCorrection(),
-        dispersion=None if dispersion.lower() == "none" else dispersion,
-    )
-
-
 def _write_summary(summary: dict, path: str | None) -> None:
     if path is not None:
-        Path(path).write_text(json.dumps(summary, indent=2, default=float))
+        with _user_errors():
+            Path(path).write_text(json.dumps(summary, indent=2, default=float))
         click.echo(f"summary written to {path}")
 
 
-_model_option = click.option(
-    "--model", default=None, type=click.Path(exists=True, dir_okay=False),
-    help="model.npz; without it, baseline + D3 alone",
-)  # fmt: skip
-_dispersion_option = click.option(
-    "--dispersion", default="d3bj:pbe0", show_default=True,
-    help="D3 term without --model (with a model: the one it was trained with)",
-)  # fmt: skip
-_summary_option = click.option(
-    "--summary", default=None, type=click.Path(dir_okay=False), help="JSON summary file"
-)
+def _terms_options(command: Any) -> Any:
+    """--model, --baseline, --engine, --dispersion, --charge, --multiplicity."""
+    for option in reversed(
+        (_model_option, _baseline_option, _engine_option, _dispersion_option, _charge_option,
+         _multiplicity_option)
+    ):  # fmt: skip
+        command = option(command)
+    return command
+
+
+def _composite_for(
+    atoms: Atoms, model: str | None, baseline: str | None, engine: str | None,
+    dispersion: str | None, charge: int | None, multiplicity: int | None,
+) -> DeltaCalculator:  # fmt: skip
+    """The composite of a command, with its charge and spin checked against ``atoms``."""
+    calc = _composite(
+        model, baseline=baseline, engine=engine, dispersion=dispersion, charge=charge,
+        multiplicity=multiplicity,
+    )  # fmt: skip
+    _warn_open_shell(calc, atoms, charge, multiplicity)
+    return calc
 
 
 @main.command("relax")
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@_model_option
-@_dispersion_option
+@_terms_options
 @click.option("--cell", is_flag=True, help="relax the cell too (3D-periodic structures)")
-@click.option("--fmax", default=0.01, show_default=True, help="force threshold, eV/Å")
-@click.option("--steps", default=500, show_default=True, help="most optimizer steps")
+@click.option("--fmax", default=0.01, help="force threshold, eV/Å")
+@click.option("--stress-tol", default=0.05, help="stress threshold with --cell, GPa")
+@click.option("--steps", default=500, help="most optimizer steps")
+@click.option("--allow-unconverged", is_flag=True,
+              help="exit 0 when --steps run out before convergence")  # fmt: skip
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
 @_summary_option
 def relax_command(
-    structure: str, model: str | None, dispersion: str, cell: bool, fmax: float, steps: int,
-    output: str | None, summary: str | None,
+    structure: str, model: str | None, baseline: str | None, engine: str | None,
+    dispersion: str | None, charge: int | None, multiplicity: int | None, cell: bool,
+    fmax: float, stress_tol: float, steps: int, allow_unconverged: bool, output: str | None,
+    summary: str | None,
 ) -> None:  # fmt: skip
-    """Relax STRUCTURE with the composite; write the trajectory (extxyz) and a summary."""
-    atoms = read(structure)
-    try:
-        atoms.calc = _composite(model, dispersion)
-        result = relax(atoms, fmax=fmax, steps=steps, cell=cell, trajectory=output, progress=True)
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
+    """Relax STRUCTURE with the composite; write the trajectory (extxyz) and a summary.
+
+    Exits 1 when the relaxation has not converged in --steps (after writing the
+    trajectory and the summary), unless --allow-unconverged.
+    """
+    _check_output(output, "-o/--output")
+    _check_output(summary, "--summary")
+    atoms = _read_frames(structure)
+    with _user_errors():
+        atoms.calc = _composite_for(atoms, model, baseline, engine, dispersion, charge,
+                                    multiplicity)  # fmt: skip
+        result = relax(
+            atoms, fmax=fmax, steps=steps, cell=cell, trajectory=output, progress=True,
+            stress_tol_gpa=stress_tol if cell else None,
+        )  # fmt: skip
     status = "converged" if result["converged"] else "NOT converged"
     click.echo(
         f"{status} in {result['steps']} steps: E = {result['energy_final_ev']:.6f} eV, "
         f"max |F| = {result['max_force_ev_a']:.4f} eV/Å"
     )
     _write_summary(result, summary)
+    if not result["converged"] and not allow_unconverged:
+        raise click.ClickException(
+            f"relaxation not converged in {steps} steps (fmax {fmax} eV/Å): raise --steps, "
+            "or give --allow-unconverged to accept it"
+        )
 
 
 @main.command("md")
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@_model_option
-@_dispersion_option
-@click.option("--temperature", default=300.0, show_default=True, help="K")
-@click.option("--steps", default=1000, show_default=True, help="MD steps")
-@click.option("--timestep", default=0.5, show_default=True, help="fs")
+@_terms_options
+@click.option("--temperature", default=300.0, help="K")
+@click.option("--steps", default=1000, help="MD steps")
+@click.option("--timestep", default=0.5, help="fs")
 @click.option("--nve", is_flag=True, help="velocity Verlet instead of Langevin")
-@click.option("--interval", default=10, show_default=True, help="steps between frames")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--interval", default=10, help="steps between frames")
+@click.option("--seed", default=0)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
 @_summary_option
 def md_command(
-    structure: str, model: str | None, dispersion: str, temperature: float, steps: int,
-    timestep: float, nve: bool, interval: int, seed: int, output: str | None,
-    summary: str | None,
+    structure: str, model: str | None, baseline: str | None, engine: str | None,
+    dispersion: str | None, charge: int | None, multiplicity: int | None,
+    temperature: float, steps: int, timestep: float, nve: bool, interval: int, seed: int,
+    output: str | None, summary: str | None,
 ) -> None:  # fmt: skip
     """Run MD of STRUCTURE with the composite; write the trajectory and a summary."""
-    atoms = read(structure)
-    try:
-        atoms.calc = _composite(model, dispersion)
+    _check_output(output, "-o/--output")
+    _check_output(summary, "--summary")
+    atoms = _read_frames(structure)
+    with _user_errors():
+        atoms.calc = _composite_for(atoms, model, baseline, engine, dispersion, charge,
+                                    multiplicity)  # fmt: skip
         result = run_md(
             atoms, temperature_k=temperature, steps=steps, timestep_fs=timestep,
             ensemble="nve" if nve else "langevin", interval=interval, seed=seed,
             trajectory=output, progress=True,
         )  # fmt: skip
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo(
         f"{steps} steps in {result['wall_time_s']:.1f} s; mean T = "
         f"{np.mean(result['temperature_k']):.0f} K"
@@ -468,34 +747,46 @@ def md_command(
 
 @main.command("stability")
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--temperature", default=300.0, show_default=True, help="K")
-@click.option("--steps", default=2000, show_default=True, help="MD steps")
-@click.option("--timestep", default=0.5, show_default=True, help="fs")
-@click.option("--samples", default=5, show_default=True, help="frames re-evaluated")
-@click.option("--xc", default="revpbe0", show_default=True, help="reference functional")
-@click.option("--basis", default="def2-tzvp", show_default=True, help="reference basis")
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="model.npz")  # fmt: skip
+@_charge_option
+@_multiplicity_option
+@click.option("--temperature", default=300.0, help="K")
+@click.option("--steps", default=2000, help="MD steps")
+@click.option("--timestep", default=0.5, help="fs")
+@click.option("--samples", default=5, help="frames re-evaluated")
+@_reference_option
+@click.option("--xc", default="revpbe0", help="reference functional")
+@click.option("--basis", default="def2-tzvp", help="reference basis")
 @click.option("--no-reference", is_flag=True, help="only detect unphysical events")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0)
 @_summary_option
 def stability_command(
-    structure: str, model: str, temperature: float, steps: int, timestep: float, samples: int,
-    xc: str, basis: str, no_reference: bool, seed: int, summary: str | None,
+    structure: str, model: str, charge: int | None, multiplicity: int | None,
+    temperature: float, steps: int, timestep: float, samples: int, reference: str, xc: str,
+    basis: str, no_reference: bool, seed: int, summary: str | None,
 ) -> None:  # fmt: skip
     """Is the model fit for MD? Unphysical events, and errors vs the reference over time."""
-    atoms = read(structure)
-    try:
-        calc = DeltaCalculator.from_model(model)
+    _check_output(summary, "--summary")
+    atoms = _read_frames(structure)
+    with _user_errors():
+        calc = _composite_for(atoms, model, None, None, None, charge, multiplicity)
+        p = calc.parameters
         baseline = DeltaCalculator(
-            correction=ZeroCorrection(), dispersion=calc.parameters.dispersion
-        )
-        reference = None if no_reference else PySCFReference(xc=xc, basis=basis)
+            correction=ZeroCorrection(), method=p.method, engine=p.engine,
+            dispersion=p.dispersion, baseline_dispersion=p.baseline_dispersion,
+            charge=charge, multiplicity=multiplicity,
+        )  # fmt: skip
+        spin = {"charge": charge, "multiplicity": multiplicity}
+        reference_calc = None if no_reference else PySCFReference(
+            method=reference, xc=xc, basis=basis,
+            **{k: v for k, v in spin.items() if v is not None},
+        )  # fmt: skip
         report = md_stability(
             atoms, calc, temperature_k=temperature, steps=steps, timestep_fs=timestep,
-            seed=seed, reference=reference, baseline=baseline, samples=samples, progress=True,
+            seed=seed, reference=reference_calc, baseline=baseline, samples=samples,
+            progress=True,
         )  # fmt: skip
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     click.echo("stable" if report["stable"] else "UNSTABLE")
     for event in report["events"]:
         click.echo(f"  step {event['step']}: {event['kind']} ({event['detail']})")
@@ -517,30 +808,44 @@ def stability_command(
 @click.option("--workdir", required=True, type=click.Path(file_okay=False))
 @click.option("--validation", default=None, type=click.Path(exists=True, dir_okay=False),
               help="labelled extxyz never trained on")  # fmt: skip
-@click.option("--iterations", default=5, show_default=True)
+@click.option("--iterations", default=5)
 @click.option("--budget", type=int, default=None, help="stop at this many labels")
 @click.option("--target-uncertainty", type=float, default=None, help="eV/Å")
-@click.option("--batch", default=5, show_default=True, help="labels per iteration")
-@click.option("--selection", default="variance_reduction", show_default=True,
+@click.option("--batch", default=5, help="labels per iteration")
+@click.option("--selection", default="variance_reduction",
               type=click.Choice(["uncertainty", "variance_reduction", "random"]),
               help="how a batch is chosen (deltaml.active.select_batch)")  # fmt: skip
-@click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,))
-@click.option("--md-steps", default=400, show_default=True)
-@click.option("--xc", default="revpbe0", show_default=True)
-@click.option("--basis", default="def2-tzvp", show_default=True)
-@click.option("--workers", default=1, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,),
+              help="K (repeat for several)")  # fmt: skip
+@click.option("--md-steps", default=400)
+@_reference_option
+@click.option("--xc", default="revpbe0", help="reference functional")
+@click.option("--basis", default="def2-tzvp", help="reference basis")
+@_charge_option
+@_multiplicity_option
+@click.option("--workers", default=1)
+@click.option("--seed", default=0)
 def active_learn_command(
     store_url: str, start: str, workdir: str, validation: str | None, iterations: int,
     budget: int | None, target_uncertainty: float | None, batch: int, selection: str,
-    temperatures: tuple[float, ...], md_steps: int, xc: str, basis: str, workers: int, seed: int,
+    temperatures: tuple[float, ...], md_steps: int, reference: str, xc: str, basis: str,
+    charge: int | None, multiplicity: int | None, workers: int, seed: int,
 ) -> None:  # fmt: skip
     """Grow the store where the composite is uncertain (resumes from --workdir)."""
-    try:
+    starting = _read_all(start)
+    settings: dict[str, Any] = {"method": reference, "xc": xc, "basis": basis}
+    with _user_errors(store_url):
+        for atoms in starting:  # the structures carry it: MD frames and labels alike
+            atoms.info["charge"], atoms.info["multiplicity"] = charge_and_multiplicity(
+                atoms, charge, multiplicity
+            )
+        if charge is not None:
+            settings["charge"] = charge
+        if multiplicity is not None:
+            settings["multiplicity"] = multiplicity
         learner = ActiveLearner(
-            workdir, LabelStore(store_url), _read_all(start),
-            reference={"xc": xc, "basis": basis},
-            validation=read_labelled(validation) if validation else None,
+            workdir, _store(store_url, must_exist=False), starting, reference=settings,
+            validation=_read_labelled(validation) if validation else None,
             temperatures=temperatures, md_steps=md_steps, batch=batch,
             pool=max(4 * batch, 20), selection=selection, seed=seed, workers=workers,
         )  # fmt: skip
@@ -548,8 +853,6 @@ def active_learn_command(
             iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,
             progress=True,
         )  # fmt: skip
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     for record in history:
         line = f"iteration {record['iteration']}: {record.get('n_labels')} labels"
         if "validation" in record:
@@ -560,10 +863,10 @@ def active_learn_command(
     click.echo(f"history: {learner.history_path}")
 
 
-def _gas_molecule(spec: str):
+def _gas_molecule(spec: str) -> Atoms:
     """A gas-phase molecule from a file, or by name from ASE's G2 collection (e.g. H2O)."""
     if Path(spec).is_file():
-        return read(spec)
+        return _read_frames(spec)
     from ase.build import molecule
 
     try:
@@ -581,59 +884,71 @@ def _gas_molecule(spec: str):
     help="gas-phase molecule: a file or a G2 name (repeat for a co-crystal)",
 )  # fmt: skip
 @_model_option
+@_baseline_option
+@_engine_option
 @_dispersion_option
 @click.option("--no-baseline", is_flag=True, help="skip the ranking by the baseline alone")
 @click.option("--no-relax", is_flag=True, help="single points on the given geometries")
-@click.option("--fmax", default=0.01, show_default=True, help="force threshold, eV/Å")
-@click.option("--steps", default=300, show_default=True, help="most optimizer steps")
-@click.option("--stress-tol", default=0.05, show_default=True, help="cell threshold, GPa")
+@click.option("--fmax", default=0.01, help="force threshold, eV/Å")
+@click.option("--steps", default=300, help="most optimizer steps")
+@click.option("--stress-tol", default=0.05, help="cell threshold, GPa")
 @click.option("--symmetry", is_flag=True, help="keep each candidate's space group")
-@click.option("--workdir", default="ranking", show_default=True, help="relaxed structures (resume)")
-@click.option("--reference", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--workdir", default="ranking", help="relaxed structures (resume)")
+@click.option("--reference-energies", default=None,
+              type=click.Path(exists=True, dir_okay=False),
               help="CSV: candidate,energy_kj_mol")  # fmt: skip
+@click.option("--reference", "reference_alias", default=None, hidden=True,
+              type=click.Path(exists=True, dir_okay=False))  # fmt: skip
 @click.option("--plot", default=None, type=click.Path(dir_okay=False), help="energy ladder PNG")
-@click.option("--seed", default=0, show_default=True, help="proton disorder of ice:NAME")
-@click.option("-o", "--output", default="ranking.csv", show_default=True, help="CSV table")
+@click.option("--seed", default=0, help="proton disorder of ice:NAME")
+@click.option("-o", "--output", default="ranking.csv", help="CSV table")
 @_summary_option
 def rank_command(
-    candidates: tuple[str, ...], molecules: tuple[str, ...], model: str | None, dispersion: str,
-    no_baseline: bool, no_relax: bool, fmax: float, steps: int, stress_tol: float,
-    symmetry: bool, workdir: str,
-    reference: str | None, plot: str | None, seed: int, output: str, summary: str | None,
+    candidates: tuple[str, ...], molecules: tuple[str, ...], model: str | None,
+    baseline: str | None, engine: str | None, dispersion: str | None, no_baseline: bool,
+    no_relax: bool, fmax: float, steps: int, stress_tol: float, symmetry: bool, workdir: str,
+    reference_energies: str | None, reference_alias: str | None, plot: str | None, seed: int,
+    output: str, summary: str | None,
 ) -> None:  # fmt: skip
     """Rank CANDIDATES (crystal files or ice:NAME) by lattice energy per formula unit.
 
     Relaxes every candidate (positions and cell) and the gas-phase molecule(s)
     with the composite and, unless --no-baseline, with the GFN-xTB baseline alone
     (its own dispersion kept); relaxed structures in --workdir are not relaxed again.
+    A candidate whose relaxation fails (e.g. its cell collapses) is reported as
+    failed, with the reason, and the others are ranked.
     """
+    reference = _alias("--reference-energies", "--reference", reference_energies, reference_alias)
+    _check_output(summary, "--summary")
 
     def composite() -> DeltaCalculator:
-        calc = _composite(model, dispersion)
+        calc = _composite(model, baseline=baseline, engine=engine, dispersion=dispersion)
         if getattr(calc.correction, "uncertainty", None) == "forces":
             calc.correction.uncertainty = "energy"  # the ranking needs energies only
         return calc
 
-    methods = {"composite": composite}
-    if not no_baseline:
-        base = composite().parameters["method"]
-        methods[base] = lambda: XTBBaseline(method=base)
-    try:
+    with _user_errors():
+        methods: dict[str, Any] = {"composite": composite}
+        if not no_baseline:
+            p = composite().parameters
+            base, base_engine = p["method"], p["engine"]
+            methods[base] = lambda: XTBBaseline(method=base, engine=base_engine)
         ranking = rank_polymorphs(
             read_candidates(candidates, seed=seed), [_gas_molecule(m) for m in molecules],
             methods, workdir=workdir, relax_structures=not no_relax, fmax=fmax, steps=steps,
             symmetry=symmetry, stress_tol_gpa=stress_tol, progress=True,
         )  # fmt: skip
-        result = {"table": str(ranking.to_csv(output))}
+        result: dict[str, Any] = {"table": str(ranking.to_csv(output))}
         if plot is not None:
             result["plot"] = str(ranking.plot(plot))
         if reference is not None:
             result["reference"] = {m: ranking.compare(reference, m) for m in ranking.methods}
-    except DeltaMLError as exc:
-        raise click.ClickException(str(exc)) from exc
     table = ranking.table()
     shown = [c for c in table.columns if c.startswith(("Z", "rel_", "sigma_rel_", "rank_"))]
     click.echo(table[shown].to_string(float_format=lambda v: f"{v:.2f}"))
+    for method, failures in ranking.failed.items():
+        for name, reason in failures.items():
+            click.echo(f"{method} / {name}: FAILED ({reason})", err=True)
     for method, comparison in result.get("reference", {}).items():
         click.echo(
             f"{method} vs reference: MAE {comparison['mae_relative_kj_mol']:.2f} kJ/mol, "
@@ -650,6 +965,7 @@ def rank_command(
         click.echo(f"composite: correction {correction.get('name')!r} (no model file)")
     click.echo(f"table written to {output}")
     result["records"] = ranking.records
+    result["failed"] = ranking.failed
     _write_summary(result, summary)
 
 

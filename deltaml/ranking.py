@@ -19,7 +19,11 @@ their errors are correlated. Baseline and D3 carry no statistical error.
 
 Every relaxation is written to ``workdir`` as it finishes (extxyz, atomically,
 with its summary); a rerun with the same inputs and settings reads it instead
-of relaxing again.
+of relaxing again. A candidate whose relaxation fails (its cell collapses, the
+SCF fails, ...) is recorded as failed with the reason (``Ranking.failed``, the
+``failed_m`` column of the table) and the others are ranked; it is not written
+to ``workdir``, so a rerun tries it again. A gas-phase molecule that fails is
+an error: no lattice energy can be formed without it.
 
 Energies in the table: kJ/mol per formula unit (1 eV = 96.485 kJ/mol);
 densities g/cm³; cell lengths Å and angles degrees.
@@ -39,7 +43,7 @@ from typing import Any
 
 import numpy as np
 from ase import Atoms
-from ase.calculators.calculator import Calculator
+from ase.calculators.calculator import CalculationFailed, Calculator
 from ase.io import read, write
 from ase.units import kJ, mol
 
@@ -50,7 +54,7 @@ from deltaml.crystals import (
     ice_polymorph,
     identify_molecules,
 )
-from deltaml.errors import ParameterError
+from deltaml.errors import DeltaMLError, ParameterError
 from deltaml.simulation import relax
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,11 @@ class Relaxed:
     @property
     def bonding_changed(self) -> bool:
         return bool(self.summary["bonds_broken"] or self.summary["bonds_formed"])
+
+    @property
+    def failed(self) -> str | None:
+        """Why the relaxation failed (then ``final`` is the start), or None."""
+        return self.summary.get("failed")
 
 
 def read_candidates(
@@ -237,15 +246,20 @@ def rank_polymorphs(
         for name, atoms, is_crystal in jobs:
             bar.set_postfix_str(f"{method}: {name}")
             keyed = {**settings, "calculator": records[method]}
-            results[method][name] = _relax_one(
-                name, method, atoms, factory, keyed, is_crystal, workdir
-            )
+            try:
+                done = _relax_one(name, method, atoms, factory, keyed, is_crystal, workdir)
+            except (DeltaMLError, CalculationFailed) as exc:
+                if not is_crystal:
+                    raise type(exc)(f"{method} / {name}: {exc}") from exc
+                log.warning("%s / %s: failed, left out of the ranking (%s)", method, name, exc)
+                done = _failed(name, method, atoms, exc)
+            results[method][name] = done
             bar.update(1)
     bar.close()
-    covariances = {
-        method: _correction_covariance(factory, results[method], list(candidates), list(gas))
-        for method, factory in methods.items()
-    }
+    covariances = {}
+    for method, factory in methods.items():
+        relaxed = [n for n in candidates if not results[method][n].failed]
+        covariances[method] = _correction_covariance(factory, results[method], relaxed, list(gas))
     return Ranking(
         candidates=list(candidates),
         gas=list(gas),
@@ -306,6 +320,16 @@ def _relax_one(
     if path is not None:
         _write_relaxed(path, final, summary, key)
     return Relaxed(name, method, atoms.copy(), final, summary)
+
+
+def _failed(name: str, method: str, atoms: Atoms, exc: Exception) -> Relaxed:
+    """The record of a relaxation that raised: the start geometry and the reason."""
+    reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+    summary = {
+        "failed": reason, "converged": False, "steps": 0, "bonds_broken": [],
+        "bonds_formed": [],
+    }  # fmt: skip
+    return Relaxed(name, method, atoms.copy(), atoms.copy(), summary)
 
 
 def calculator_record(calc: Calculator) -> dict[str, Any]:
@@ -411,26 +435,40 @@ class Ranking:
     def methods(self) -> list[str]:
         return list(self.results)
 
+    @property
+    def failed(self) -> dict[str, dict[str, str]]:
+        """Per method, the candidates whose relaxation failed and why (JSON-safe)."""
+        return {
+            method: {n: self.results[method][n].failed for n in self.candidates
+                     if self.results[method][n].failed}
+            for method in self.methods
+        }  # fmt: skip
+
+    def ranked(self, method: str) -> list[str]:
+        """Candidates with a lattice energy for ``method`` (not failed), input order."""
+        return [n for n in self.candidates if not self.results[method][n].failed]
+
     def _gas_energy(self, method: str) -> float:
         return sum(self.results[method][g].summary["energy_ev"] for g in self.gas)
 
     def lattice_energies(self, method: str) -> dict[str, float]:
-        """Lattice energy per formula unit of every candidate, kJ/mol."""
+        """Lattice energy per formula unit of every candidate not failed, kJ/mol."""
         gas = self._gas_energy(method)
         return {
             n: (self.results[method][n].summary["energy_ev"] / self.z[n] - gas) / KJ_PER_MOL
-            for n in self.candidates
+            for n in self.ranked(method)
         }
 
     def covariance(self, method: str) -> np.ndarray | None:
-        """Covariance of the lattice energies ((kJ/mol)², candidates in input order)."""
+        """Covariance of the lattice energies ((kJ/mol)², :meth:`ranked` candidates in order)."""
         cov = self.correction_covariance.get(method)
         if cov is None:
             return None
-        n = len(self.candidates)
+        ranked = self.ranked(method)
+        n = len(ranked)
         # E_latt,i = E_i / Z_i − Σ_g E_g: a linear map of the correction energies.
         mapping = np.zeros((n, n + len(self.gas)))
-        mapping[np.arange(n), np.arange(n)] = [1.0 / self.z[c] for c in self.candidates]
+        mapping[np.arange(n), np.arange(n)] = [1.0 / self.z[c] for c in ranked]
         mapping[:, n:] = -1.0
         return mapping @ cov @ mapping.T / KJ_PER_MOL**2
 
@@ -439,7 +477,8 @@ class Ranking:
         cov = self.covariance(method)
         if cov is None:
             return float("nan")
-        return _difference_sigma(cov, self.candidates.index(first), self.candidates.index(second))
+        ranked = self.ranked(method)
+        return _difference_sigma(cov, ranked.index(first), ranked.index(second))
 
     def table(self) -> Any:
         """pandas DataFrame, one row per candidate, sorted by the primary method.
@@ -449,7 +488,9 @@ class Ranking:
         ``sigma_rel_m`` (kJ/mol, where m has an uncertainty), ``rank_m``,
         ``density_m`` (g/cm³, relaxed), ``converged_m``, ``steps_m``,
         ``max_stress_gpa_m`` (largest stress component left, GPa),
-        ``bonding_changed_m``, the relaxed cell ``a_m`` … ``gamma_m`` (Å,
+        ``bonding_changed_m``, ``failed_m`` (why the relaxation failed, empty
+        if it did not; the energy columns are then NaN), the relaxed cell
+        ``a_m`` … ``gamma_m`` (Å,
         degrees); and ``Z``, ``formula``, ``density_initial`` and the cell before
         (``a_initial`` …).
         """
@@ -471,30 +512,33 @@ class Ranking:
                     rows[name][f"{key}_{method}"] = float(value)
         for method in self.methods:
             energies = self.lattice_energies(method)
-            best = min(energies, key=energies.get)
-            order = sorted(self.candidates, key=energies.get)
+            ranked = self.ranked(method)
+            best = min(energies, key=energies.get) if energies else None
+            order = sorted(ranked, key=energies.get)
             cov = self.covariance(method)
             for name in self.candidates:
                 done = self.results[method][name]
                 rows[name].update(
                     {
-                        f"E_latt_{method}": energies[name],
-                        f"rel_{method}": energies[name] - energies[best],
-                        f"rank_{method}": order.index(name) + 1,
+                        f"E_latt_{method}": energies.get(name, np.nan),
+                        f"rel_{method}": energies[name] - energies[best]
+                        if name in energies else np.nan,
+                        f"rank_{method}": order.index(name) + 1 if name in energies else np.nan,
                         f"density_{method}": density_g_cm3(done.final),
                         f"converged_{method}": bool(done.summary["converged"]),
                         f"steps_{method}": int(done.summary["steps"]),
                         f"max_stress_gpa_{method}": done.summary.get("max_stress_gpa", np.nan),
                         f"bonding_changed_{method}": done.bonding_changed,
+                        f"failed_{method}": done.failed or "",
                     }
-                )
-                if cov is not None:
-                    i, b = self.candidates.index(name), self.candidates.index(best)
+                )  # fmt: skip
+                if cov is not None and name in energies:
+                    i, b = ranked.index(name), ranked.index(best)
                     rows[name][f"sigma_latt_{method}"] = float(np.sqrt(max(cov[i, i], 0.0)))
                     rows[name][f"sigma_rel_{method}"] = _difference_sigma(cov, i, b)
         table = pd.DataFrame.from_dict(rows, orient="index")
         table.index.name = "candidate"
-        return table.sort_values(f"E_latt_{first}")
+        return table.sort_values(f"E_latt_{first}", na_position="last")
 
     def to_csv(self, path: str | Path) -> Path:
         """Write :meth:`table` as CSV; returns the path."""
@@ -568,9 +612,10 @@ class Ranking:
         path.parent.mkdir(parents=True, exist_ok=True)
         table = self.table()
         fig, ax = plt.subplots(figsize=(3.2 * len(self.methods) + 1.5, 5.0))
-        span = max(float(np.ptp(table[f"rel_{m}"])) for m in self.methods) or 1.0
+        levels = [table[f"rel_{m}"].dropna() for m in self.methods]
+        span = max((float(np.ptp(x)) for x in levels if len(x)), default=0.0) or 1.0
         for k, method in enumerate(self.methods):
-            rel = table[f"rel_{method}"].sort_values()
+            rel = table[f"rel_{method}"].dropna().sort_values()  # failed candidates: no level
             sigma = table.get(f"sigma_rel_{method}")
             # Error bars side by side along the level, labels pushed apart vertically.
             xs = np.linspace(k - 0.25, k + 0.25, len(rel)) if len(rel) > 1 else [k]

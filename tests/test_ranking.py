@@ -107,6 +107,51 @@ def test_comparison_with_a_reference_names_the_wrong_pairs(synthetic, tmp_path):
         ranking.compare(bad, "toy")
 
 
+class CollapsingCell(ToyCrystalEnergy):
+    """The toy energy, but the "loose" crystal's cell collapses (a singular cell)."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from deltaml.errors import SingularCellError
+
+        if atoms is not None and atoms.pbc.all() and atoms.get_volume() > 8.0**3 - 1:
+            raise SingularCellError("the cell of the structure is singular: it collapsed")
+        super().calculate(atoms, properties, system_changes)
+
+
+def test_a_failed_candidate_is_recorded_and_the_rest_ranked(synthetic, tmp_path):
+    ranking = rank_polymorphs(
+        synthetic, [molecule("H2O")], {"toy": CollapsingCell}, relax_structures=False,
+        workdir=tmp_path,
+    )  # fmt: skip
+    assert ranking.failed == {"toy": {"loose": "SingularCellError: the cell of the structure "
+                                      "is singular: it collapsed"}}  # fmt: skip
+    assert set(ranking.lattice_energies("toy")) == {"dense", "medium"}
+    table = ranking.table()
+    assert list(table.index) == ["dense", "medium", "loose"]  # the failed one last
+    assert table["rank_toy"].iloc[:2].tolist() == [1, 2] and np.isnan(
+        table.loc["loose", "rank_toy"]
+    )
+    assert "SingularCellError" in table.loc["loose", "failed_toy"]
+    assert table.loc["dense", "failed_toy"] == ""
+    assert not (tmp_path / "toy" / "loose.extxyz").exists()  # a rerun tries it again
+    ranking.to_csv(tmp_path / "table.csv")
+    ranking.plot(tmp_path / "ladder.png")
+    assert "SingularCellError" in (tmp_path / "table.csv").read_text()
+
+
+def test_a_failed_gas_molecule_is_an_error(synthetic):
+    from deltaml.errors import OverlappingAtomsError
+
+    class NoGas(ToyCrystalEnergy):
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            if not atoms.pbc.any():
+                raise OverlappingAtomsError("atoms 0 and 1 are 0.1 Å apart")
+            super().calculate(atoms, properties, system_changes)
+
+    with pytest.raises(OverlappingAtomsError, match=r"toy / gas 0 H2O: atoms 0 and 1"):
+        rank_polymorphs(synthetic, [molecule("H2O")], {"toy": NoGas}, relax_structures=False)
+
+
 def test_candidates_with_other_molecules_are_refused(synthetic, co2_crystal):
     with pytest.raises(ParameterError, match="co2"):
         rank_polymorphs(
