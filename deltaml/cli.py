@@ -113,6 +113,17 @@ def _user_errors(store: str | None = None) -> Iterator[None]:
         raise click.ClickException(str(exc) or type(exc).__name__) from exc
 
 
+@contextlib.contextmanager
+def _scheduler_errors(scheduler: str | None) -> Iterator[None]:
+    """An unreachable Dask scheduler, named as such."""
+    try:
+        yield
+    except OSError as exc:
+        if scheduler is None:
+            raise
+        raise click.ClickException(f"cannot reach the Dask scheduler {scheduler}: {exc}") from exc
+
+
 def _store(url: str, *, must_exist: bool) -> LabelStore:
     """Open a label store; commands that only read refuse to create an empty one."""
     if must_exist and not url.startswith(_POSTGRESQL) and not Path(url).is_file():
@@ -397,7 +408,7 @@ def label(
         settings["charge"] = charge
     if multiplicity is not None:
         settings["multiplicity"] = multiplicity
-    with _user_errors(store_url):
+    with _user_errors(store_url), _scheduler_errors(scheduler):
         report = label_structures(
             frames,
             _store(store_url, must_exist=False),

@@ -11,6 +11,7 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from ase import Atoms
@@ -306,3 +307,349 @@ def test_stability_command_with_a_model(stand_in_labels, tmp_path):
     assert result.exit_code == 0, result.output
     assert "stable\n" in result.output and "UNSTABLE" not in result.output
     assert json.loads((tmp_path / "s.json").read_text())["stable"] is True
+
+
+# -- hardening (issue 13): one charge rule, user errors as one line, one vocabulary ----------
+
+
+def assert_one_line_error(result: Result, pattern: str) -> None:
+    """Exit 1 with click's one-line ``Error: ...`` (matching ``pattern``), no traceback."""
+    assert result.exit_code == 1, result.output
+    assert result.exc_info is None or result.exc_info[0] is SystemExit, result.exc_info
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+
+
+NH4 = """5
+charge=1 Properties=species:S:1:pos:R:3
+N 0.0 0.0 0.0
+H 0.6 0.6 0.6
+H -0.6 -0.6 0.6
+H 0.6 -0.6 -0.6
+H -0.6 0.6 -0.6
+"""
+
+
+def test_single_point_reads_the_charge_from_the_file(tmp_path):
+    """NH4+ with charge=1 in its info is the cation, not the neutral radical."""
+    path = tmp_path / "nh4.extxyz"
+    path.write_text(NH4)
+    result = run_cli("single-point", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    energy = json.loads(result.stdout)["energy"]
+    cation = reference(path, charge=1, multiplicity=1)["energy"]
+    neutral = tmp_path / "nh4_neutral.extxyz"
+    neutral.write_text(NH4.replace("charge=1 ", ""))
+    radical = reference(neutral)["energy"]  # what single-point computed before
+    assert energy == pytest.approx(cation, abs=1e-8)
+    assert abs(cation - radical) > 1.0
+    explicit = run_cli("single-point", str(path), "--json", "--charge", "1")
+    assert json.loads(explicit.stdout)["energy"] == pytest.approx(cation, abs=1e-8)
+    assert_one_line_error(
+        run_cli("single-point", str(path), "--charge", "0"),
+        r"charge 0 given, but the structure says charge=1",
+    )
+
+
+def test_relax_reads_the_multiplicity_from_the_file(water, tmp_path):
+    water.info["multiplicity"] = 3
+    path = write_structure(water, tmp_path)
+    assert_one_line_error(
+        run_cli("relax", str(path), "--multiplicity", "1", "--steps", "1"),
+        r"multiplicity 1 given, but the structure says multiplicity=3",
+    )
+    summary = tmp_path / "triplet.json"
+    result = run_cli(
+        "relax", str(path), "--steps", "1", "--allow-unconverged", "--summary", str(summary)
+    )
+    assert result.exit_code == 0, result.output
+    triplet = reference(path, multiplicity=3)["energy"]
+    assert json.loads(summary.read_text())["energy_initial_ev"] == pytest.approx(triplet, abs=1e-8)
+
+
+@pytest.mark.parametrize("command", ["single-point", "relax", "md", "stability"])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (bytes(range(256)) * 4, r"cannot read .*input\.xyz: .*codec can't decode"),
+        (b"5\n\nO 0 0 0\nH 0 0 1\nH 0 1 0\n", r"cannot read .*input\.xyz: .*3 atoms, expected 5"),
+        (b"", r"cannot read .*input\.xyz"),
+    ],
+    ids=["binary", "wrong-atom-count", "empty"],
+)
+def test_unreadable_input_is_one_line(tmp_path, command, content, message):
+    path = tmp_path / "input.xyz"
+    path.write_bytes(content)
+    extra = ["--model", str(path)] if command == "stability" else []
+    assert_one_line_error(run_cli(command, str(path), *extra), message)
+
+
+def test_unreadable_labelled_data_is_one_line(tmp_path):
+    path = tmp_path / "input.extxyz"
+    path.write_bytes(bytes(range(256)) * 4)
+    for args in (["fit", "--data", str(path), "-o", str(tmp_path / "m.npz")],
+                 ["import", str(path), "--store", str(tmp_path / "s.db")]):  # fmt: skip
+        assert_one_line_error(run_cli(*args), r"cannot read .*input\.extxyz")
+
+
+@pytest.fixture(scope="module")
+def small_model(stand_in_labels, tmp_path_factory) -> Path:
+    """A small model file fitted on closed-shell stand-in labels."""
+    from deltaml.dataset import delta_targets
+    from deltaml.model import SparseGPR
+
+    targets, terms = delta_targets(stand_in_labels(12, seed=0))
+    descriptor = {"cutoff": 3.5, "n_max": 3, "l_max": 2}
+    model = SparseGPR(descriptor=descriptor, n_sparse=20).fit(targets, trained_with=terms)
+    return model.save(tmp_path_factory.mktemp("model") / "model.npz")
+
+
+def _damaged_models(model: Path, folder: Path) -> dict[str, Path]:
+    from deltaml.model_files import read_model_file, write_model_file
+
+    paths = {}
+    truncated = folder / "truncated.npz"
+    truncated.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    paths["truncated"] = truncated
+    meta, arrays = read_model_file(model, (3,))
+    meta.pop("content_sha256")
+    badjson = folder / "badjson.npz"
+    np.savez(badjson, metadata=np.array("{not json"), **arrays)
+    paths["bad JSON"] = badjson
+    nospecies = folder / "nospecies.npz"
+    write_model_file(nospecies, {k: v for k, v in meta.items() if k != "species"}, arrays)
+    paths["missing keys"] = nospecies
+    short = folder / "short.npz"
+    write_model_file(short, meta, {**arrays, "alpha": arrays["alpha"][:-1]})
+    paths["wrong shapes"] = short
+    return paths
+
+
+def test_damaged_model_files_are_one_line_on_every_command(small_model, water, tmp_path):
+    structure = write_structure(water, tmp_path)
+    labelled = tmp_path / "test.extxyz"
+    labelled.write_text("")
+    crystal = tmp_path / "crystal.extxyz"
+    for name, path in _damaged_models(small_model, tmp_path).items():
+        commands = [
+            ["single-point", str(structure), "--model", str(path)],
+            ["relax", str(structure), "--model", str(path)],
+            ["md", str(structure), "--model", str(path)],
+            ["stability", str(structure), "--model", str(path)],
+            ["evaluate", str(labelled), "--model", str(path)],
+            ["rank", str(crystal), "--molecule", "H2O", "--model", str(path),
+             "--workdir", str(tmp_path / "w"), "-o", str(tmp_path / "r.csv")],
+        ]  # fmt: skip
+        for args in commands:
+            result = run_cli(*args)
+            assert_one_line_error(result, re.escape(str(path)))
+            assert "ModelFile" not in result.stderr, (name, args)
+
+
+def test_open_shell_with_a_closed_shell_model_is_warned(small_model, tmp_path):
+    oh = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    path = write_structure(oh, tmp_path)
+    result = run_cli("single-point", str(path), "--model", str(small_model))
+    assert result.exit_code == 0, result.output
+    assert re.search(r"warning: HO is an open shell \(multiplicity 2\)", result.stderr)
+    closed = run_cli("single-point", str(path), "--model", str(small_model), "--charge", "-1")
+    assert closed.exit_code == 0, closed.output
+    assert "open shell" not in closed.stderr
+
+
+def test_fit_checks_the_output_folder_before_fitting(stand_in_labels, tmp_path, monkeypatch):
+    from deltaml import cli
+    from deltaml.dataset import write_labelled
+
+    write_labelled(tmp_path / "train.extxyz", stand_in_labels(4, seed=0))
+
+    def never(*args, **kwargs):
+        raise AssertionError("fitting started before the output path was checked")
+
+    monkeypatch.setattr(cli, "delta_targets", never)
+    result = run_cli("fit", "--data", str(tmp_path / "train.extxyz"),
+                     "-o", str(tmp_path / "missing_dir" / "model.npz"))  # fmt: skip
+    assert_one_line_error(result, r"-o/--output .*missing_dir/model\.npz: folder .* does not exist")
+
+
+def test_fit_with_dispersion_none_for_a_reference_without_partner(stand_in_labels, tmp_path):
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    frames = stand_in_labels(10, seed=3)
+    for atoms in frames:  # a reference with no D3 partner, as plain HF or PBE
+        atoms.info["method_record"] = {"code": "tblite", "method": "GFN1-xTB"}
+    write_labelled(tmp_path / "hf.extxyz", frames)
+    model = tmp_path / "model.npz"
+    base = ["fit", "--data", str(tmp_path / "hf.extxyz"), "-o", str(model), "--validation", "0",
+            "--n-sparse", "10", "--cutoff", "3.5", "--no-progress"]  # fmt: skip
+    assert_one_line_error(run_cli(*base), r"names no D3 partner: give --dispersion")
+    assert not model.exists()
+    result = run_cli(*base, "--dispersion", "none")
+    assert result.exit_code == 0, result.output
+    assert SparseGPR.load(model).trained_with["dispersion"] is None
+    result = run_cli(*base, "--dispersion", "d3bj:pbe")
+    assert result.exit_code == 0, result.output
+    assert SparseGPR.load(model).trained_with["dispersion"]["method"] == "pbe"
+
+
+def test_store_errors_are_one_line(tmp_path, monkeypatch):
+    import sqlite3
+
+    from deltaml.store import LabelStore
+
+    water_file = tmp_path / "water.xyz"
+    write(water_file, Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0, 0.93, -0.25]]))
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(bytes(range(256)) * 16)
+    for args in (
+        ["fit", "--store", str(corrupt), "-o", str(tmp_path / "m.npz")],
+        ["export", str(tmp_path / "out.extxyz"), "--store", str(corrupt)],
+        ["label", str(water_file), "--store", str(corrupt), "--no-progress"],
+    ):
+        assert_one_line_error(run_cli(*args), r"label store .*corrupt\.db: file is not a database")
+    # A mistyped store on a command that only reads: no empty database is created.
+    for args in (
+        ["fit", "--store", str(tmp_path / "typo.db"), "-o", str(tmp_path / "m.npz")],
+        ["export", str(tmp_path / "out.extxyz"), "--store", str(tmp_path / "typo.db")],
+    ):
+        assert_one_line_error(run_cli(*args), r"no label store at .*typo\.db \(--store\)")
+        assert not (tmp_path / "typo.db").exists()
+
+    # A read-only store (simulated: the tests may run as root, who writes anyway).
+    def readonly(self, *args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(LabelStore, "claim", readonly)
+    store = tmp_path / "ro.db"
+    LabelStore(store)
+    assert_one_line_error(
+        run_cli("label", str(water_file), "--store", str(store), "--no-progress"),
+        r"label store .*ro\.db: attempt to write a readonly database",
+    )
+
+
+def test_unreachable_scheduler_is_one_line(water, tmp_path):
+    import dask
+
+    path = write_structure(water, tmp_path)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        result = run_cli("label", str(path), "--store", str(tmp_path / "s.db"),
+                         "--scheduler", "tcp://127.0.0.1:9", "--no-progress")  # fmt: skip
+    assert_one_line_error(result, r"cannot reach the Dask scheduler tcp://127\.0\.0\.1:9")
+
+
+def test_unconverged_relaxation_exits_nonzero_unless_allowed(water, tmp_path):
+    path = write_structure(water, tmp_path)
+    summary = tmp_path / "s.json"
+    result = run_cli("relax", str(path), "--steps", "1", "--summary", str(summary))
+    assert_one_line_error(result, r"relaxation not converged in 1 steps .*--allow-unconverged")
+    assert json.loads(summary.read_text())["converged"] is False  # written all the same
+    allowed = run_cli("relax", str(path), "--steps", "1", "--allow-unconverged")
+    assert allowed.exit_code == 0 and "NOT converged" in allowed.stdout
+
+
+def test_relax_cell_passes_the_stress_threshold(water, tmp_path, monkeypatch):
+    from deltaml import cli
+
+    seen = {}
+
+    def fake_relax(atoms, **kwargs):
+        seen.update(kwargs)
+        return {"converged": True, "steps": 0, "energy_final_ev": 0.0, "max_force_ev_a": 0.0}
+
+    monkeypatch.setattr(cli, "relax", fake_relax)
+    path = write_structure(water, tmp_path)
+    assert run_cli("relax", str(path), "--cell", "--stress-tol", "0.02").exit_code == 0
+    assert seen["cell"] is True and seen["stress_tol_gpa"] == 0.02
+    assert run_cli("relax", str(path)).exit_code == 0
+    assert seen["stress_tol_gpa"] is None  # no cell relaxation, no stress threshold
+
+
+def test_python_dash_m_deltaml_runs_the_cli():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "deltaml", "--version"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"deltaml, version {version('deltaml')}"
+
+
+def test_verbose_and_quiet_set_the_deltaml_log_level(co2_crystal, tmp_path):
+    import logging
+
+    path = write_structure(co2_crystal, tmp_path)
+    root_handlers = list(logging.getLogger().handlers)
+    verbose = run_cli("-v", "single-point", str(path))
+    assert verbose.exit_code == 0, verbose.output
+    assert re.search(r"INFO deltaml\.baseline: .*supercell", verbose.stderr)
+    quiet = run_cli("-q", "single-point", str(path))
+    assert quiet.exit_code == 0 and "INFO" not in quiet.stderr
+    assert logging.getLogger("deltaml").level == logging.ERROR
+    assert logging.getLogger().handlers == root_handlers  # the root logger is left alone
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="crystals.py (not the CLI's to change) raises the root logger's level to quiet "
+    "GenIce2; to be replaced by a filter on GenIce2's own records",
+)
+def test_no_library_module_configures_the_root_logger():
+    source = Path(__file__).parents[1] / "deltaml"
+    offenders = [
+        f"{path.name}:{n}"
+        for path in sorted(source.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "basicConfig" in line or "getLogger()." in line
+    ]
+    assert offenders == []
+
+
+def _visible_options():
+    for name, command in main.commands.items():
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                yield name, command, param
+
+
+def test_every_default_is_shown_in_the_help():
+    for name, command, option in _visible_options():
+        if option.is_flag or option.name == "help":
+            continue
+        ctx = click.Context(command, info_name=name, show_default=True)
+        record = option.get_help_record(ctx)
+        default = option.get_default(ctx, call=False)
+        unset = default is None or type(default).__name__ == "Sentinel" or default == ()
+        has_default = not unset and not option.required
+        if has_default or isinstance(option.show_default, str):
+            assert "default:" in record[1], (name, option.name, record)
+
+
+def test_one_vocabulary_across_commands():
+    seen: dict[str, set[str]] = {}
+    for name, _command, option in _visible_options():
+        for flag in option.opts:
+            seen.setdefault(flag, set()).add(name)
+    assert "--method" not in seen  # the baseline is --baseline, the reference --reference
+    for composite in ("single-point", "relax", "md", "rank"):
+        for flag in ("--model", "--baseline", "--engine", "--dispersion"):
+            assert composite in seen[flag], (composite, flag)
+    for computing in ("single-point", "relax", "md", "stability", "label", "active-learn"):
+        assert computing in seen["--charge"] and computing in seen["--multiplicity"]
+    assert {"label", "stability", "active-learn"} <= seen["--reference"]
+    assert "evaluate" in seen["--model"]
+
+
+def test_old_option_spellings_still_work_with_a_warning(water, tmp_path):
+    path = write_structure(water, tmp_path)
+    old = run_cli("single-point", str(path), "--method", "gfn1", "--json")
+    new = run_cli("single-point", str(path), "--baseline", "gfn1", "--json")
+    assert old.exit_code == new.exit_code == 0, old.output
+    assert json.loads(old.stdout)["energy"] == json.loads(new.stdout)["energy"]
+    assert "--method is deprecated here; use --baseline" in old.stderr
+    clash = run_cli("single-point", str(path), "--method", "gfn1", "--baseline", "gfn2")
+    assert clash.exit_code == 2 and "give only --baseline" in clash.stderr
