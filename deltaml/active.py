@@ -256,7 +256,7 @@ class ActiveLearner:
     # -- stages ---------------------------------------------------------------------
 
     def _explore(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
-        calc = DeltaCalculator.from_model(self.model(k - 1))
+        calc = DeltaCalculator.from_model(self.model(k - 1), force_uncertainty=True)
         candidates: list[Atoms] = []
         for s, start in enumerate(self.starting):
             for t, temperature in enumerate(self.temperatures):
@@ -571,7 +571,7 @@ def on_the_fly(
         targets, terms = delta_targets(_labels_of(store, record))
         return SparseGPR(**params).fit(targets, trained_with=terms)
 
-    calc = DeltaCalculator.from_model(fitted())
+    calc = DeltaCalculator.from_model(fitted(), force_uncertainty=True)
     work = atoms.copy()
     work.calc = calc
     events: list[dict[str, Any]] = []

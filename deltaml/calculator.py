@@ -27,7 +27,13 @@ from deltaml.baseline import (
     canonical_method,
     check_baseline_parameters,
 )
-from deltaml.correction import Correction, CorrectionResult, record_differences
+from deltaml.correction import (
+    Correction,
+    CorrectionResult,
+    accepts_force_uncertainty,
+    predict_correction,
+    record_differences,
+)
 from deltaml.crystals import check_same_molecules, identify_molecules
 from deltaml.dispersion import D3Dispersion, damping_parameters, parse_dispersion_spec
 from deltaml.errors import (
@@ -85,6 +91,7 @@ class DeltaCalculator(Calculator):
      min_distance           0.5          Å     closest allowed interatomic distance
      uncertainty_threshold  None         eV/Å  max correction force uncertainty; None: off
      uncertainty_action     "warn"       -     "warn" or "raise" above the threshold
+     force_uncertainty      False        -     compute the force uncertainty (a threshold does)
     ====================== ============ ===== =========================================
 
     Parameters
@@ -104,6 +111,12 @@ class DeltaCalculator(Calculator):
     ``forces_<term>``, ``stress_<term>`` for ``baseline``, ``correction`` and
     ``dispersion``; ``energy_uncertainty`` (eV), ``energies_uncertainty`` (eV) and
     ``forces_uncertainty`` (eV/Å) when the correction provides them.
+
+    The force uncertainty of a :class:`~deltaml.model.SparseGPR` roughly doubles
+    the cost of the correction, so it is asked for only when something uses it:
+    an ``uncertainty_threshold``, or ``force_uncertainty=True`` (active learning
+    and stability runs set it). A correction without the ``force_uncertainty``
+    keyword decides alone (see :func:`~deltaml.correction.predict_correction`).
 
     Keeping the baseline's own dispersion and adding D3 on top counts
     dispersion twice (several kcal/mol of overbinding for dispersion-bound
@@ -135,6 +148,7 @@ class DeltaCalculator(Calculator):
         "min_distance": DEFAULT_MIN_DISTANCE,
         "uncertainty_threshold": None,
         "uncertainty_action": "warn",
+        "force_uncertainty": False,
     }
 
     def __init__(
@@ -171,6 +185,7 @@ class DeltaCalculator(Calculator):
                 "(name, trained_with, predict(atoms, forces=, stress=))"
             )
         self._correction = value
+        self._accepts_force_uncertainty = accepts_force_uncertainty(value)
         self._terms_checked = False
         self._molecules = None
         self.reset()
@@ -336,7 +351,14 @@ class DeltaCalculator(Calculator):
         want_forces = True  # the baseline computes forces anyway; ASE caches them
         if getattr(self.correction, "molecular", False):
             self._check_molecules(atoms, owner)
-        predicted = self.correction.predict(atoms, forces=want_forces, stress=want_stress)
+        predicted = predict_correction(
+            self.correction,
+            atoms,
+            forces=want_forces,
+            stress=want_stress,
+            force_uncertainty=self.wants_force_uncertainty,
+            accepts=self._accepts_force_uncertainty,
+        )
         terms["correction"] = {
             "energy": float(predicted.energy),
             "forces": predicted.forces,
@@ -381,6 +403,12 @@ class DeltaCalculator(Calculator):
             self.results["forces_uncertainty"] = np.asarray(predicted.forces_uncertainty)
         self._check_domain(predicted)
 
+    @property
+    def wants_force_uncertainty(self) -> bool:
+        """Whether the correction's force uncertainty is computed: asked for, or a threshold."""
+        p = self.parameters
+        return bool(p.force_uncertainty) or p.uncertainty_threshold is not None
+
     def _check_molecules(self, atoms: Atoms, owner: Atoms | None) -> None:
         """Fix the molecules of a new Atoms object; refuse a change of bonding on the same one."""
         if self._molecules is not None and owner is not None:
@@ -399,7 +427,7 @@ class DeltaCalculator(Calculator):
         if predicted.forces_uncertainty is None:
             raise ParameterError(
                 f"uncertainty_threshold is set but correction {self.correction.name!r} gives "
-                "no force uncertainty (a SparseGPR with uncertainty='forces' does)"
+                "no force uncertainty (a SparseGPR with uncertainty='forces' or 'energy' does)"
             )
         worst = int(np.argmax(predicted.forces_uncertainty))
         value = float(predicted.forces_uncertainty[worst])

@@ -27,7 +27,14 @@ import numpy as np
 from ase import Atoms
 from numpy.typing import NDArray
 
-__all__ = ["Correction", "CorrectionResult", "ZeroCorrection", "record_differences"]
+__all__ = [
+    "Correction",
+    "CorrectionResult",
+    "ZeroCorrection",
+    "accepts_force_uncertainty",
+    "predict_correction",
+    "record_differences",
+]
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,64 @@ class Correction(Protocol):
     trained_with: dict[str, Any] | None
 
     def predict(self, atoms: Atoms, *, forces: bool, stress: bool) -> CorrectionResult:
-        """Correction for one structure; forces/stress only when asked."""
+        """Correction for one structure; forces/stress only when asked.
+
+        A correction whose force uncertainty is costly may also take a keyword
+        ``force_uncertainty`` (bool): the composite then passes ``True`` only
+        when something uses it (see :func:`predict_correction`).
+        """
         ...
+
+
+def accepts_force_uncertainty(correction: Correction) -> bool:
+    """True if ``correction.predict`` takes the optional ``force_uncertainty`` keyword."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(correction.predict).parameters
+    except (TypeError, ValueError):
+        return False
+    return "force_uncertainty" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+
+
+def predict_correction(
+    correction: Correction,
+    atoms: Atoms,
+    *,
+    forces: bool,
+    stress: bool,
+    force_uncertainty: bool,
+    accepts: bool | None = None,
+) -> CorrectionResult:
+    """``correction.predict``, asking for the force uncertainty only if ``force_uncertainty``.
+
+    Parameters
+    ----------
+    correction : Correction
+        Any correction; one without the ``force_uncertainty`` keyword is called
+        with ``forces`` and ``stress`` only (it decides alone).
+    atoms : ase.Atoms
+        The structure.
+    forces, stress : bool
+        Whether forces (eV/Å) and stress (eV/Å³) are wanted.
+    force_uncertainty : bool
+        Whether the per-atom force uncertainty (eV/Å) is used by the caller.
+    accepts : bool, optional
+        :func:`accepts_force_uncertainty` of the correction, if known already.
+
+    Returns
+    -------
+    CorrectionResult
+    """
+    if accepts is None:
+        accepts = accepts_force_uncertainty(correction)
+    if accepts:
+        return correction.predict(
+            atoms, forces=forces, stress=stress, force_uncertainty=force_uncertainty
+        )
+    return correction.predict(atoms, forces=forces, stress=stress)
 
 
 class ZeroCorrection:

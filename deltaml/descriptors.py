@@ -93,6 +93,10 @@ class DescriptorBatch:
         ``d values[i] / d eps[a, b]`` for the homogeneous deformation
         ``r -> r @ (I + eps)``, ``cell -> cell @ (I + eps)`` (ASE's row-vector
         convention; not symmetrised), dimensionless.
+    n_atoms : int or None
+        Atoms of the structure that ``position_atoms`` index, when the rows are
+        those of some centres only (``compute(..., centres=...)``, one frame);
+        ``None``: one row per atom, ``len(values)``.
     """
 
     values: NDArray[np.float64]
@@ -102,6 +106,12 @@ class DescriptorBatch:
     position_atoms: NDArray[np.int64] | None = None
     position_gradients: NDArray[np.float64] | None = None
     strain_gradients: NDArray[np.float64] | None = None
+    n_atoms: int | None = None
+
+    @property
+    def atom_count(self) -> int:
+        """Atoms the gradients run over (``n_atoms``, or one per row)."""
+        return len(self.values) if self.n_atoms is None else int(self.n_atoms)
 
     def frame_slice(self, k: int) -> slice:
         """Rows (and global atom indices) of frame ``k``."""
@@ -352,6 +362,7 @@ class SOAPDescriptor:
         gradients: Iterable[str] = (),
         *,
         normalise: bool = True,
+        centres: Sequence[int] | NDArray[np.int64] | None = None,
     ) -> DescriptorBatch:
         """Normalised SOAP rows of every atom of one or several structures.
 
@@ -366,6 +377,13 @@ class SOAPDescriptor:
             False: the raw power spectra (and their gradients), whose norm grows
             with the density of neighbours (the intermolecular part of
             :mod:`deltaml.intermolecular` needs them; see :func:`normalise_rows`).
+
+        centres : sequence of int, optional
+            Rows of these atoms only (ascending, one structure, featomic): the
+            environments still see every atom, gradients are with respect to
+            any atom of the structure (``DescriptorBatch.n_atoms``). Memory and
+            time follow the centres, so that a large structure can be done in
+            pieces with the rows it would have whole.
 
         Returns
         -------
@@ -402,6 +420,21 @@ class SOAPDescriptor:
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if not frames:
             return _empty_batch(self.n_features, gradients)
+        if centres is not None:
+            centres = np.asarray(centres, dtype=np.int64)
+            if len(frames) != 1 or self.backend != "featomic":
+                raise UnsupportedCapabilityError(
+                    "centres: one structure at a time, with the featomic backend"
+                )
+            if (
+                len(centres) == 0
+                or np.any(np.diff(centres) <= 0)
+                or centres[0] < 0
+                or (centres[-1] >= len(frames[0]))
+            ):
+                raise ParameterError("centres must be ascending, distinct atom indices")
+            batch = self._compute_featomic(frames, gradients, offsets, centres)
+            return normalise_rows(batch) if normalise else batch
         if self.backend == "featomic":
             batch = self._compute_featomic(frames, gradients, offsets)
         else:
@@ -427,18 +460,31 @@ class SOAPDescriptor:
             )
 
     def _compute_featomic(
-        self, frames: list[Atoms], gradients: tuple[str, ...], offsets: NDArray[np.int64]
+        self,
+        frames: list[Atoms],
+        gradients: tuple[str, ...],
+        offsets: NDArray[np.int64],
+        centres: NDArray[np.int64] | None = None,
     ) -> DescriptorBatch:
         # Molecules get a zero cell: featomic warns about (and ignores) any other.
         systems = [
             atoms if atoms.pbc.all() else Atoms(numbers=atoms.numbers, positions=atoms.positions)
             for atoms in frames
         ]
+        selected = None
+        if centres is not None:
+            from metatensor import Labels
+
+            selected = Labels(["atom"], centres.astype(np.int32).reshape(-1, 1))
         try:
-            tensor = self._calculator.compute(systems, gradients=list(gradients))
+            tensor = self._calculator.compute(
+                systems, gradients=list(gradients), selected_samples=selected
+            )
         except Exception as error:
             raise EngineError(f"featomic failed to compute SOAP: {error}") from error
-        return _densify_featomic(tensor, self.species, self.n_max, self.l_max, offsets, frames)
+        return _densify_featomic(
+            tensor, self.species, self.n_max, self.l_max, offsets, frames, centres
+        )
 
     def _compute_dscribe(
         self, frames: list[Atoms], gradients: tuple[str, ...], offsets: NDArray[np.int64]
@@ -497,14 +543,22 @@ def _densify_featomic(
     l_max: int,
     offsets: NDArray[np.int64],
     frames: list[Atoms],
+    centres: NDArray[np.int64] | None = None,
 ) -> DescriptorBatch:
     """One dense matrix from featomic's blocks, over a fixed set of element pairs.
 
     Equivalent to metatensor's ``keys_to_properties`` over all pairs ``(a <= b)``
     of ``species`` followed by ``keys_to_samples("center_type")``: neighbour
-    pairs absent from a structure give zero columns (and zero gradients).
+    pairs absent from a structure give zero columns (and zero gradients). With
+    ``centres`` (one frame), the rows are those centres in order.
     """
-    n_rows = int(offsets[-1])
+    n_atoms = int(offsets[-1])  # what the gradient atom indices run over
+    row_of = None
+    n_rows = n_atoms
+    if centres is not None:
+        row_of = np.full(n_atoms, -1, dtype=np.int64)
+        row_of[centres] = np.arange(len(centres))
+        n_rows = len(centres)
     pairs = {pair: k for k, pair in enumerate((a, b) for a in species for b in species if a <= b)}
     n_props = (l_max + 1) * n_max * n_max
     n_features = len(pairs) * n_props
@@ -523,6 +577,8 @@ def _densify_featomic(
         cols = pairs[pair] * n_props + (prop[:, 0] * n_max + prop[:, 1]) * n_max + prop[:, 2]
         samples = block.samples.values
         rows = offsets[samples[:, 0]] + samples[:, 1]
+        if row_of is not None:
+            rows = row_of[rows]
         values[np.ix_(rows, cols)] = block.values
         if with_positions:
             grad = block.gradient("positions")
@@ -531,28 +587,51 @@ def _densify_featomic(
         if with_strain:
             grad = block.gradient("strain")
             # values[s, a, b] = d x_s / d eps[a, b] for r -> r @ (I + eps).
-            strain[rows[grad.samples.values[:, 0]][:, None], :, :, cols[None, :]] = (
-                grad.values.transpose(0, 3, 1, 2)
-            )
+            where = rows[grad.samples.values[:, 0]]
+            span = _column_span(cols)
+            if span is not None:
+                strain[where, :, :, span] = grad.values
+            else:
+                strain[where[:, None], :, :, cols[None, :]] = grad.values.transpose(0, 3, 1, 2)
+    numbers = np.concatenate([atoms.numbers for atoms in frames]).astype(np.int64)
     batch = DescriptorBatch(
         values=values,
-        numbers=np.concatenate([atoms.numbers for atoms in frames]).astype(np.int64),
-        offsets=offsets,
+        numbers=numbers if centres is None else numbers[centres],
+        offsets=offsets if centres is None else np.array([0, n_rows], dtype=np.int64),
         strain_gradients=strain,
+        n_atoms=None if centres is None else n_atoms,
     )
     if with_positions:
-        keys = np.concatenate([r * n_rows + j for r, j, _, _ in pos_parts])
+        keys = np.concatenate([r * n_atoms + j for r, j, _, _ in pos_parts])
         unique, where = np.unique(keys, return_inverse=True)
         gradients = np.zeros((len(unique), 3, n_features))
         start = 0
         for r, _, cols, g in pos_parts:
             index = where[start : start + len(r)]
-            gradients[index[:, None, None], np.arange(3)[None, :, None], cols[None, None, :]] = g
+            span = _column_span(cols)
+            if span is not None:  # featomic's properties are in column order: a copy
+                gradients[index, :, span] = g
+            else:
+                gradients[
+                    index[:, None, None], np.arange(3)[None, :, None], cols[None, None, :]
+                ] = g
             start += len(r)
-        batch.position_rows = unique // n_rows
-        batch.position_atoms = unique % n_rows
+        batch.position_rows = unique // n_atoms
+        batch.position_atoms = unique % n_atoms
         batch.position_gradients = gradients
     return batch
+
+
+def _column_span(cols: NDArray[np.int64]) -> slice | None:
+    """``cols`` as a slice when they are consecutive and ascending, else ``None``.
+
+    Assigning a block through a slice copies it; through three index arrays
+    numpy scatters element by element, several times slower on gradient
+    blocks of hundreds of MB.
+    """
+    if len(cols) and cols[-1] - cols[0] == len(cols) - 1 and np.all(np.diff(cols) == 1):
+        return slice(int(cols[0]), int(cols[-1]) + 1)
+    return None
 
 
 def normalise_rows(batch: DescriptorBatch) -> DescriptorBatch:

@@ -181,6 +181,12 @@ def damping_parameters(
     return values
 
 
+@functools.cache
+def _dftd3_version() -> str:
+    """Installed dftd3 version, read once (the metadata look-up costs ~1 ms per record)."""
+    return version("dftd3")
+
+
 class ParameterTableWarning(UserWarning):
     """simple-dftd3's parameter table and its compiled library disagree for a functional."""
 
@@ -327,7 +333,7 @@ class D3Dispersion(Calculator):
             "parameters": self.parameters_by_value(),
             "realspace_cutoff_a": {**_DEFAULT_CUTOFFS, **(p.realspace_cutoff or {})},
             "engine": "dftd3",
-            "engine_version": version("dftd3"),
+            "engine_version": _dftd3_version(),
         }
 
     def calculate(

@@ -139,7 +139,21 @@ def split_by_molecule(
 def _difference_pairs(
     full: DescriptorBatch, own: DescriptorBatch, n_atoms: int
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
-    """Position gradients of full − own rows, over the union of their (row, atom) pairs."""
+    """Position gradients of full − own rows, over the union of their (row, atom) pairs.
+
+    The full rows' gradients are reused in place (``full`` must not be used
+    afterwards): an atom of the own molecule within the cut-off is within it
+    in the whole structure too, so the own pairs are, but for round-off at the
+    cut-off, a subset of the full ones, and the difference needs no new array.
+    """
+    full_keys = full.position_rows * n_atoms + full.position_atoms  # sorted, unique
+    own_keys = own.position_rows * n_atoms + own.position_atoms
+    at = np.searchsorted(full_keys, own_keys)
+    inside = at < len(full_keys)
+    if inside.all() and np.array_equal(full_keys[at], own_keys):
+        gradients = full.position_gradients
+        gradients[at] -= own.position_gradients  # pairs are unique: no repeated index
+        return full.position_rows, full.position_atoms, gradients
     keys = np.concatenate(
         [
             full.position_rows * n_atoms + full.position_atoms,

@@ -555,7 +555,12 @@ class SparseGPR(BaseEstimator):
     # -- prediction ---------------------------------------------------------------
 
     def predict(
-        self, atoms: Atoms, *, forces: bool = True, stress: bool = False
+        self,
+        atoms: Atoms,
+        *,
+        forces: bool = True,
+        stress: bool = False,
+        force_uncertainty: bool | None = None,
     ) -> CorrectionResult:
         """Correction for one structure: energy (eV), forces (eV/Å), stress (eV/Å³).
 
@@ -564,10 +569,20 @@ class SparseGPR(BaseEstimator):
         atom for forces (eV/Å, RMS over x, y, z) with ``uncertainty="forces"``.
         With the molecular decomposition, ``parts`` holds the energy of each part
         (eV): ``offsets``, ``intra`` and ``inter``.
+
+        ``force_uncertainty`` overrides the model's setting for this call:
+        ``True`` computes the force uncertainty (unless ``uncertainty=None``),
+        ``False`` skips it; ``None`` (default) follows ``uncertainty``. It
+        roughly doubles the cost of a prediction, so the composite calculator
+        asks for it only when something uses it (see
+        :class:`~deltaml.calculator.DeltaCalculator`).
         """
         self._check_fitted()
         want_var = self.uncertainty is not None
-        want_force_var = self.uncertainty == "forces" and forces
+        if force_uncertainty is None:
+            want_force_var = self.uncertainty == "forces" and forces
+        else:
+            want_force_var = bool(force_uncertainty) and want_var
         gradients: tuple[str, ...] = ("positions",) if forces or want_force_var else ()
         if stress:
             gradients += ("strain",)

@@ -10,6 +10,7 @@ from ase import Atoms
 from ase.build import molecule
 from ase.calculators.calculator import CalculationFailed, PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.units import Bohr, Hartree
 from conftest import requires_xtb
 from dftd3.ase import DFTD3
 
@@ -61,6 +62,41 @@ def test_dispersion_free_parametrization_only_drops_dispersion():
         assert model in record["removed_dispersion"]["model"]
         # Everything else (Hamiltonian, repulsion, element data) is untouched.
         assert {"hamiltonian", "repulsion", "charge", "element"} <= set(free)
+
+
+@pytest.mark.parametrize("method", ["GFN2-xTB", "GFN1-xTB"])
+def test_dispersion_free_parametrization_is_built_once_and_reused(method, monkeypatch):
+    """Issue 13, item 12: the dispersion-free records are loaded into tblite once per
+    method and shared by every system and calculator, with the energies of a fresh
+    build from the dict."""
+    from tblite.interface import Calculator as TBLiteCalculator
+
+    from deltaml import baseline
+
+    built: list[str] = []
+    original = baseline.dispersion_free_parametrization
+
+    def counting(name: str) -> dict:
+        built.append(name)
+        return original(name)
+
+    monkeypatch.setattr(baseline, "dispersion_free_parametrization", counting)
+    monkeypatch.setattr(baseline, "_FREE_PARAM_HANDLES", {})
+    first = baseline.dispersion_free_param_handle(method)
+    assert baseline.dispersion_free_param_handle(method.lower().replace("-xtb", "")) is first
+    systems = [molecule(name) for name in ("H2O", "CH3CH2OH", "C6H6", "NH3")]
+    energies = []
+    for atoms in systems:  # every system gets a new engine (other atoms): no new records
+        atoms.calc = XTBBaseline(method=method, remove_dispersion=True)
+        energies.append(atoms.get_potential_energy())
+        assert atoms.calc._engine._calc._param is first
+    assert built == [method]
+    # The same energies as tblite's own route, which converts the dict anew.
+    bohr_positions = [a.positions / Bohr for a in systems]
+    for atoms, energy, positions in zip(systems, energies, bohr_positions, strict=True):
+        fresh = TBLiteCalculator(original(method), atoms.numbers, positions)
+        fresh.set("verbosity", 0)
+        assert energy == pytest.approx(fresh.singlepoint().get("energy") * Hartree, abs=1e-10)
 
 
 def test_gfn2_dispersion_removal_removes_long_range_attraction():

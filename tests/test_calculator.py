@@ -436,7 +436,7 @@ def test_from_model_rebuilds_the_terms_the_model_was_trained_with(fitted_model, 
     assert energy == pytest.approx(parts)
     assert calc.results["energy_correction"] == pytest.approx(fitted_model.predict(atoms).energy)
     assert calc.results["energy_uncertainty"] > 0
-    assert calc.results["forces_uncertainty"].shape == (len(atoms),)
+    assert "forces_uncertainty" not in calc.results  # not asked for: not computed
     numeric = calculate_numerical_forces(atoms, 1e-3)
     np.testing.assert_allclose(atoms.get_forces(), numeric, atol=5e-4)
 
@@ -453,9 +453,10 @@ def test_uncertainty_threshold_warns_or_raises_out_of_domain(fitted_model):
 
     strange = molecule("H2O")
     strange.positions[1] = strange.positions[0] + [0.0, 0.0, 1.9]  # a broken O-H bond
-    calc = DeltaCalculator.from_model(fitted_model)
+    calc = DeltaCalculator.from_model(fitted_model, force_uncertainty=True)
     strange.calc = calc
     worst = float(np.max((strange.get_forces(), calc.results["forces_uncertainty"])[1]))
+    calc.set(force_uncertainty=False)  # the threshold alone turns it on
     calc.set(uncertainty_threshold=0.5 * worst)
     with pytest.warns(OutOfDomainWarning, match="exceeds the threshold"):
         strange.get_potential_energy()
@@ -484,3 +485,89 @@ def test_a_non_finite_term_is_refused_not_summed(water, where):
     water.calc = _composite(correction=Broken())
     with pytest.raises(NonFiniteResultError, match=f"correction term returned non-finite {where}"):
         water.get_forces()
+
+
+class _Spy:
+    """Records the ``force_uncertainty`` keyword of every call to a model's predict."""
+
+    def __init__(self, model) -> None:
+        self.model, self.asked = model, []
+        self.name, self.trained_with = model.name, model.trained_with
+        self.molecular = model.molecular
+
+    def predict(self, atoms, *, forces, stress, force_uncertainty=None):
+        self.asked.append(force_uncertainty)
+        return self.model.predict(
+            atoms, forces=forces, stress=stress, force_uncertainty=force_uncertainty
+        )
+
+
+def test_force_uncertainty_is_computed_only_when_used(fitted_model, monkeypatch):
+    """Issue 13, item 13: the composite asks for the force uncertainty only with a
+    threshold or when asked (active learning, stability runs); the model's own
+    predict keeps its behaviour."""
+    atoms = molecule("CH3OH")
+    spy = _Spy(fitted_model)
+    atoms.calc = calc = DeltaCalculator.from_model(fitted_model)
+    calc.correction = spy
+    forces = atoms.get_forces()
+    assert spy.asked == [False]
+    assert "forces_uncertainty" not in calc.results
+    assert calc.results["energy_uncertainty"] > 0  # the cheap one is still there
+    explicit = fitted_model.predict(atoms)  # default: uncertainty="forces", unchanged
+    assert explicit.forces_uncertainty.shape == (len(atoms),)
+    np.testing.assert_allclose(calc.results["forces_correction"], explicit.forces, atol=1e-12)
+    np.testing.assert_allclose(forces.sum(axis=0), 0.0, atol=1e-6)
+
+    for setting in ({"force_uncertainty": True}, {"uncertainty_threshold": 10.0}):
+        calc.set(force_uncertainty=False, uncertainty_threshold=None)
+        calc.set(**setting)
+        atoms.get_forces()
+        assert spy.asked[-1] is True
+        np.testing.assert_allclose(
+            calc.results["forces_uncertainty"], explicit.forces_uncertainty, rtol=1e-10
+        )
+
+    # The expensive part is not even entered on the common path.
+    def refuse(*args, **kwargs):
+        raise AssertionError("force variance computed although nobody asked")
+
+    monkeypatch.setattr(fitted_model, "_force_variance", refuse)
+    calc.set(force_uncertainty=False, uncertainty_threshold=None)
+    atoms.get_forces()
+    with pytest.raises(AssertionError, match="nobody asked"):
+        fitted_model.predict(atoms)  # an explicit call still computes it
+
+
+def test_model_predict_force_uncertainty_keyword(fitted_model):
+    atoms = molecule("CH3OH")
+    default = fitted_model.predict(atoms)
+    assert fitted_model.predict(atoms, force_uncertainty=False).forces_uncertainty is None
+    np.testing.assert_array_equal(
+        fitted_model.predict(atoms, force_uncertainty=True).forces_uncertainty,
+        default.forces_uncertainty,
+    )
+    saved = fitted_model.uncertainty
+    try:
+        fitted_model.uncertainty = "energy"
+        assert fitted_model.predict(atoms).forces_uncertainty is None
+        asked = fitted_model.predict(atoms, force_uncertainty=True)
+        np.testing.assert_array_equal(asked.forces_uncertainty, default.forces_uncertainty)
+        fitted_model.uncertainty = None
+        assert fitted_model.predict(atoms, force_uncertainty=True).forces_uncertainty is None
+    finally:
+        fitted_model.uncertainty = saved
+
+
+def test_stability_samples_ask_for_the_force_uncertainty(fitted_model):
+    """md_stability's calibration reads the force uncertainty of sampled frames: it
+    asks the composite for it there, and leaves the calculator as it was."""
+    from deltaml.evaluation import _sampled_errors
+
+    atoms = molecule("CH3OH")
+    calc = DeltaCalculator.from_model(fitted_model)
+    reference = DeltaCalculator.from_model(fitted_model)  # any calculator will do
+    out = _sampled_errors([(0.0, atoms), (1.0, atoms.copy())], calc, reference, None, 2)
+    assert all("max_force_uncertainty_ev_a" in row for row in out["samples"])
+    assert "forces" in out["calibration"]
+    assert calc.parameters.force_uncertainty is False
