@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import warnings
 from collections.abc import Iterable, Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -71,19 +72,27 @@ from deltaml.errors import (
     MissingLabelError,
     ModelFileError,
     NotFittedError,
+    OutOfDomainWarning,
     ParameterError,
-    UnsupportedElementError,
 )
 from deltaml.intermolecular import split_by_molecule
 from deltaml.kernels import VOIGT as _VOIGT
 from deltaml.kernels import KernelTerm, kernel_values
 from deltaml.model_files import MODEL_FORMAT, content_checksum, read_model_file, write_model_file
+from deltaml.offsets import (
+    DEFAULT_WIDTH,
+    Offsets,
+    fit_offsets,
+    fixed_offsets,
+    split_isolated_atoms,
+)
+from deltaml.structures import composition_counts
 
 __all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR", "kernel_values"]
 
 #: Bumped whenever the arrays or metadata of a model file change meaning. Version 1
 #: (atomic decomposition only) is still read.
-MODEL_FORMAT_VERSION = 2
+MODEL_FORMAT_VERSION = 3
 
 #: Decompositions of the correction (see the module docstring).
 DECOMPOSITIONS = ("molecular", "atomic")
@@ -130,7 +139,11 @@ class SparseGPR(BaseEstimator):
                                                 molecules), fitted as an observation of
                                                 its own; None: not fitted separately
      offsets          "least_squares"   eV      per-element offsets: least squares on
-                                                the energies, or {symbol: eV}
+                                                the energies, anchored at isolated-atom
+                                                labels (see :mod:`deltaml.offsets`),
+                                                or {symbol: eV}
+     offset_prior_    5.0               eV      prior std of an offset around its
+     width                                      isolated atom's Δ
      jitter           1e-8              -       relative diagonal added to K_mm
      batch_size       20                -       structures per descriptor batch
      uncertainty      "forces"          -       forces, energy (cheaper), or None
@@ -138,7 +151,9 @@ class SparseGPR(BaseEstimator):
     ================ ================= ======= ===========================================
 
     Fitted attributes end in ``_``: ``descriptor_`` (:class:`SOAPDescriptor`),
-    ``species_``, ``offsets_`` ({Z: eV}), ``terms_`` (list of
+    ``species_``, ``offsets_`` ({Z: eV}), ``offset_fit_``
+    (:class:`~deltaml.offsets.Offsets`: with their covariance and the span of the
+    training compositions), ``n_isolated_atoms_``, ``terms_`` (list of
     :class:`~deltaml.kernels.KernelTerm`: ``[atomic]`` or ``[intra, inter]``),
     ``inter_scale_`` ({Z: norm of a typical intermolecular row}, molecular only),
     ``n_interactions_`` (interaction energies found in the training set),
@@ -178,6 +193,7 @@ class SparseGPR(BaseEstimator):
         virial_sigma: float = 0.05,
         interaction_sigma: float | None = 0.002,
         offsets: str | dict[str, float] = "least_squares",
+        offset_prior_width: float = DEFAULT_WIDTH,
         jitter: float = 1e-8,
         batch_size: int = 20,
         uncertainty: str | None = "forces",
@@ -198,6 +214,7 @@ class SparseGPR(BaseEstimator):
         self.virial_sigma = virial_sigma
         self.interaction_sigma = interaction_sigma
         self.offsets = offsets
+        self.offset_prior_width = offset_prior_width
         self.jitter = jitter
         self.batch_size = batch_size
         self.uncertainty = uncertainty
@@ -299,9 +316,16 @@ class SparseGPR(BaseEstimator):
         for index, atoms in enumerate(frames):
             if atoms.calc is None or "energy" not in atoms.calc.results:
                 raise MissingLabelError(f"fit: structure {index} has no energy")
+        all_frames = frames
+        # Isolated atoms anchor the offsets; the GP learns from the rest.
+        anchors, frames = split_isolated_atoms(all_frames)
+        if not frames:
+            raise MissingLabelError("fit: no structures besides isolated atoms")
+        self.n_isolated_atoms_ = len(all_frames) - len(frames)
         self.species_ = sorted({int(z) for a in frames for z in a.numbers})
         self.descriptor_ = SOAPDescriptor(self.species_, **(self.descriptor or {}))
-        self.offsets_ = self._fit_offsets(frames)
+        self.offset_fit_ = self._fit_offsets(frames, anchors)
+        self.offsets_ = self.offset_fit_.as_dict()
         self.inter_scale_: dict[int, float] = {}
         # Features without gradients, once: sparse points, scales and prior widths.
         if self.molecular:
@@ -340,7 +364,7 @@ class SparseGPR(BaseEstimator):
         self._solve(design, target, sigma)
         self.trained_with_ = trained_with
         self.reference_ = frames[0].info.get("method_record")
-        self.training_set_sha256_ = training_set_hash(frames)
+        self.training_set_sha256_ = training_set_hash(all_frames)
         self.n_train_ = len(frames)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
         self.content_sha256_ = None
@@ -355,7 +379,8 @@ class SparseGPR(BaseEstimator):
             _scale_rows(split.inter, self.inter_scale_)
         return [split.intra, split.inter]
 
-    def _fit_offsets(self, frames: list[Atoms]) -> dict[int, float]:
+    def _fit_offsets(self, frames: list[Atoms], anchors: dict[int, float]) -> Offsets:
+        """Offsets given by the user, or fitted (:func:`deltaml.offsets.fit_offsets`)."""
         if isinstance(self.offsets, dict):
             given = {}
             for symbol, value in self.offsets.items():
@@ -365,23 +390,39 @@ class SparseGPR(BaseEstimator):
             missing = [chemical_symbols[z] for z in self.species_ if z not in given]
             if missing:
                 raise ParameterError(f"offsets lack the element(s) {missing}")
-            return {z: given[z] for z in self.species_}
+            return fixed_offsets(given, self.species_)
         if self.offsets != "least_squares":
             raise ParameterError(
                 f"offsets must be 'least_squares' or a dict of eV per element, got {self.offsets!r}"
             )
-        counts = _counts(frames, self.species_)
+        counts = composition_counts(frames, self.species_)
         energies = np.array([a.calc.results["energy"] for a in frames])
-        # A tiny ridge keeps elements that always appear in the same ratio determined.
-        scale = max(1.0, float(np.abs(energies).max()))
-        lhs = np.vstack([counts, 1e-8 * np.eye(len(self.species_))])
-        rhs = np.concatenate([energies, np.zeros(len(self.species_))]) / scale
-        mu = np.linalg.lstsq(lhs, rhs, rcond=None)[0] * scale
-        return {z: float(m) for z, m in zip(self.species_, mu, strict=True)}
+        anchors = {z: e for z, e in anchors.items() if z in self.species_}
+        return fit_offsets(counts, energies, self.species_, anchors, self.offset_prior_width)
 
     def _offset_energy(self, frames: Sequence[Atoms]) -> NDArray[np.float64]:
-        mu = np.array([self.offsets_[z] for z in self.species_])
-        return _counts(frames, self.species_) @ mu
+        return self.offset_fit_.energy(composition_counts(frames, self.species_))
+
+    def _offset_variance(self, atoms: Atoms) -> float:
+        """Variance (eV²) of the offset energy; warns outside the training compositions."""
+        counts = composition_counts([atoms], self.species_)
+        if self.offset_fit_.outside_span(counts)[0]:
+            sigma = float(np.sqrt(self.offset_fit_.covariance_of(counts)[0, 0]))
+            unanchored = [
+                chemical_symbols[z] for z in self.species_ if z not in self.offset_fit_.anchored
+            ]
+            how = (
+                f"offsets of {unanchored} are not anchored by isolated-atom labels"
+                if unanchored
+                else "its offset energy comes from the isolated-atom anchors"
+            )
+            warnings.warn(
+                f"composition {atoms.get_chemical_formula()} is outside the span of the "
+                f"training compositions: {how} (σ of the offset energy {sigma:.3g} eV)",
+                OutOfDomainWarning,
+                stacklevel=3,
+            )
+        return float(self.offset_fit_.covariance_of(counts)[0, 0])
 
     def _auto_delta(self, frames: list[Atoms]) -> float:
         """Prior std of an atomic energy (eV) of the first term, from the training targets.
@@ -586,18 +627,58 @@ class SparseGPR(BaseEstimator):
         gradients: tuple[str, ...] = ("positions",) if forces or want_force_var else ()
         if stress:
             gradients += ("strain",)
-        features = self._features(atoms, gradients)
+        from deltaml.crystals import whole_molecules
+        from deltaml.descriptors import CHUNK_ATOMS, centre_chunks
+
+        # A large structure is done in pieces of whole molecules (of atoms, for the
+        # atomic decomposition): the descriptor gradients, the largest arrays by
+        # far, then take memory in proportion to a piece, and time to the atoms.
+        size = int(getattr(self, "chunk_atoms", CHUNK_ATOMS))
+        found = None
+        chunks: list[NDArray[np.int64] | None] = [None]
+        if len(atoms) > size and self.descriptor_.backend == "featomic":
+            found = whole_molecules(atoms) if self.molecular else None
+            labels = None if found is None else found[0].labels
+            chunks = list(centre_chunks(len(atoms), size, labels))
+
+        def features_of(centres: NDArray[np.int64] | None, kinds: tuple[str, ...]) -> list:
+            if centres is None:
+                return self._features(atoms, kinds)
+            if not self.molecular:
+                return [self.descriptor_.compute(atoms, kinds, centres=centres)]
+            split = split_by_molecule(
+                self.descriptor_, atoms, kinds, centres=centres, molecules=found
+            )
+            if self.inter_scale_:
+                _scale_rows(split.inter, self.inter_scale_)
+            return [split.intra, split.inter]
+
         result: dict[str, Any] = {}
         parts: dict[str, float] = {"offsets": float(self._offset_energy([atoms])[0])}
+        offset_variance = self._offset_variance(atoms)  # warns outside the compositions
         total_forces = np.zeros((len(atoms), 3)) if forces else None
         virial = np.zeros((3, 3))
-        for term, batch, cols in zip(self.terms_, features, self._columns(), strict=True):
-            energy, f, v = term.energy_and_gradients(batch, self.alpha_[cols], forces, stress)
-            parts[term.name] = energy
-            if forces:
-                total_forces += f
-            if stress:
-                virial += v
+        per_atom = np.zeros(len(atoms))
+        total_k = np.zeros(len(self.alpha_))
+        seen: list[list[DescriptorBatch]] = [[] for _ in self.terms_]
+        for centres in chunks:
+            features = features_of(centres, gradients)
+            for term, batch, cols in zip(self.terms_, features, self._columns(), strict=True):
+                energy, f, v = term.energy_and_gradients(batch, self.alpha_[cols], forces, stress)
+                parts[term.name] = parts.get(term.name, 0.0) + energy
+                if forces:
+                    total_forces += f
+                if stress:
+                    virial += v
+            if want_var and centres is not None:
+                atom_k = self._atom_kernel_rows(features)
+                prior = sum(
+                    t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
+                )
+                per_atom[centres] = prior + self._posterior_terms(atom_k)
+                total_k += atom_k.sum(axis=0)
+                for kept, batch in zip(seen, features, strict=True):  # rows, no gradients
+                    kept.append(DescriptorBatch(batch.values, batch.numbers, batch.offsets))
         result["energy"] = float(sum(parts.values()))
         if forces:
             result["forces"] = total_forces
@@ -606,13 +687,44 @@ class SparseGPR(BaseEstimator):
         if self.molecular:
             result["parts"] = parts
         if want_var:
-            per_atom, total = self._energy_variance(features)
+            if chunks == [None]:
+                per_atom, total = self._energy_variance(features)
+            else:
+                whole = [
+                    DescriptorBatch(
+                        np.concatenate([b.values for b in kept]),
+                        np.concatenate([b.numbers for b in kept]),
+                        np.array([0, len(atoms)]),
+                    )
+                    for kept in seen
+                ]
+                total = self._prior_energy_covariance(whole, whole)
+                total += float(self._posterior_terms(total_k[None, :])[0])
+                per_atom, total = np.maximum(per_atom, 0.0), max(total, 0.0)
+            total += offset_variance
             scale = self.uncertainty_scale_["energy"]
             result["energies_uncertainty"] = scale * np.sqrt(per_atom)
             result["energy_uncertainty"] = scale * float(np.sqrt(total))
         if want_force_var:
-            force_rows = self._rows(features, 1, True, False)["forces"]
-            variance = self._force_variance(features, force_rows)
+            if chunks == [None]:
+                force_rows = self._rows(features, 1, True, False)["forces"]
+                variance = self._force_variance(features, force_rows)
+            else:
+                # The force on atom j sees every row whose environment holds j: each
+                # piece is grown by its neighbours within the cut-off (whole molecules)
+                # and gives the variance of its own atoms only.
+                from ase.neighborlist import neighbor_list
+
+                first, second = neighbor_list("ij", atoms, self.descriptor_.cutoff)
+                variance = np.zeros(3 * len(atoms))
+                for centres in chunks:
+                    grown = np.union1d(centres, second[np.isin(first, centres)])
+                    if found is not None:
+                        grown = np.flatnonzero(np.isin(found[0].labels, found[0].labels[grown]))
+                    halo = features_of(grown, ("positions",))
+                    components = (3 * centres[:, None] + np.arange(3)).ravel()
+                    rows = self._rows(halo, 1, True, False)["forces"][components]
+                    variance[components] = self._force_variance(halo, rows, components)
             rms = np.sqrt(variance.reshape(-1, 3).mean(axis=1))
             result["forces_uncertainty"] = self.uncertainty_scale_["forces"] * rms
         return CorrectionResult(**result)
@@ -689,13 +801,26 @@ class SparseGPR(BaseEstimator):
         rows = np.array([self._atom_kernel_rows(f).sum(axis=0) for f in features])
         q = scipy.linalg.solve_triangular(self.chol_mm_, rows.T, lower=True, check_finite=False)
         s = scipy.linalg.solve_triangular(self.r_factor_, rows.T, trans="T", check_finite=False)
-        covariance = prior - q.T @ q + s.T @ s
+        counts = composition_counts(frames, self.species_)
+        covariance = prior - q.T @ q + s.T @ s + self.offset_fit_.covariance_of(counts)
         return self.uncertainty_scale_["energy"] ** 2 * (covariance + covariance.T) / 2.0
 
-    def _force_variance(self, features: list[DescriptorBatch], force_rows: NDArray) -> NDArray:
-        """Posterior variance of each force component (eV²/Å²)."""
+    def _force_variance(
+        self,
+        features: list[DescriptorBatch],
+        force_rows: NDArray,
+        components: NDArray[np.int64] | None = None,
+    ) -> NDArray:
+        """Posterior variance of each force component (eV²/Å²), or of ``components`` only.
+
+        With ``components`` (indices 3j + a), ``force_rows`` are the rows of those
+        components, and ``features`` must hold every row whose environment holds
+        their atoms.
+        """
         # Forces are −dE/dr: the sign does not change a variance.
         prior = sum(t.prior_force_variance(b) for t, b in zip(self.terms_, features, strict=True))
+        if components is not None:
+            prior = prior[components]
         return np.maximum(prior + self._posterior_terms(force_rows), 0.0)
 
     # -- calibration --------------------------------------------------------------
@@ -763,6 +888,8 @@ class SparseGPR(BaseEstimator):
             "descriptor": self.descriptor_.record(),
             "species": [chemical_symbols[z] for z in self.species_],
             "offsets_ev": {chemical_symbols[z]: v for z, v in self.offsets_.items()},
+            "offsets_anchored": [chemical_symbols[z] for z in self.offset_fit_.anchored],
+            "n_isolated_atoms": self.n_isolated_atoms_,
             "trained_with": self.trained_with_,
             "reference": self.reference_,
             "training_set_sha256": self.training_set_sha256_,
@@ -785,7 +912,13 @@ class SparseGPR(BaseEstimator):
 
     def _arrays(self) -> dict[str, NDArray]:
         """The arrays of the model file (see :meth:`save`)."""
-        arrays = {"alpha": self.alpha_, "chol_mm": self.chol_mm_, "r_factor": self.r_factor_}
+        arrays = {
+            "alpha": self.alpha_,
+            "chol_mm": self.chol_mm_,
+            "r_factor": self.r_factor_,
+            "offset_covariance": self.offset_fit_.covariance,
+            "offset_span": self.offset_fit_.span,
+        }
         for k, term in enumerate(self.terms_):
             arrays[f"sparse_values_{k}"] = term.sparse_values
             arrays[f"sparse_numbers_{k}"] = term.sparse_numbers
@@ -800,6 +933,8 @@ class SparseGPR(BaseEstimator):
         model.species_ = [atomic_numbers[s] for s in meta["species"]]
         model.descriptor_ = SOAPDescriptor.from_record(meta["descriptor"])
         model.offsets_ = {atomic_numbers[s]: float(v) for s, v in meta["offsets_ev"].items()}
+        model.offset_fit_ = _offsets_from_file(model, meta, arrays)
+        model.n_isolated_atoms_ = int(meta.get("n_isolated_atoms", 0))
         model.terms_ = [
             KernelTerm(
                 t["name"],
@@ -857,7 +992,7 @@ class SparseGPR(BaseEstimator):
             Not a deltaml model, another format version, or an inconsistent or
             damaged file (the message says what).
         """
-        meta, arrays = read_model_file(path, (1, MODEL_FORMAT_VERSION))
+        meta, arrays = read_model_file(path, (1, 2, MODEL_FORMAT_VERSION))
         version_read = meta["format_version"]
         params = dict(meta.get("params", {}))
         if version_read == 1:
@@ -876,7 +1011,10 @@ class SparseGPR(BaseEstimator):
                 f"unknown (expected one of {DECOMPOSITIONS})"
             )
         params["decomposition"] = meta.get("decomposition", "atomic")
-        needed = ["alpha", "chol_mm", "r_factor"] + [
+        needed = ["alpha", "chol_mm", "r_factor"]
+        if version_read >= 3:
+            needed += ["offset_covariance", "offset_span"]
+        needed += [
             f"{name}_{k}"
             for k in range(len(meta["terms"]))
             for name in ("sparse_values", "sparse_numbers")
@@ -919,6 +1057,15 @@ def _check_consistent(model: SparseGPR, path: str | Path) -> None:
         problems.append("offsets do not cover exactly the species")
     if not all(np.isfinite(v) for v in model.offsets_.values()):
         problems.append("an offset is not finite")
+    n_species = len(model.species_)
+    covariance, span = model.offset_fit_.covariance, model.offset_fit_.span
+    if covariance.shape != (n_species, n_species):
+        problems.append(f"offset_covariance has shape {covariance.shape}, expected "
+                        f"({n_species}, {n_species})")  # fmt: skip
+    elif not _positive_semidefinite(covariance):
+        problems.append("offset_covariance is not symmetric positive semi-definite")
+    if span.ndim != 2 or span.shape[1] != n_species or len(span) > n_species:
+        problems.append(f"offset_span has shape {span.shape}, expected (≤{n_species}, {n_species})")
     scales = model.uncertainty_scale_
     if set(scales) != {"energy", "forces"} or not all(
         np.isfinite(v) and v > 0 for v in scales.values()
@@ -930,6 +1077,28 @@ def _check_consistent(model: SparseGPR, path: str | Path) -> None:
         problems.append("an intermolecular scale is not positive")
     if problems:
         raise ModelFileError(f"{path}: inconsistent model file: " + "; ".join(problems))
+
+
+def _positive_semidefinite(matrix: NDArray) -> bool:
+    """Symmetric with no eigenvalue below round-off."""
+    if not np.allclose(matrix, matrix.T):
+        return False
+    scale = max(1.0, float(np.abs(matrix).max()))
+    return matrix.size == 0 or float(np.linalg.eigvalsh(matrix).min()) >= -1e-8 * scale
+
+
+def _offsets_from_file(model: SparseGPR, meta: dict, arrays: dict[str, NDArray]) -> Offsets:
+    """The offsets of a model file; files before version 3 carry no covariance."""
+    if "offset_covariance" not in arrays:
+        # Older files: offsets without uncertainty, every composition accepted.
+        return fixed_offsets(model.offsets_, model.species_)
+    return Offsets(
+        species=tuple(model.species_),
+        mean=np.array([model.offsets_[z] for z in model.species_]),
+        covariance=arrays["offset_covariance"],
+        span=arrays["offset_span"],
+        anchored=tuple(atomic_numbers[s] for s in meta.get("offsets_anchored", [])),
+    )
 
 
 def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:
@@ -972,21 +1141,6 @@ def _scale_rows(batch: DescriptorBatch, scale: dict[int, float]) -> None:
         batch.position_gradients *= factor[batch.position_rows][:, None, None]
     if batch.strain_gradients is not None:
         batch.strain_gradients *= factor[:, None, None, None]
-
-
-def _counts(frames: Sequence[Atoms], species: list[int]) -> NDArray[np.float64]:
-    """Number of atoms of each element per structure (n_frames × n_species)."""
-    index = {z: k for k, z in enumerate(species)}
-    counts = np.zeros((len(frames), len(species)))
-    for row, atoms in enumerate(frames):
-        for z in atoms.numbers:
-            if int(z) not in index:
-                raise UnsupportedElementError(
-                    f"element {chemical_symbols[int(z)]} is not among the model's species "
-                    f"{[chemical_symbols[s] for s in species]}"
-                )
-            counts[row, index[int(z)]] += 1
-    return counts
 
 
 def _select(rows: NDArray, count: int, method: str, rng: np.random.Generator) -> NDArray:

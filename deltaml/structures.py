@@ -10,7 +10,7 @@ It sits at the bottom of the data flow: it imports only :mod:`deltaml.errors`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from ase import Atoms
@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_MIN_DISTANCE",
     "MULTIPLICITY_KEY",
     "charge_and_multiplicity",
+    "composition_counts",
     "electron_count",
     "engine_frame",
     "perpendicular_widths",
@@ -483,3 +484,24 @@ def stress_from_virial(virial: NDArray[np.float64], volume: float) -> NDArray[np
         Stress, eV/Å³, Voigt order xx, yy, zz, yz, xz, xy.
     """
     return (np.asarray(virial) * Hartree / volume).flat[[0, 4, 8, 5, 2, 1]]
+
+
+def composition_counts(frames: Sequence[Atoms], species: Sequence[int]) -> NDArray[np.float64]:
+    """Number of atoms of each element per structure (n_frames × n_species).
+
+    Raises
+    ------
+    UnsupportedElementError
+        A structure holds an element outside ``species``.
+    """
+    index = {int(z): k for k, z in enumerate(species)}
+    counts = np.zeros((len(frames), len(species)))
+    for row, atoms in enumerate(frames):
+        for z in atoms.numbers:
+            if int(z) not in index:
+                raise UnsupportedElementError(
+                    f"element {chemical_symbols[int(z)]} is not among the species "
+                    f"{[chemical_symbols[s] for s in species]}"
+                )
+            counts[row, index[int(z)]] += 1
+    return counts

@@ -7,7 +7,9 @@
    D3(BJ)-revPBE0) from the terms stored with the labels, and splits them
    (seeded) into training and held-out parts: structures of ``water_chno`` at
    random, whole interaction systems (a dimer with its scan and monomers) of
-   the interaction set.
+   the interaction set. The isolated H, C, N and O atoms
+   (``data/labelled/isolated_atoms.extxyz``) join the training part: they anchor
+   the per-element offsets (:mod:`deltaml.offsets`).
 2. Fits :class:`deltaml.SparseGPR` (molecular decomposition), calibrates its
    uncertainty on a validation part of the training split, and prints the
    held-out errors of the baseline alone (GFN2-xTB + D3 + per-element offsets)
@@ -41,6 +43,7 @@ from deltaml.evaluation import error_table, errors, interaction_energies, predic
 LABELLED = Path(__file__).resolve().parents[1] / "data" / "labelled"
 DATA = LABELLED / "water_chno.extxyz"
 INTERACTIONS = LABELLED / "interactions.extxyz"
+ATOMS = LABELLED / "isolated_atoms.extxyz"  # anchor the per-element offsets
 
 
 def split(count: int, held_out: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,6 +95,7 @@ def main() -> None:
         train += [a for a in extra if a.info["system"] not in held]
         pairs = [a for a in extra if a.info["system"] in held]
     n_extra = len(train) - len(train_idx[fit_idx])
+    train += delta_targets(read_labelled(ATOMS))[0]
     print(f"{len(targets)} labelled structures + {n_extra} of interaction systems: "
           f"{len(train)} to fit, {len(validation)} to calibrate the uncertainty, "
           f"{len(test)} held out, {len(pairs)} in held-out interaction systems")  # fmt: skip

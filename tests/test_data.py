@@ -139,3 +139,26 @@ def test_the_interaction_dataset_is_as_documented():
     assert f"{len(systems)} complete systems" in readme  # the README states the count
     minima = [a for a in frames if a.info["role"] == "complex" and a.info["scan_factor"] == 1.0]
     assert len(minima) == len(systems)
+
+
+ATOMS = DATA / "labelled" / "isolated_atoms.extxyz"
+
+
+def test_the_isolated_atoms_are_ground_states_consistent_with_the_other_labels():
+    from deltaml.dataset import delta_targets, read_labelled
+    from deltaml.offsets import fit_offsets, split_isolated_atoms
+    from deltaml.structures import composition_counts
+
+    atoms = read_labelled(ATOMS)
+    ground = {"H": 2, "C": 3, "N": 4, "O": 3}
+    assert {a.get_chemical_formula(): a.info["multiplicity"] for a in atoms} == ground
+    shipped = read_labelled(LABELLED, max_check_structures=1)
+    assert atoms[0].info["method_record"] == shipped[0].info["method_record"]
+    targets, _ = delta_targets(shipped + atoms)
+    anchors, rest = split_isolated_atoms(targets)
+    species = sorted(anchors)
+    counts = composition_counts(rest, species)
+    energies = np.array([a.get_potential_energy() for a in rest])
+    loose = fit_offsets(counts, energies, species)
+    # The data-determined offsets lie within the documented prior width of the anchors.
+    assert np.all(np.abs(loose.mean - [anchors[z] for z in species]) < 5.0)

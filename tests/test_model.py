@@ -22,6 +22,7 @@ from deltaml.errors import (
     UnsupportedElementError,
 )
 from deltaml.model import SparseGPR
+from deltaml.structures import composition_counts
 
 #: Small descriptor: these tests check the model, not the SOAP resolution.
 DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
@@ -146,8 +147,10 @@ def test_far_from_the_data_the_prediction_returns_to_the_offsets(data):
     result_near, result_far = sharp.predict(near), sharp.predict(far)
     offsets = sharp._offset_energy([far])[0]
     assert result_far.energy == pytest.approx(offsets, abs=1e-6)
-    # The prior of the total: O alone, and two symmetry-equivalent H (fully correlated).
-    prior = sharp.delta_ * np.sqrt(1 + 2**2)
+    # The prior of the total: O alone, and two symmetry-equivalent H (fully correlated),
+    # plus the (small) uncertainty of the offsets of H2O.
+    counts = composition_counts([far], sharp.species_)
+    prior = np.sqrt(sharp.delta_**2 * (1 + 2**2) + sharp.offset_fit_.covariance_of(counts)[0, 0])
     assert result_far.energy_uncertainty == pytest.approx(prior, rel=1e-3)
     assert result_near.energy_uncertainty < 0.2 * result_far.energy_uncertainty
 

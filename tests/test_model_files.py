@@ -100,7 +100,7 @@ def fitted() -> SparseGPR:
 
 def test_a_model_whose_arrays_do_not_fit_its_metadata_is_refused(fitted, tmp_path):
     path = fitted.save(tmp_path / "model.npz")
-    meta, arrays = read_model_file(path, (2,))
+    meta, arrays = read_model_file(path, (3,))
     assert SparseGPR.load(path).content_sha256 == fitted.content_sha256 == meta["content_sha256"]
     meta.pop("content_sha256")
     arrays["alpha"] = arrays["alpha"][:-1]  # re-checksummed: only the shapes disagree
@@ -108,7 +108,7 @@ def test_a_model_whose_arrays_do_not_fit_its_metadata_is_refused(fitted, tmp_pat
     with pytest.raises(ModelFileError, match="alpha has shape"):
         SparseGPR.load(tmp_path / "short.npz")
     broken = {k: v for k, v in meta.items() if k != "species"}
-    write_model_file(tmp_path / "nospecies.npz", broken, read_model_file(path, (2,))[1])
+    write_model_file(tmp_path / "nospecies.npz", broken, read_model_file(path, (3,))[1])
     with pytest.raises(ModelFileError, match="metadata incomplete or invalid"):
         SparseGPR.load(tmp_path / "nospecies.npz")
 

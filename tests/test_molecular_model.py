@@ -301,7 +301,7 @@ def test_model_files_record_the_decomposition(model, data, tmp_path):
         meta = json.loads(str(stored["metadata"]))
     assert meta["decomposition"] == "molecular"
     assert [t["name"] for t in meta["terms"]] == ["intra", "inter"]
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     loaded = SparseGPR.load(path)
     record = DeltaCalculator.from_model(path).todict()
     assert record["correction"]["content_sha256"] == model.content_sha256 == meta["content_sha256"]
