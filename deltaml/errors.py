@@ -122,6 +122,10 @@ class LabelUnitsError(LabelError):
     """Labels whose units are not eV and eV/Å (declared so, or evident by magnitude)."""
 
 
+class LabelUnitsWarning(UserWarning):
+    """The units of labels could not be checked; the user is asked to make sure."""
+
+
 class MethodMismatchError(LabelError):
     """Labels from different methods (their records differ) would be mixed."""
 

@@ -26,7 +26,13 @@ from deltaml.dataset import (
     read_labelled,
     write_labelled,
 )
-from deltaml.errors import LabelError, LabelUnitsError, MethodMismatchError, MissingLabelError
+from deltaml.errors import (
+    LabelError,
+    LabelUnitsError,
+    LabelUnitsWarning,
+    MethodMismatchError,
+    MissingLabelError,
+)
 from deltaml.store import LabelStore
 
 RECORD = {"code": "some-dft", "version": "1.0", "xc": "pbe0", "basis": "def2-tzvp"}
@@ -114,6 +120,33 @@ def test_wrong_units_are_caught_by_magnitude(tmp_path, energy_unit, force_unit, 
     write_labelled(tmp_path / "labels.extxyz", frames)
     with pytest.raises(LabelUnitsError, match=named):
         read_labelled(tmp_path / "labels.extxyz")
+
+
+#: Distinct molecules of H, C, N, O: one structure per composition.
+DISTINCT = ("CH4", "NH3", "H2O", "HCN", "CO2", "H2CO", "CH3OH", "HCOOH", "C2H4", "C2H6",
+            "CH3CN", "C2H2", "CH3NO2", "H2CCO", "CH3CHO", "N2O")  # fmt: skip
+
+
+def _at_minima(energy_unit: float) -> list[Atoms]:
+    """GFN1-xTB energies of distinct molecules, forces zero as at minima."""
+    frames = _labelled([molecule(name) for name in DISTINCT], energy_unit=energy_unit)
+    for atoms in frames:
+        atoms.calc.results["forces"] = np.zeros((len(atoms), 3))
+    return frames
+
+
+def test_wrong_units_are_caught_on_distinct_molecules_at_their_minima(tmp_path):
+    assert 0.5 < check_units(_at_minima(1.0))["energy_slope"] < 2.0
+    write_labelled(tmp_path / "labels.extxyz", _at_minima(Hartree))
+    with pytest.raises(LabelUnitsError, match="energies look like Hartree"):
+        read_labelled(tmp_path / "labels.extxyz")
+
+
+def test_units_that_cannot_be_checked_give_a_warning_that_says_why():
+    few = _at_minima(Hartree)[:5]  # five compositions of four elements: undecidable
+    with pytest.warns(LabelUnitsWarning, match="could not be checked"):
+        slopes = check_units(few)
+    assert np.isnan(slopes["energy_slope"]) and np.isnan(slopes["force_slope"])
 
 
 def test_declared_units_other_than_ev_are_refused(tmp_path):
