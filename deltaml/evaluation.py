@@ -36,6 +36,7 @@ __all__ = [
     "errors",
     "interaction_energies",
     "md_stability",
+    "parity_values",
     "plot_calibration",
     "plot_parity",
     "predict_all",
@@ -49,6 +50,11 @@ class Predictions:
     """Targets and predictions of a model on Δ-labelled structures (eV, eV/Å).
 
     ``baseline_*`` are the predictions of baseline + D3 + offsets (no GP).
+    ``force_terms`` are the forces of baseline + D3 (eV/Å), where the targets
+    carry the reference's total forces (``arrays["reference_forces"]``, as
+    :func:`deltaml.dataset.delta_targets` writes them), else NaN: total forces are
+    ``force_terms + force_target`` (reference) and ``force_terms +
+    force_predicted`` (composite).
     """
 
     n_atoms: NDArray[np.int64]
@@ -60,6 +66,7 @@ class Predictions:
     force_predicted: NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 3)))
     force_std: NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     force_numbers: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, dtype=int))
+    force_terms: NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 3)))
 
 
 def predict_all(model: Any, frames: Sequence[Atoms], *, progress: bool = False) -> Predictions:
@@ -67,7 +74,7 @@ def predict_all(model: Any, frames: Sequence[Atoms], *, progress: bool = False) 
     from tqdm.auto import tqdm
 
     energy = {k: [] for k in ("target", "predicted", "baseline", "std")}
-    forces = {k: [] for k in ("target", "predicted", "std", "numbers")}
+    forces = {k: [] for k in ("target", "predicted", "std", "numbers", "terms")}
     for atoms in tqdm(frames, disable=not progress, unit="structure"):
         with_forces = "forces" in atoms.calc.results
         result = model.predict(atoms, forces=with_forces)
@@ -83,6 +90,12 @@ def predict_all(model: Any, frames: Sequence[Atoms], *, progress: bool = False) 
             std = result.forces_uncertainty
             forces["std"].append(np.full(len(atoms), np.nan) if std is None else std)
             forces["numbers"].append(atoms.numbers)
+            total = atoms.arrays.get("reference_forces")
+            forces["terms"].append(
+                np.full((len(atoms), 3), np.nan)
+                if total is None
+                else total - atoms.calc.results["forces"]
+            )
     out = Predictions(
         n_atoms=np.array([len(a) for a in frames]),
         energy_target=np.array(energy["target"]),
@@ -95,6 +108,7 @@ def predict_all(model: Any, frames: Sequence[Atoms], *, progress: bool = False) 
         out.force_predicted = np.concatenate(forces["predicted"])
         out.force_std = np.concatenate(forces["std"])
         out.force_numbers = np.concatenate(forces["numbers"])
+        out.force_terms = np.concatenate(forces["terms"])
     return out
 
 
@@ -226,45 +240,76 @@ def error_table(table: dict[str, Any]) -> str:
 
 
 def plot_parity(predictions: Predictions, path: str | Path) -> Path:
-    """Parity plots (energies per atom and force components), composite vs baseline."""
+    """Parity plots of energies and forces, composite vs baseline + D3 alone.
+
+    Energies are shown per atom relative to the model's per-element offsets
+    (what is left once composition is accounted for; the offsets alone span
+    hundreds of eV per atom between elements and would hide everything else).
+    Forces are totals (reference vs baseline + D3 (+ correction)) where the
+    targets carry the reference's forces, else Δ forces. Each panel states its
+    MAE and the number of points.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = predictions
-    fig, axes = plt.subplots(1, 2 if len(p.force_target) else 1, figsize=(10, 4.5), squeeze=False)
-    centre = np.mean(p.energy_target / p.n_atoms)
-    ax = axes[0, 0]
-    for label, values, marker in (
-        ("baseline+D3", p.energy_baseline, "x"),
-        ("composite", p.energy_predicted, "o"),
-    ):
-        ax.scatter(
-            1000 * (p.energy_target / p.n_atoms - centre),
-            1000 * (values / p.n_atoms - centre),
-            s=10,
-            marker=marker,
-            label=label,
-        )
-    _diagonal(ax)
-    ax.set_xlabel("reference (meV/atom, shifted)")
-    ax.set_ylabel("predicted (meV/atom, shifted)")
-    ax.legend()
-    if len(p.force_target):
-        ax = axes[0, 1]
-        ax.scatter(p.force_target.ravel(), np.zeros(p.force_target.size), s=4, marker="x",
-                   label="baseline+D3")  # fmt: skip
-        ax.scatter(p.force_target.ravel(), p.force_predicted.ravel(), s=4, label="composite")
-        _diagonal(ax)
-        ax.set_xlabel("reference Δ force (eV/Å)")
-        ax.set_ylabel("predicted Δ force (eV/Å)")
-        ax.legend()
+    panels = parity_values(predictions)
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 4.5), squeeze=False)
+    for ax, (label, (values, unit)) in zip(axes[0], panels.items(), strict=True):
+        _parity_panel(ax, values, label, unit)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def parity_values(predictions: Predictions) -> dict[str, tuple[dict[str, NDArray], str]]:
+    """What :func:`plot_parity` shows: ``{axis label: ({series: values}, unit)}``.
+
+    Series ``reference``, ``baseline+D3`` and ``composite``: energies in meV/atom
+    relative to the offsets; force components in eV/Å, totals where the targets
+    carry the reference's forces, else Δ.
+    """
+    p = predictions
+    panels = {
+        "energy − offsets (meV/atom)": (
+            {
+                "reference": 1000 * (p.energy_target - p.energy_baseline) / p.n_atoms,
+                "baseline+D3": np.zeros(len(p.n_atoms)),
+                "composite": 1000 * (p.energy_predicted - p.energy_baseline) / p.n_atoms,
+            },
+            "meV/atom",
+        )
+    }
+    if len(p.force_target):
+        totals = bool(np.isfinite(p.force_terms).all())
+        terms = p.force_terms if totals else np.zeros_like(p.force_target)
+        label = "force component (eV/Å)" if totals else "Δ force component (eV/Å)"
+        panels[label] = (
+            {
+                "reference": (terms + p.force_target).ravel(),
+                "baseline+D3": terms.ravel(),
+                "composite": (terms + p.force_predicted).ravel(),
+            },
+            "eV/Å",
+        )
+    return panels
+
+
+def _parity_panel(ax: Any, values: dict[str, NDArray], label: str, unit: str) -> None:
+    """Predicted against reference, with each prediction's MAE and count in the legend."""
+    reference = values["reference"]
+    for name, marker in (("baseline+D3", "x"), ("composite", "o")):
+        mae = float(np.mean(np.abs(values[name] - reference)))
+        ax.scatter(reference, values[name], s=6, marker=marker, alpha=0.6,
+                   label=f"{name}: MAE {mae:.3g} {unit}")  # fmt: skip
+    _diagonal(ax)
+    ax.set_xlabel(f"reference {label}")
+    ax.set_ylabel(f"predicted {label}")
+    ax.set_title(f"{len(reference)} points", fontsize=10)
+    ax.legend(fontsize=9)
 
 
 def plot_calibration(predictions: Predictions, path: str | Path) -> Path:
@@ -305,11 +350,24 @@ def _diagonal(ax: Any) -> None:
 
 
 def delta_targets_for(model: Any, frames: Sequence[Atoms]) -> list[Atoms]:
-    """Δ targets of reference-labelled structures with the terms a model was trained with."""
+    """Δ targets of reference-labelled structures with the terms a model was trained with.
+
+    The terms are rebuilt from the model's records and checked against them, as
+    :meth:`deltaml.calculator.DeltaCalculator.from_model` does before a calculation:
+    targets formed with other terms than the model's would make every error
+    meaningless (eV per atom, not the model's).
+
+    Raises
+    ------
+    TermMismatchError
+        The terms rebuilt here differ from the records the model was trained with
+        (e.g. another engine version or parametrization).
+    """
     from deltaml.calculator import DeltaCalculator
     from deltaml.dataset import delta_targets
 
     calc = DeltaCalculator.from_model(model)
+    calc.check_correction()
     baseline = {
         k: calc.baseline.parameters[k]
         for k in calc.baseline.default_parameters

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
 from deltaml.dataset import delta_targets
+from deltaml.errors import TermMismatchError
 from deltaml.evaluation import (
     delta_targets_for,
     error_table,
     errors,
+    parity_values,
     plot_calibration,
     plot_parity,
     predict_all,
@@ -48,6 +52,36 @@ def test_delta_targets_for_a_model_use_its_terms(fitted, stand_in_labels):
     expected, _ = delta_targets(test)
     for mine, theirs in zip(delta_targets_for(model, test), expected, strict=True):
         assert mine.get_potential_energy() == pytest.approx(theirs.get_potential_energy())
+
+
+def test_a_model_trained_against_other_terms_is_refused_not_evaluated(fitted):
+    model, test = fitted
+    original = model.trained_with_
+    changed = copy.deepcopy(original)
+    # Another parametrization of the baseline: the rebuilt terms cannot reproduce it.
+    changed["baseline"]["parametrization_sha256"] = "0" * 64
+    model.trained_with_ = changed
+    try:
+        with pytest.raises(TermMismatchError, match="parametrization_sha256"):
+            delta_targets_for(model, test)
+    finally:
+        model.trained_with_ = original
+
+
+def test_the_parity_plot_shows_energies_beyond_the_offsets_and_total_forces(fitted):
+    model, test = fitted
+    targets = delta_targets_for(model, test)
+    predictions = predict_all(model, targets)
+    (energy, _), (forces, unit) = parity_values(predictions).values()
+    # Relative to the offsets, a few hundred meV/atom at most (not ±10⁶).
+    assert np.abs(energy["reference"]).max() < 500.0
+    assert np.all(energy["baseline+D3"] == 0.0)
+    # Forces are totals: the reference's own forces, not Δ forces.
+    total = np.concatenate([a.get_forces() for a in test]).ravel()
+    np.testing.assert_allclose(forces["reference"], total, atol=1e-10)
+    delta = np.concatenate([a.get_forces() for a in targets]).ravel()
+    np.testing.assert_allclose(forces["reference"] - forces["baseline+D3"], delta, atol=1e-10)
+    assert unit == "eV/Å"
 
 
 def test_plots_are_written(fitted, tmp_path):
