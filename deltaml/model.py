@@ -831,7 +831,8 @@ class SparseGPR(BaseEstimator):
         Parameters
         ----------
         frames : sequence of ase.Atoms
-            Held-out Δ-labelled structures (not used in the fit).
+            Held-out Δ-labelled structures (not used in the fit). Isolated atoms
+            are left out: they anchor the offsets, they do not test the GP.
 
         Returns
         -------
@@ -840,7 +841,7 @@ class SparseGPR(BaseEstimator):
             scaling (1 means the GP's variance was calibrated already).
         """
         self._check_fitted()
-        frames = list(frames)
+        frames = split_isolated_atoms(list(frames))[1]
         if not frames:
             raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
         saved = dict(self.uncertainty_scale_)

@@ -124,6 +124,9 @@ def test_the_model_warns_outside_the_training_compositions_and_widens_its_sigma(
     with pytest.warns(OutOfDomainWarning):
         again = loaded.predict(methane, forces=False)
     assert again.energy_uncertainty == pytest.approx(outside.energy_uncertainty, rel=1e-12)
+    # Isolated atoms anchor the offsets; they are not held-out data for calibration.
+    held = _frames(seed=1)
+    assert model.calibrate(held + atoms) == model.calibrate(held)
 
 
 def test_isolated_atoms_in_other_units_than_the_training_energies_are_refused():
