@@ -147,6 +147,18 @@ def _check_output(path: str | None, option: str) -> None:
         raise click.ClickException(f"{option} {path} is a folder, not a file")
 
 
+def _check_creatable(path: str | None, option: str) -> None:
+    """Refuse a path (file or folder, made with its parents) that cannot be created there."""
+    if path is None:
+        return
+    target = Path(path).resolve()
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise click.ClickException(f"{option} {path}: cannot be created in {ancestor}")
+
+
 def _read_frames(path: str, index: int | str = -1) -> Any:
     """One frame (``index`` int) or a list (``":"``); any failure is 'cannot read'."""
     try:
@@ -368,6 +380,11 @@ _store_option = click.option(
 @click.option("--grid-level", type=int, default=3, help="DFT grid level 0-9")
 @_charge_option
 @_multiplicity_option
+@click.option(
+    "--dispersion", default="partner",
+    help="D3 term stored beside each label: 'partner' (the reference's published D3 "
+    "partner; none for HF, MP2), DAMPING:FUNCTIONAL[:atm], or 'none'",
+)  # fmt: skip
 @click.option("--no-terms", is_flag=True, help="skip the baseline and D3 values (Δ targets)")
 @click.option("--retry-failed", is_flag=True, help="compute failed structures again")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
@@ -385,6 +402,7 @@ def label(
     grid_level: int,
     charge: int | None,
     multiplicity: int | None,
+    dispersion: str,
     no_terms: bool,
     retry_failed: bool,
     no_progress: bool,
@@ -409,12 +427,13 @@ def label(
     if multiplicity is not None:
         settings["multiplicity"] = multiplicity
     with _user_errors(store_url), _scheduler_errors(scheduler):
+        terms_dispersion = None if no_terms else _target_dispersion(dispersion)
         report = label_structures(
             frames,
             _store(store_url, must_exist=False),
             reference=settings,
             baseline=None if no_terms else DEFAULT_BASELINE,
-            dispersion=None if no_terms else "partner",
+            dispersion=terms_dispersion,
             scheduler=scheduler,
             workers=workers,
             threads_per_worker=threads,
@@ -482,6 +501,13 @@ def export_command(output: str, store_url: str) -> None:
     with _user_errors(store_url):
         written = export_labelled(_store(store_url, must_exist=True), output)
     click.echo(f"{written} labelled structures written to {output}")
+
+
+def _target_dispersion(spec: str) -> dict[str, Any] | str | None:
+    """``--dispersion`` of label and fit: "partner", "none" or DAMPING:FUNCTIONAL[:atm]."""
+    if spec.lower() == "partner":
+        return "partner"
+    return None if spec.lower() == "none" else parse_dispersion_spec(spec)
 
 
 def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[int]]:
@@ -562,9 +588,7 @@ def fit_command(
                     "the reference's method record names no D3 partner: give --dispersion "
                     "DAMPING:FUNCTIONAL (e.g. d3bj:pbe) or --dispersion none"
                 )
-            disp: dict[str, Any] | str | None = "partner"
-        else:
-            disp = None if dispersion.lower() == "none" else parse_dispersion_spec(dispersion)
+        disp = _target_dispersion(dispersion)
         terms = {**DELTA_BASELINE, "method": baseline, "engine": engine}
         targets, trained_with = delta_targets(frames, baseline=terms, dispersion=disp)
         train_idx, val_idx = _split(len(targets), validation, seed)
@@ -618,6 +642,7 @@ def evaluate_command(files: tuple[str, ...], model: str | None, plots: str | Non
     if len(files) != 1:
         raise click.UsageError(f"give one TEST file, got {len(files)}: {' '.join(files)}")
     test = files[0]
+    _check_creatable(plots, "--plots")
     for path in (model, test):
         if not Path(path).is_file():
             raise click.UsageError(f"{path} does not exist")
@@ -931,6 +956,8 @@ def rank_command(
     """
     reference = _alias("--reference-energies", "--reference", reference_energies, reference_alias)
     _check_output(summary, "--summary")
+    for path, option in ((output, "-o/--output"), (plot, "--plot"), (workdir, "--workdir")):
+        _check_creatable(path, option)
 
     def composite() -> DeltaCalculator:
         calc = _composite(model, baseline=baseline, engine=engine, dispersion=dispersion)

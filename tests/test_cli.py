@@ -653,3 +653,26 @@ def test_old_option_spellings_still_work_with_a_warning(water, tmp_path):
     assert "--method is deprecated here; use --baseline" in old.stderr
     clash = run_cli("single-point", str(path), "--method", "gfn1", "--baseline", "gfn2")
     assert clash.exit_code == 2 and "give only --baseline" in clash.stderr
+
+
+def test_outputs_that_cannot_be_created_are_refused_before_any_work(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    crystal = tmp_path / "absent.cif"  # never read: the outputs are checked first
+    for option in ("-o", "--plot", "--workdir"):
+        result = run_cli("rank", str(crystal), "--molecule", "H2O", option,
+                         str(blocker / "sub" / "out"))  # fmt: skip
+        assert_one_line_error(result, rf"{option}.* cannot be created in .*a_file")
+    labelled = tmp_path / "test.extxyz"
+    labelled.write_text("")
+    result = run_cli("evaluate", str(labelled), "--model", str(labelled),
+                     "--plots", str(blocker / "plots"))  # fmt: skip
+    assert_one_line_error(result, r"--plots .* cannot be created in .*a_file")
+
+
+def test_label_refuses_a_malformed_dispersion_before_opening_the_store(water, tmp_path):
+    path = write_structure(water, tmp_path)
+    store = tmp_path / "labels.db"
+    result = run_cli("label", str(path), "--store", str(store), "--dispersion", "d3bj")
+    assert_one_line_error(result, r"dispersion 'd3bj' is not of the form DAMPING:FUNCTIONAL")
+    assert not store.exists()
