@@ -37,7 +37,7 @@ from ase import Atoms
 from deltaml.baseline import XTBBaseline
 from deltaml.dataset import DELTA_BASELINE
 from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
-from deltaml.errors import ParameterError
+from deltaml.errors import ChargeMultiplicityError, ParameterError
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore, label_key
 from deltaml.structures import charge_and_multiplicity
@@ -205,7 +205,9 @@ def label_structures(
     structures : iterable of ase.Atoms
         Molecules, Å. Charge and multiplicity come from ``reference`` if given
         there, else from each structure's ``info`` or initial charges and
-        magnetic moments (:func:`~deltaml.structures.charge_and_multiplicity`).
+        magnetic moments (:func:`~deltaml.structures.charge_and_multiplicity`);
+        sources that disagree raise ``ChargeMultiplicityError`` naming the
+        structure, before anything is computed or claimed for good.
     store : LabelStore
         Where results go (and what is skipped).
     reference : dict, optional
@@ -283,11 +285,16 @@ def _claim_tasks(
     claim is made, so that the caller can release them if this is interrupted.
     """
     tasks, seen = [], set()
-    for atoms in structures:
+    for index, atoms in enumerate(structures):
         report.structures += 1
-        charge, multiplicity = charge_and_multiplicity(
-            atoms, reference.get("charge"), reference.get("multiplicity")
-        )
+        try:
+            charge, multiplicity = charge_and_multiplicity(
+                atoms, reference.get("charge"), reference.get("multiplicity")
+            )
+        except ChargeMultiplicityError as exc:  # sources that disagree: nothing to key on
+            raise ChargeMultiplicityError(
+                f"structure {index} ({atoms.get_chemical_formula()}): {exc}"
+            ) from exc
         key = label_key(atoms, record, charge, multiplicity)
         if key in seen:
             report.duplicates += 1

@@ -663,15 +663,17 @@ class SparseGPR(BaseEstimator):
         seen: list[list[DescriptorBatch]] = [[] for _ in self.terms_]
         for centres in chunks:
             features = features_of(centres, gradients)
+            atom_k = []
             for term, batch, cols in zip(self.terms_, features, self._columns(), strict=True):
-                energy, f, v = term.energy_and_gradients(batch, self.alpha_[cols], forces, stress)
+                energy, f, v, k = term.evaluate(batch, self.alpha_[cols], forces, stress, want_var)
                 parts[term.name] = parts.get(term.name, 0.0) + energy
+                atom_k.append(k)
                 if forces:
                     total_forces += f
                 if stress:
                     virial += v
+            atom_k = np.concatenate(atom_k, axis=1) if want_var else None
             if want_var and centres is not None:
-                atom_k = self._atom_kernel_rows(features)
                 prior = sum(
                     t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
                 )
@@ -688,7 +690,7 @@ class SparseGPR(BaseEstimator):
             result["parts"] = parts
         if want_var:
             if chunks == [None]:
-                per_atom, total = self._energy_variance(features)
+                per_atom, total = self._energy_variance(features, atom_k)
             else:
                 whole = [
                     DescriptorBatch(
@@ -757,17 +759,25 @@ class SparseGPR(BaseEstimator):
             for t, a, b in zip(self.terms_, first, second, strict=True)
         )
 
-    def _energy_variance(self, features: list[DescriptorBatch]) -> tuple[NDArray, float]:
-        """Posterior variance of each atomic energy and of the total (eV²), one structure."""
-        per_atom_k = self._atom_kernel_rows(features)
+    def _energy_variance(
+        self, features: list[DescriptorBatch], per_atom_k: NDArray | None = None
+    ) -> tuple[NDArray, float]:
+        """Posterior variance of each atomic energy and of the total (eV²), one structure.
+
+        ``per_atom_k``: :meth:`_atom_kernel_rows` of ``features``, if formed already.
+        """
+        if per_atom_k is None:
+            per_atom_k = self._atom_kernel_rows(features)
         prior_atoms = sum(
             t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
         )
-        per_atom = prior_atoms + self._posterior_terms(per_atom_k)
         prior_total = self._prior_energy_covariance(features, features)
-        # The structure's kernel row is the sum of its atoms' rows.
+        # The structure's kernel row is the sum of its atoms' rows; one pass of the
+        # triangular solves serves the atoms and the total.
         total_k = per_atom_k.sum(axis=0, keepdims=True)
-        total = prior_total + float(self._posterior_terms(total_k)[0])
+        posterior = self._posterior_terms(np.vstack([per_atom_k, total_k]))
+        per_atom = prior_atoms + posterior[:-1]
+        total = prior_total + float(posterior[-1])
         return np.maximum(per_atom, 0.0), max(total, 0.0)
 
     def energy_covariance(self, frames: Sequence[Atoms]) -> NDArray[np.float64]:

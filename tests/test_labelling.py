@@ -206,6 +206,21 @@ def test_charge_and_multiplicity_come_from_info_and_bad_ones_fail_per_structure(
     )
 
 
+def test_a_charge_that_disagrees_with_the_structure_stops_before_computing(tmp_path):
+    from deltaml.errors import ChargeMultiplicityError
+
+    neutral = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.98]], info={"charge": -1})
+    store = LabelStore(tmp_path / "labels.db")
+    with pytest.raises(ChargeMultiplicityError, match=r"structure 1 \(HO\): charge 0 given, but"):
+        label_structures(
+            [neutral, hydroxide], store, reference={**REFERENCE, "charge": 0}, baseline=None,
+            workers=1, progress=False,
+        )  # fmt: skip
+    assert store.labelled() == []
+    assert store.status(label_key(neutral, PySCFReference(**REFERENCE).record(), 0, 2)) is None
+
+
 #: A stand-in for compute_label, importable by spawned workers: it records its
 #: worker's pid, then answers once two workers are busy (``info["quick"]``) or
 #: works for minutes.

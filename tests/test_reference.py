@@ -130,3 +130,20 @@ def test_docstring_table_matches_default_parameters():
     from test_baseline import _check_table
 
     _check_table(PySCFReference)
+
+
+def test_charge_and_multiplicity_come_from_the_structure_as_in_every_calculator():
+    """One rule: info["charge"]/["multiplicity"] are read here as by the loaders."""
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0, 0, 1.06]], info={"charge": 1})
+    settings = {"method": "hf", "basis": "sto-3g"}
+    h2.calc = PySCFReference(**settings)
+    from_info = h2.get_potential_energy()
+    explicit = Atoms("H2", positions=h2.positions)
+    explicit.calc = PySCFReference(**settings, charge=1, multiplicity=2)
+    assert from_info == pytest.approx(explicit.get_potential_energy(), abs=1e-8)
+    neutral = Atoms("H2", positions=h2.positions)
+    neutral.calc = PySCFReference(**settings)
+    assert abs(neutral.get_potential_energy() - from_info) > 5.0  # H2 vs H2+: ~15 eV
+    h2.calc = PySCFReference(**settings, charge=0)
+    with pytest.raises(ChargeMultiplicityError, match="charge 0 given, but the structure says"):
+        h2.get_potential_energy()
