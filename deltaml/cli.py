@@ -62,8 +62,6 @@ from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
 from deltaml.structures import charge_and_multiplicity
 
-log = logging.getLogger(__name__)
-
 #: Defaults of the composite without a model (with one: the terms it was trained with).
 DEFAULT_METHOD = "gfn2"
 DEFAULT_ENGINE = "tblite"
