@@ -1,21 +1,33 @@
 """Time energy + forces of each physical term and of the composite on water boxes.
 
-For every water system (periodic boxes of about 10, 100 and 1000 atoms at
-1 g/cm³, and a small non-periodic cluster) four calculators are timed on the same
-geometries:
+For every water system (periodic boxes of about 10, 100, 300 and 1000 atoms at
+1 g/cm³, and non-periodic clusters of 9, 18 and 99 atoms) five calculators are
+timed on the same geometries:
 
 * ``baseline``: :class:`~deltaml.XTBBaseline`, GFN2-xTB through tblite with its
   own D4 removed (``remove_dispersion=True``), default ``min_cell_width=7`` Å;
-* ``dispersion``: :class:`~deltaml.D3Dispersion`, D3(BJ) with PBE0 parameters;
-* ``correction``: :class:`~deltaml.ZeroCorrection` (its ``predict``);
-* ``composite``: :class:`~deltaml.DeltaCalculator` with ``ZeroCorrection()``, which
+* ``dispersion``: :class:`~deltaml.D3Dispersion`, the D3 term the model was
+  fitted with (D3(BJ), revPBE0 parameters for the shipped data);
+* ``correction``: a fitted :class:`~deltaml.SparseGPR` (its ``predict``, energy
+  and forces with the energy uncertainty: what the composite asks by default);
+* ``correction_sigma_f``: the same with the per-atom force uncertainty, what an
+  ``uncertainty_threshold``, active learning or a stability run ask for;
+* ``composite``: :class:`~deltaml.DeltaCalculator` from the fitted model, which
   owns its own baseline and dispersion calculators.
+
+The model is fitted once (``SparseGPR(seed=0)``, molecular decomposition, H, C,
+N, O) on the shipped ``data/labelled/water_chno.extxyz`` and kept in
+``benchmarks/results/bench_terms_model.npz`` (``--model`` to give another).
+After the timings, one more call of each correction term runs under
+``tracemalloc`` for its peak memory (numpy reports its arrays to it).
+Systems above ``--baseline-max-atoms`` (default 400) time the learned and
+dispersion terms only: a 999-atom periodic GFN2 call takes ~150 s on 2 cores.
 
 Each calculator is built fresh for each system. The first call (``cold``) includes
 building the engine (tblite calculator, D3 model, supercell); the next ``repeats``
 calls (``warm``) move every atom by a small random displacement (0.01 Å standard
 deviation), so only positions change and the engine is updated in place (tblite
-also restarts its SCF from the previous density). The four calculators take turns
+also restarts its SCF from the previous density). The calculators take turns
 on each geometry, so a change of machine load between calls affects them alike;
 the 1-minute load average before and after each system is recorded, because on a
 shared 2-core machine another process makes OpenMP threads wait for each other
@@ -28,8 +40,8 @@ supercell (``supercell`` column); D3 and the correction see the cell as given.
 
 Usage::
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_terms.py               # sizes 10,100,1000
-    OMP_NUM_THREADS=2 python benchmarks/bench_terms.py --sizes 10,100  # skip the 1000-atom box
+    OMP_NUM_THREADS=2 python benchmarks/bench_terms.py               # sizes 10,100,300,1000
+    OMP_NUM_THREADS=2 python benchmarks/bench_terms.py --sizes 10,100  # skip the large boxes
     OMP_NUM_THREADS=2 python benchmarks/bench_terms.py --quick         # 10,100 atoms, 2 warm calls
 
 Writes ``benchmarks/results/bench_terms.json`` (``--out`` to change).
@@ -40,6 +52,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,9 +65,13 @@ from ase.calculators.calculator import Calculator
 from ase.data import atomic_masses
 from ase.units import _Nav
 
-from deltaml import D3Dispersion, DeltaCalculator, XTBBaseline, ZeroCorrection
+from deltaml import D3Dispersion, DeltaCalculator, SparseGPR, XTBBaseline
 
-TERMS = ("baseline", "dispersion", "correction", "composite")
+TERMS = ("baseline", "dispersion", "correction", "correction_sigma_f", "composite")
+#: Terms that run the GFN2 baseline (skipped above ``--baseline-max-atoms``).
+_WITH_BASELINE = ("baseline", "composite")
+_LEARNED = ("correction", "correction_sigma_f")
+DATASET = Path(__file__).resolve().parent.parent / "data" / "labelled" / "water_chno.extxyz"
 
 #: Rigid water for the boxes: O–H (Å) and H–O–H (degrees), the gas-phase geometry.
 _OH_A = 0.9572
@@ -187,25 +204,45 @@ def build_systems(sizes: list[int], cluster_sizes: list[int], seed: int) -> list
 
 
 class _CorrectionTerm:
-    """ZeroCorrection seen through the same get_forces/get_potential_energy calls."""
+    """The model's ``predict`` (energy and forces), as the composite calls it."""
 
-    def __init__(self) -> None:
-        self.correction = ZeroCorrection()
+    def __init__(self, model: SparseGPR, force_uncertainty: bool) -> None:
+        self.model = model
+        self.force_uncertainty = force_uncertainty
         self.results: dict[str, Any] = {}
 
     def compute(self, atoms: Atoms) -> None:
-        result = self.correction.predict(atoms, forces=True, stress=False)
+        result = self.model.predict(
+            atoms, forces=True, stress=False, force_uncertainty=self.force_uncertainty
+        )
         self.results = {"energy": result.energy, "forces": result.forces}
 
 
-def _make(term: str) -> Calculator | _CorrectionTerm:
+def fitted_model(path: Path | None) -> tuple[SparseGPR, Path]:
+    """The model timed: loaded from ``path``, or fitted once on the shipped data and kept."""
+    if path is not None:
+        return SparseGPR.load(path), path
+    kept = RESULTS_DIR / "bench_terms_model.npz"
+    if kept.exists():
+        return SparseGPR.load(kept), kept
+    from deltaml import delta_targets, read_labelled
+
+    print(f"fitting the model on {DATASET.name} (once; kept in {kept})", flush=True)
+    targets, terms = delta_targets(read_labelled(DATASET))
+    model = SparseGPR(seed=0).fit(targets, trained_with=terms)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    model.save(kept)
+    return model, kept
+
+
+def _make(term: str, model: SparseGPR) -> Calculator | _CorrectionTerm:
     if term == "baseline":
         return XTBBaseline(method="GFN2-xTB", remove_dispersion=True)
     if term == "dispersion":
-        return D3Dispersion(method="pbe0", damping="d3bj")
-    if term == "correction":
-        return _CorrectionTerm()
-    return DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+        return D3Dispersion.from_spec(DeltaCalculator.from_model(model).parameters.dispersion)
+    if term in _LEARNED:
+        return _CorrectionTerm(model, force_uncertainty=term == "correction_sigma_f")
+    return DeltaCalculator.from_model(model)
 
 
 def _evaluate(calc: Calculator | _CorrectionTerm, atoms: Atoms) -> float:
@@ -223,15 +260,31 @@ def _timed(func: Callable[[], float]) -> tuple[float, float]:
     return time.perf_counter() - start, value
 
 
-def warm_up() -> None:
+def warm_up(model: SparseGPR) -> None:
     """Load every library and export the dispersion-free GFN2 parameters once."""
     water = molecule("H2O")
     for term in TERMS:
-        _evaluate(_make(term), water.copy())
+        _evaluate(_make(term, model), water.copy())
+
+
+def _peak_mb(calc: _CorrectionTerm, atoms: Atoms) -> float:
+    """Peak memory (MB, from tracemalloc) of one call of a correction term."""
+    tracemalloc.start()
+    try:
+        _evaluate(calc, atoms)
+        return tracemalloc.get_traced_memory()[1] / 1e6
+    finally:
+        tracemalloc.stop()
 
 
 def time_system(
-    system: dict[str, Any], repeats: int, seed: int, *, verbose: bool = False
+    system: dict[str, Any],
+    repeats: int,
+    seed: int,
+    model: SparseGPR,
+    *,
+    baseline_max_atoms: int = 400,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Cold and warm timings (s) of every term on one system, on the same geometries.
 
@@ -243,6 +296,10 @@ def time_system(
         Warm calls after the cold one.
     seed : int
         Seed of the displacements of the warm calls.
+    model : SparseGPR
+        The fitted model of the correction terms and of the composite.
+    baseline_max_atoms : int, default=400
+        Larger systems time the learned and dispersion terms only.
     verbose : bool, default=False
         Print every call as it finishes (progress of long runs).
 
@@ -266,15 +323,16 @@ def time_system(
         "cell_a": atoms.cell.lengths().tolist() if atoms.pbc.any() else None,
         "terms": {},
     }
-    calcs = {term: _make(term) for term in TERMS}
-    works = {term: atoms.copy() for term in TERMS}
-    times: dict[str, list[float]] = {term: [] for term in TERMS}
-    energies: dict[str, list[float]] = {term: [] for term in TERMS}
+    terms_here = [t for t in TERMS if len(atoms) <= baseline_max_atoms or t not in _WITH_BASELINE]
+    calcs = {term: _make(term, model) for term in terms_here}
+    works = {term: atoms.copy() for term in terms_here}
+    times: dict[str, list[float]] = {term: [] for term in terms_here}
+    energies: dict[str, list[float]] = {term: [] for term in terms_here}
     record["load_average_before"] = os.getloadavg()[0]
     # Terms take turns on each geometry, so that a change in machine load between
     # calls hits every term alike and the ratios stay fair.
     for call, positions in enumerate(geometries):
-        for term in TERMS:
+        for term in terms_here:
             calc, work = calcs[term], works[term]
             work.positions = positions
             elapsed, energy = _timed(lambda c=calc, w=work: _evaluate(c, w))
@@ -284,7 +342,7 @@ def time_system(
                 kind = "cold" if call == 0 else f"warm {call}"
                 print(f"    {system['label']} {term} {kind}: {elapsed:.3f} s", flush=True)
     record["load_average_after"] = os.getloadavg()[0]
-    for term in TERMS:
+    for term in terms_here:
         warm = times[term][1:]
         record["terms"][term] = {
             "cold_s": times[term][0],
@@ -298,13 +356,17 @@ def time_system(
             + (f", warm median {np.median(warm):8.3f} s" if warm else ""),
             flush=True,
         )
+    for term in _LEARNED:
+        record["terms"][term]["peak_mb"] = _peak_mb(calcs[term], works[term])
+    if "baseline" not in calcs:
+        return record
     if atoms.pbc.any():
         repeats_used = calcs["baseline"].results["supercell_repeats"]
         record["supercell_repeats"] = [int(r) for r in repeats_used]
         record["n_atoms_baseline"] = len(atoms) * int(np.prod(repeats_used))
     terms = record["terms"]
-    # Same sum, two routes: the composite must reproduce baseline + D3 + 0.
-    parts = terms["baseline"]["energy_ev"] + terms["dispersion"]["energy_ev"]
+    # Same sum, two routes: the composite must reproduce baseline + D3 + correction.
+    parts = sum(terms[t]["energy_ev"] for t in ("baseline", "dispersion", "correction"))
     record["composite_minus_parts_ev"] = terms["composite"]["energy_ev"] - parts
     record["ratio_composite_baseline_cold"] = (
         terms["composite"]["cold_s"] / terms["baseline"]["cold_s"]
@@ -329,42 +391,59 @@ def _seconds(value: float | None) -> str:
 
 
 def tables(records: list[dict[str, Any]]) -> str:
-    """Markdown tables: timings per term, then the composite/baseline ratios."""
+    """Markdown tables: timings per term (and peak memory), then ratios to the baseline."""
     rows = []
     for rec in records:
         supercell = "x".join(str(r) for r in rec.get("supercell_repeats", [])) or "-"
-        for term in TERMS:
-            t = rec["terms"][term]
+        for term, t in rec["terms"].items():
             warm = t["warm_s"]
             rows.append(
                 [
                     rec["label"],
                     rec["n_atoms"],
-                    supercell if term in ("baseline", "composite") else "-",
+                    supercell if term in _WITH_BASELINE else "-",
                     term,
                     _seconds(t["cold_s"]),
                     _seconds(t["warm_median_s"]),
                     _seconds(min(warm)) if warm else "-",
                     _seconds(max(warm)) if warm else "-",
+                    f"{t['peak_mb']:.0f}" if "peak_mb" in t else "-",
                 ]
             )
     timing = markdown_table(
-        ["system", "atoms", "supercell", "term", "cold", "warm median", "warm min", "warm max"],
+        [
+            "system",
+            "atoms",
+            "supercell",
+            "term",
+            "cold",
+            "warm median",
+            "warm min",
+            "warm max",
+            "peak MB",
+        ],
         rows,
     )
+
+    def ratio(rec: dict[str, Any], term: str, kind: str) -> str:
+        terms = rec["terms"]
+        if "baseline" not in terms or term not in terms:
+            return "-"
+        key = "cold_s" if kind == "cold" else "warm_median_s"
+        if terms[term][key] is None:
+            return "-"
+        return f"{terms[term][key] / terms['baseline'][key]:.2f}"
+
     ratio_rows = [
         [
             rec["label"],
             rec["n_atoms"],
             rec.get("n_atoms_baseline", rec["n_atoms"]),
-            f"{rec['ratio_composite_baseline_cold']:.3f}",
-            f"{rec['ratio_composite_baseline_warm']:.3f}"
-            if "ratio_composite_baseline_warm" in rec
-            else "-",
-            f"{rec['ratio_composite_baseline_warm_min']:.3f}"
-            if "ratio_composite_baseline_warm_min" in rec
-            else "-",
-            f"{rec['composite_minus_parts_ev']:.1e}",
+            ratio(rec, "composite", "cold"),
+            ratio(rec, "composite", "warm"),
+            ratio(rec, "correction", "warm"),
+            ratio(rec, "correction_sigma_f", "warm"),
+            f"{rec['composite_minus_parts_ev']:.1e}" if "composite_minus_parts_ev" in rec else "-",
             f"{rec['load_average_before']:.2f} / {rec['load_average_after']:.2f}",
         ]
         for rec in records
@@ -375,9 +454,10 @@ def tables(records: list[dict[str, Any]]) -> str:
             "atoms",
             "atoms in baseline",
             "composite/baseline cold",
-            "composite/baseline warm (median)",
-            "(min)",
-            "E_comp − (E_base + E_D3), eV",
+            "composite/baseline warm",
+            "correction/baseline warm",
+            "correction+σF/baseline warm",
+            "E_comp − Σ terms, eV",
             "load avg before / after",
         ],
         ratio_rows,
@@ -396,14 +476,13 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes",
         type=_int_list,
         default=None,
-        help="comma-separated atom counts of the periodic boxes (default 10,100,1000; "
-        "leave out 1000 to skip the slow GFN2 point)",
+        help="comma-separated atom counts of the periodic boxes (default 10,100,300,1000)",
     )
     parser.add_argument(
         "--cluster-sizes",
         type=_int_list,
         default=None,
-        help="comma-separated atom counts of non-periodic clusters (default 10; '' for none)",
+        help="comma-separated atom counts of non-periodic clusters (default 9,18,99; '' for none)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="warm calls (default 3)")
     parser.add_argument(
@@ -411,14 +490,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seed", type=int, default=2024, help="seed for boxes and rattles")
     parser.add_argument(
+        "--model", type=Path, default=None, help="fitted model file (default: fit once, keep)"
+    )
+    parser.add_argument(
+        "--baseline-max-atoms",
+        type=int,
+        default=400,
+        help="larger systems time the learned and dispersion terms only (default 400)",
+    )
+    parser.add_argument(
         "--verbose", action="store_true", help="print every call (always for ≥ 500 atoms)"
     )
     parser.add_argument(
         "--out", type=Path, default=RESULTS_DIR / "bench_terms.json", help="JSON file to write"
     )
     args = parser.parse_args(argv)
-    sizes = args.sizes if args.sizes is not None else ([10, 100] if args.quick else [10, 100, 1000])
-    cluster_sizes = args.cluster_sizes if args.cluster_sizes is not None else [10]
+    sizes = (
+        args.sizes
+        if args.sizes is not None
+        else ([10, 100] if args.quick else [10, 100, 300, 1000])
+    )
+    cluster_sizes = args.cluster_sizes if args.cluster_sizes is not None else [9, 18, 99]
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
 
     warn_if_threads_unset()
@@ -429,12 +521,22 @@ def main(argv: list[str] | None = None) -> None:
         f"tblite {machine['versions']['tblite']}, dftd3 {machine['versions']['dftd3']}"
     )
     systems = build_systems(sizes, cluster_sizes, args.seed)
+    model, model_path = fitted_model(args.model)
     start = time.perf_counter()
-    warm_up()
+    warm_up(model)
     records = []
     for system in systems:
         verbose = len(system["atoms"]) >= 500 or args.verbose
-        records.append(time_system(system, repeats, args.seed, verbose=verbose))
+        records.append(
+            time_system(
+                system,
+                repeats,
+                args.seed,
+                model,
+                baseline_max_atoms=args.baseline_max_atoms,
+                verbose=verbose,
+            )
+        )
     total_s = time.perf_counter() - start
 
     print()
@@ -449,8 +551,14 @@ def main(argv: list[str] | None = None) -> None:
             "rattle_a": _RATTLE_A,
             "density_g_cm3": 1.0,
             "baseline": {"method": "GFN2-xTB", "engine": "tblite", "remove_dispersion": True},
-            "dispersion": "d3bj:pbe0",
-            "correction": "ZeroCorrection",
+            "dispersion": DeltaCalculator.from_model(model).parameters.dispersion,
+            "correction": {
+                "model": str(model_path),
+                "content_sha256": model.content_sha256,
+                "sparse_points": [t.size for t in model.terms_],
+                "n_features": model.descriptor_.n_features,
+            },
+            "baseline_max_atoms": args.baseline_max_atoms,
             "min_cell_width_a": 7.0,
         },
         "machine": machine,

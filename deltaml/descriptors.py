@@ -38,7 +38,15 @@ from deltaml.errors import (
 )
 from deltaml.structures import validate_structure
 
-__all__ = ["BACKENDS", "GRADIENTS", "DescriptorBatch", "SOAPDescriptor", "normalise_rows"]
+__all__ = [
+    "BACKENDS",
+    "CHUNK_ATOMS",
+    "GRADIENTS",
+    "DescriptorBatch",
+    "SOAPDescriptor",
+    "centre_chunks",
+    "normalise_rows",
+]
 
 #: Engines behind :class:`SOAPDescriptor`.
 BACKENDS = ("featomic", "dscribe")
@@ -519,6 +527,53 @@ class SOAPDescriptor:
             batch.position_atoms = np.concatenate(atoms_j).astype(np.int64)
             batch.position_gradients = np.concatenate(grads)
         return batch
+
+
+#: Atoms per piece when a model evaluates a large structure in pieces (see
+#: :func:`centre_chunks`): the descriptor gradients of a piece of 256 water atoms
+#: with a 5 Å cut-off and four species take about 0.5 GB.
+CHUNK_ATOMS = 256
+
+
+def centre_chunks(
+    n_atoms: int, size: int = CHUNK_ATOMS, labels: NDArray[np.int64] | None = None
+) -> list[NDArray[np.int64]]:
+    """Ascending centre indices of about ``size`` atoms each, covering ``range(n_atoms)``.
+
+    Parameters
+    ----------
+    n_atoms : int
+        Atoms of the structure.
+    size : int, default=CHUNK_ATOMS
+        Atoms per piece (a molecule larger than that is a piece of its own).
+    labels : ndarray of int, optional
+        Molecule of every atom: pieces are then whole molecules, taken in
+        molecule order.
+
+    Returns
+    -------
+    list of ndarray
+        One array of atom indices per piece; a single piece when ``n_atoms <= size``.
+    """
+    size = max(int(size), 1)
+    if n_atoms <= size:
+        return [np.arange(n_atoms)]
+    if labels is None:
+        return [np.arange(a, min(a + size, n_atoms)) for a in range(0, n_atoms, size)]
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels)
+    chunks, current, filled = [], [], 0
+    start = 0
+    for count in counts:
+        current.append(order[start : start + count])
+        filled += count
+        start += count
+        if filled >= size:
+            chunks.append(np.sort(np.concatenate(current)))
+            current, filled = [], 0
+    if current:
+        chunks.append(np.sort(np.concatenate(current)))
+    return chunks
 
 
 def _empty_batch(n_features: int, gradients: tuple[str, ...]) -> DescriptorBatch:

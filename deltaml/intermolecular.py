@@ -35,8 +35,9 @@ import numpy as np
 from ase import Atoms
 from numpy.typing import NDArray
 
-from deltaml.crystals import whole_molecules
+from deltaml.crystals import Molecules, whole_molecules
 from deltaml.descriptors import DescriptorBatch, SOAPDescriptor, normalise_rows
+from deltaml.errors import ParameterError
 
 __all__ = ["MolecularBatch", "split_by_molecule"]
 
@@ -64,7 +65,12 @@ class MolecularBatch:
 
 
 def split_by_molecule(
-    soap: SOAPDescriptor, frames: Atoms | Sequence[Atoms], gradients: Iterable[str] = ()
+    soap: SOAPDescriptor,
+    frames: Atoms | Sequence[Atoms],
+    gradients: Iterable[str] = (),
+    *,
+    centres: NDArray[np.int64] | None = None,
+    molecules: tuple[Molecules, NDArray[np.float64]] | None = None,
 ) -> MolecularBatch:
     """Intra- and intermolecular rows of every atom, with the requested gradients.
 
@@ -78,6 +84,14 @@ def split_by_molecule(
         ``"positions"`` and/or ``"strain"``. The strain gradients of the intra
         rows follow from their position gradients at the unwrapped positions
         (an isolated molecule deforms with the cell as its atoms move).
+    centres : ndarray of int, optional
+        Rows of these atoms only (ascending; whole molecules; one structure):
+        the rows, and gradients with respect to any atom, that the whole
+        structure would give them (:meth:`SOAPDescriptor.compute`). A large
+        structure is done in such pieces so that memory follows the piece.
+    molecules : (Molecules, ndarray), optional
+        :func:`~deltaml.crystals.whole_molecules` of the (one) structure, when
+        known already (each piece would otherwise find them again).
 
     Returns
     -------
@@ -87,34 +101,47 @@ def split_by_molecule(
     ------
     TopologyError
         A molecule bonded to its own periodic image.
+    ParameterError
+        ``centres`` that cut a molecule.
     """
     frames = [frames] if isinstance(frames, Atoms) else list(frames)
     gradients = tuple(dict.fromkeys((gradients,) if isinstance(gradients, str) else gradients))
-    full = soap.compute(frames, gradients, normalise=False)
-    n_atoms = len(full.values)
+    if (centres is not None or molecules is not None) and len(frames) != 1:
+        raise ParameterError("centres and molecules need exactly one structure")
+    full = soap.compute(frames, gradients, normalise=False, centres=centres)
+    n_atoms = full.atom_count  # what gradient atom indices run over
+    n_rows = len(full.values)
+    row_of = np.arange(n_atoms)
+    if centres is not None:
+        row_of = np.full(n_atoms, -1, dtype=np.int64)
+        row_of[centres] = np.arange(n_rows)
     pieces, owners, labels = [], [], []
     unwrapped = np.zeros((n_atoms, 3))
     for k, atoms in enumerate(frames):
-        molecules, positions = whole_molecules(atoms)
-        start = int(full.offsets[k])
+        found, positions = molecules if molecules is not None else whole_molecules(atoms)
+        start = 0 if centres is not None else int(full.offsets[k])
         unwrapped[start : start + len(atoms)] = positions
-        labels.append(molecules.labels)
-        for m in range(len(molecules.formulas)):
-            index = np.flatnonzero(molecules.labels == m)
+        labels.append(found.labels)
+        wanted = range(len(found.formulas))
+        if centres is not None:
+            wanted = np.unique(found.labels[centres])
+            if np.count_nonzero(np.isin(found.labels, wanted)) != n_rows:
+                raise ParameterError("centres must be whole molecules")
+        for m in wanted:
+            index = np.flatnonzero(found.labels == m)
             pieces.append(Atoms(numbers=atoms.numbers[index], positions=positions[index]))
             owners.append(start + index)
-    owner = np.concatenate(owners)
+    owner = np.concatenate(owners)  # atom index of each own row
     own_gradients = ("positions",) if gradients else ()
     own = soap.compute(pieces, own_gradients, normalise=False)
-    # Rows of ``own`` are molecule by molecule; put them back in atom order.
+    # Rows of ``own`` are molecule by molecule; put them back in row order.
     own_values = np.empty_like(own.values)
-    own_values[owner] = own.values
-    intra = DescriptorBatch(values=own_values, numbers=full.numbers, offsets=full.offsets)
-    inter = DescriptorBatch(
-        values=full.values - own_values, numbers=full.numbers, offsets=full.offsets
-    )
+    own_values[row_of[owner]] = own.values
+    shared = {"numbers": full.numbers, "offsets": full.offsets, "n_atoms": full.n_atoms}
+    intra = DescriptorBatch(values=own_values, **shared)
+    inter = DescriptorBatch(values=full.values - own_values, **shared)
     if "positions" in gradients:
-        rows, moved = owner[own.position_rows], owner[own.position_atoms]
+        rows, moved = row_of[owner[own.position_rows]], owner[own.position_atoms]
         order = np.lexsort((moved, rows))
         intra.position_rows, intra.position_atoms = rows[order], moved[order]
         intra.position_gradients = own.position_gradients[order]
@@ -127,7 +154,7 @@ def split_by_molecule(
         contribution = np.einsum(
             "pa,pcf->pacf", unwrapped[intra.position_atoms], intra.position_gradients
         )
-        starts = np.searchsorted(intra.position_rows, np.arange(n_atoms))
+        starts = np.searchsorted(intra.position_rows, np.arange(n_rows))
         own_strain = np.add.reduceat(contribution, starts, axis=0)
         intra.strain_gradients = own_strain
         inter.strain_gradients = full.strain_gradients - own_strain

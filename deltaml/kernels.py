@@ -50,6 +50,24 @@ def kernel_values(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray,
     return k, zeta * k, zeta * zeta * k
 
 
+#: Rows per block of a kernel sum between two sets of rows (bounds its memory).
+BLOCK_ROWS = 2048
+
+
+def _kernel_sum(x: NDArray, y: NDArray, kind: str, zeta: float) -> float:
+    """Σ_ij k(x_i·y_j) in memory linear in the rows (and time, where the kernel allows)."""
+    n_features = x.shape[1]
+    if kind == "dot" and zeta == 1:
+        return float(x.sum(axis=0) @ y.sum(axis=0))
+    if kind == "dot" and zeta == 2 and min(len(x), len(y)) > n_features:
+        return float(np.sum((x.T @ x) * (y.T @ y)))
+    total = 0.0
+    for start in range(0, len(x), BLOCK_ROWS):
+        k, _, _ = kernel_values(x[start : start + BLOCK_ROWS] @ y.T, kind, zeta)
+        total += float(np.sum(k))
+    return total
+
+
 @dataclass
 class KernelTerm:
     """One sparse GP term over per-atom rows (see the module docstring).
@@ -108,8 +126,12 @@ class KernelTerm:
     def rows(
         self, batch: DescriptorBatch, n_frames: int, forces: bool, virial: bool
     ) -> dict[str, NDArray[np.float64]]:
-        """Kernel rows of energies, forces (−dE/dr) and virials (dE/dε, Voigt) per frame."""
-        n_atoms = len(batch.values)
+        """Kernel rows of energies, forces (−dE/dr) and virials (dE/dε, Voigt) per frame.
+
+        Force rows run over ``batch.atom_count`` atoms (all atoms of the structure
+        when the batch holds the rows of some centres only).
+        """
+        n_rows, n_atoms = len(batch.values), batch.atom_count
         frame_of_row = np.repeat(np.arange(n_frames), np.diff(batch.offsets))
         out = {"energy": np.zeros((n_frames, self.size))}
         if forces:
@@ -127,7 +149,7 @@ class KernelTerm:
             np.add.at(block, frame_of_row[rows], d2 * k)
             out["energy"][:, cols] = block
             if forces:
-                local = np.full(n_atoms, -1)
+                local = np.full(n_rows, -1)
                 local[rows] = np.arange(len(rows))
                 pairs = np.flatnonzero(local[batch.position_rows] >= 0)
                 grad = batch.position_gradients[pairs]  # (p, 3, F)
@@ -156,10 +178,40 @@ class KernelTerm:
         With w_i = δ² Σ_m α_m k'(x_i·x_m) x_m, dE/dr = Σ_i (dx_i/dr)·w_i: the cost is
         atoms × sparse points × features once, instead of per force component.
         """
+        energy, force_out, virial_out, _ = self.evaluate(batch, alpha, forces, virial)
+        return energy, force_out, virial_out
+
+    def evaluate(
+        self,
+        batch: DescriptorBatch,
+        alpha: NDArray,
+        forces: bool,
+        virial: bool,
+        atom_rows: bool = False,
+    ) -> tuple[float, NDArray | None, NDArray | None, NDArray | None]:
+        """:meth:`energy_and_gradients`, and :meth:`atom_rows` from the same kernel values.
+
+        The kernel between the rows and the sparse points is the costly product
+        (the sparse rows are streamed from memory once per call): the energy
+        variance needs it too, so it is formed once.
+
+        Returns
+        -------
+        energy : float
+            eV.
+        forces : ndarray of shape (n_atoms, 3) or None
+            eV/Å.
+        virial : ndarray of shape (3, 3) or None
+            dE/dε, eV.
+        rows : ndarray of shape (n_rows, size) or None
+            δ² k(x_i, x_m) (eV²), with ``atom_rows``.
+        """
         d2 = self.delta**2
-        n_atoms = len(batch.values)
+        n_atoms = batch.atom_count
         energy = 0.0
-        weights = np.zeros_like(batch.values)
+        gradients = forces or virial
+        weights = np.zeros_like(batch.values) if gradients else None
+        rows_out = np.zeros((len(batch.values), self.size)) if atom_rows else None
         for z, cols in self.columns().items():
             rows = np.flatnonzero(batch.numbers == z)
             if not len(rows):
@@ -167,7 +219,10 @@ class KernelTerm:
             sparse, a = self.sparse_values[cols], alpha[cols]
             k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
             energy += d2 * float(np.sum(k @ a))
-            weights[rows] = d2 * (dk * a) @ sparse
+            if gradients:
+                weights[rows] = d2 * (dk * a) @ sparse
+            if atom_rows:
+                rows_out[np.ix_(rows, cols)] = d2 * k
         force_out = virial_out = None
         if forces:
             per_pair = np.einsum(
@@ -178,7 +233,7 @@ class KernelTerm:
             force_out = -gradient
         if virial:
             virial_out = np.einsum("iabf,if->ab", batch.strain_gradients, weights)
-        return energy, force_out, virial_out
+        return energy, force_out, virial_out, rows_out
 
     def prior_atom_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each atomic energy, δ² k(x_i·x_i) (eV²)."""
@@ -188,21 +243,34 @@ class KernelTerm:
         return self.delta**2 * k
 
     def prior_energy_covariance(self, first: DescriptorBatch, second: DescriptorBatch) -> float:
-        """Prior covariance of two frames' energies (eV²): δ² Σ_ij k(x_i·x_j), same element."""
-        same = first.numbers[:, None] == second.numbers[None, :]
-        k, _, _ = kernel_values(first.values @ second.values.T, self.kernel, self.zeta)
-        return self.delta**2 * float(np.sum(np.where(same, k, 0.0)))
+        """Prior covariance of two frames' energies (eV²): δ² Σ_ij k(x_i·x_j), same element.
+
+        Element by element, in blocks of :data:`BLOCK_ROWS` rows: memory grows
+        linearly with the rows. With the dot kernel and ζ = 1 or 2 on more rows
+        than features, through the sums Σ_i x_i (ζ = 1) or Σ_i x_i x_iᵀ (ζ = 2):
+        time grows linearly too (Σ_ij (x_i·y_j)² = tr(XᵀX YᵀY)).
+        """
+        total = 0.0
+        for z in np.intersect1d(first.numbers, second.numbers):
+            x = first.values[first.numbers == z]
+            y = second.values[second.numbers == z]
+            total += _kernel_sum(x, y, self.kernel, self.zeta)
+        return self.delta**2 * total
 
     def prior_force_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
-        """Prior variance of each force component (eV²/Å²), exactly, pair by pair."""
+        """Prior variance of each force component (eV²/Å²), exactly, pair by pair.
+
+        Over ``batch.atom_count`` atoms; an atom's value is complete only if the
+        batch holds every row whose environment contains it.
+        """
         d2 = self.delta**2
         values, numbers = batch.values, batch.numbers
-        n_atoms = len(values)
+        n_atoms = batch.atom_count
         prior = np.zeros(3 * n_atoms)
         order = np.argsort(batch.position_atoms, kind="stable")
         atoms_sorted = batch.position_atoms[order]
         bounds = np.searchsorted(atoms_sorted, np.arange(n_atoms + 1))
-        for j in range(n_atoms):
+        for j in np.unique(atoms_sorted):  # atoms with rows in this batch
             pairs = order[bounds[j] : bounds[j + 1]]
             rows = batch.position_rows[pairs]
             x = values[rows]

@@ -571,3 +571,58 @@ def test_stability_samples_ask_for_the_force_uncertainty(fitted_model):
     assert all("max_force_uncertainty_ev_a" in row for row in out["samples"])
     assert "forces" in out["calibration"]
     assert calc.parameters.force_uncertainty is False
+
+
+def _water_box() -> Atoms:
+    """Eight waters in a 6.2 Å periodic cube (24 atoms)."""
+    box = Atoms(cell=np.eye(3) * 6.2, pbc=True)
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate((np.array(np.unravel_index(k, (2, 2, 2))) + 0.5) * 3.1)
+        box += water
+    return box
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_model_in_pieces_equals_whole_and_pieces_bound_memory(fitted_model, periodic, monkeypatch):
+    """Issue 13, item 11: a large structure is predicted in pieces of whole molecules
+    (the descriptor gradients, the largest arrays, then follow the piece, not the
+    structure), with the results of one piece to round-off."""
+    from deltaml.descriptors import SOAPDescriptor
+
+    atoms = _water_box()
+    atoms.pbc = periodic
+    stress = periodic
+    whole = fitted_model.predict(atoms, stress=stress, force_uncertainty=True)
+    rows: list[int] = []
+    compute = SOAPDescriptor.compute
+
+    def counting(self, frames, gradients=(), **kwargs):
+        batch = compute(self, frames, gradients, **kwargs)
+        if kwargs.get("centres") is not None:
+            rows.append(len(batch.values))
+        return batch
+
+    monkeypatch.setattr(SOAPDescriptor, "compute", counting)
+    monkeypatch.setattr(fitted_model, "chunk_atoms", 6, raising=False)
+    pieces = fitted_model.predict(atoms, stress=stress, force_uncertainty=False)
+    assert rows and max(rows) <= 6 + 2  # a piece closes on a whole molecule
+    assert sum(rows) == len(atoms)
+    assert pieces.forces_uncertainty is None
+    assert pieces.energy == pytest.approx(whole.energy, abs=1e-10)
+    np.testing.assert_allclose(pieces.forces, whole.forces, atol=1e-10)
+    if stress:
+        np.testing.assert_allclose(pieces.stress, whole.stress, atol=1e-12)
+    assert pieces.energy_uncertainty == pytest.approx(whole.energy_uncertainty, rel=1e-9)
+    np.testing.assert_allclose(
+        pieces.energies_uncertainty, whole.energies_uncertainty, rtol=1e-9, atol=1e-12
+    )
+    for name, value in whole.parts.items():
+        assert pieces.parts[name] == pytest.approx(value, abs=1e-10)
+    # The force uncertainty in pieces: each grown by its neighbours, same numbers.
+    asked = fitted_model.predict(atoms, stress=stress, force_uncertainty=True)
+    np.testing.assert_allclose(
+        asked.forces_uncertainty, whole.forces_uncertainty, rtol=1e-9, atol=1e-12
+    )

@@ -341,3 +341,65 @@ def test_isolated_atom_keeps_its_zero_self_pair(backend):
     assert batch.position_rows.tolist() == [0, 1]
     assert batch.position_atoms.tolist() == [0, 1]
     assert not batch.position_gradients.any()
+
+
+# ---------------------------------------------------------------- rows of some centres
+
+
+def _water_box() -> Atoms:
+    """Eight waters in a 6.2 Å periodic cube (24 atoms)."""
+    from ase.build import molecule
+
+    box = Atoms(cell=np.eye(3) * 6.2, pbc=True)
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate((np.array(np.unravel_index(k, (2, 2, 2))) + 0.5) * 3.1)
+        box += water
+    return box
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_rows_of_some_centres_equal_those_of_the_whole_structure(periodic):
+    """Issue 13, item 11: a piece of the centres gives exactly the rows and gradients
+    the whole structure gives them (gradients with respect to any atom)."""
+    atoms = _water_box()
+    atoms.pbc = periodic
+    descriptor = soap(species=(1, 8), **TINY)
+    kinds = ("positions", "strain") if periodic else ("positions",)
+    whole = descriptor.compute(atoms, kinds)
+    centres = np.arange(6, 15)
+    piece = descriptor.compute(atoms, kinds, centres=centres)
+    assert piece.atom_count == len(atoms) and len(piece.values) == len(centres)
+    np.testing.assert_array_equal(piece.values, whole.values[centres])
+    np.testing.assert_array_equal(piece.numbers, atoms.numbers[centres])
+    mine = np.isin(whole.position_rows, centres)
+    np.testing.assert_array_equal(centres[piece.position_rows], whole.position_rows[mine])
+    np.testing.assert_array_equal(piece.position_atoms, whole.position_atoms[mine])
+    assert piece.position_atoms.max() >= centres.max()  # atoms outside the piece move it
+    np.testing.assert_array_equal(piece.position_gradients, whole.position_gradients[mine])
+    if periodic:
+        np.testing.assert_array_equal(piece.strain_gradients, whole.strain_gradients[centres])
+
+
+def test_centres_are_checked(water, ethanol):
+    descriptor = soap()
+    with pytest.raises(ParameterError, match="ascending"):
+        descriptor.compute(ethanol, centres=[3, 1])
+    with pytest.raises(UnsupportedCapabilityError, match="one structure"):
+        descriptor.compute([water, ethanol], centres=[0])
+
+
+def test_centre_chunks_cover_every_atom_in_whole_molecules():
+    from deltaml.descriptors import centre_chunks
+
+    labels = np.array([0, 0, 1, 2, 1, 2, 2, 3, 3, 4])
+    chunks = centre_chunks(len(labels), 3, labels)
+    np.testing.assert_array_equal(np.sort(np.concatenate(chunks)), np.arange(len(labels)))
+    for chunk in chunks:
+        assert np.all(np.diff(chunk) > 0)
+        for m in np.unique(labels[chunk]):  # a molecule is never cut
+            assert set(np.flatnonzero(labels == m)) <= set(chunk)
+    assert [len(c) for c in centre_chunks(7, 3)] == [3, 3, 1]
+    assert len(centre_chunks(7, 10)) == 1
