@@ -866,6 +866,12 @@ def active_learn_command(
     charge: int | None, multiplicity: int | None, workers: int, seed: int,
 ) -> None:  # fmt: skip
     """Grow the store where the composite is uncertain (resumes from --workdir)."""
+    if reference != "dft":
+        raise click.UsageError(
+            f"active-learn needs a reference with forces and a D3 partner (dft); "
+            f"--reference {reference} has {'no forces' if reference == 'mp2' else 'no D3 partner'}"
+        )
+    _check_creatable(workdir, "--workdir")
     starting = _read_all(start)
     settings: dict[str, Any] = {"method": reference, "xc": xc, "basis": basis}
     with _user_errors(store_url):

@@ -676,3 +676,16 @@ def test_label_refuses_a_malformed_dispersion_before_opening_the_store(water, tm
     result = run_cli("label", str(path), "--store", str(store), "--dispersion", "d3bj")
     assert_one_line_error(result, r"dispersion 'd3bj' is not of the form DAMPING:FUNCTIONAL")
     assert not store.exists()
+
+
+def test_active_learn_refuses_what_it_cannot_finish_before_starting(tmp_path):
+    start = tmp_path / "start.xyz"
+    write(start, Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0, 0.93, -0.25]]))
+    base = ["active-learn", "--store", str(tmp_path / "s.db"), "--start", str(start)]
+    result = run_cli(*base, "--workdir", str(tmp_path / "al"), "--reference", "hf")
+    assert result.exit_code == 2 and "--reference hf has no D3 partner" in result.stderr
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_cli(*base, "--workdir", str(blocker / "al"))
+    assert_one_line_error(result, r"--workdir .* cannot be created in .*a_file")
+    assert not (tmp_path / "s.db").exists()
