@@ -392,6 +392,14 @@ def test_unreadable_labelled_data_is_one_line(tmp_path):
     for args in (["fit", "--data", str(path), "-o", str(tmp_path / "m.npz")],
                  ["import", str(path), "--store", str(tmp_path / "s.db")]):  # fmt: skip
         assert_one_line_error(run_cli(*args), r"cannot read .*input\.extxyz")
+    labelled = tmp_path / "labelled.extxyz"
+    labelled.write_text(NH4)
+    for record in ("{not json", bytes(range(256))):
+        record_file = tmp_path / "record.json"
+        (record_file.write_text if isinstance(record, str) else record_file.write_bytes)(record)
+        result = run_cli("import", str(labelled), "--store", str(tmp_path / "s.db"),
+                         "--record", str(record_file))  # fmt: skip
+        assert_one_line_error(result, r"--record .*record\.json: not JSON")
 
 
 @pytest.fixture(scope="module")
