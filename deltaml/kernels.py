@@ -30,6 +30,7 @@ import scipy.sparse
 from numpy.typing import NDArray
 
 from deltaml.descriptors import DescriptorBatch
+from deltaml.structures import VOIGT_INDICES
 
 __all__ = ["KERNELS", "VOIGT", "KernelTerm", "kernel_values"]
 
@@ -37,7 +38,7 @@ __all__ = ["KERNELS", "VOIGT", "KernelTerm", "kernel_values"]
 KERNELS = ("dot", "exp")
 
 #: Voigt order of ASE: xx, yy, zz, yz, xz, xy, as index pairs into a 3×3 tensor.
-VOIGT = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
+VOIGT = VOIGT_INDICES  # one definition, in deltaml.structures
 
 
 def kernel_values(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
@@ -256,6 +257,44 @@ class KernelTerm:
             y = second.values[second.numbers == z]
             total += _kernel_sum(x, y, self.kernel, self.zeta)
         return self.delta**2 * total
+
+    def gradient_sums(
+        self, batch: DescriptorBatch, sums: dict[int, NDArray] | None = None
+    ) -> dict[int, NDArray[np.float64]]:
+        """Σ_i dx_i/dr_j over the rows i of each element, added to ``sums``.
+
+        ``{element: array of shape (atom_count, 3, n_features)}``. With the dot
+        kernel and ζ = 1 the prior force variance is δ² Σ_z |Σ_{i∈z} dx_i/dr_j|²
+        (:meth:`prior_force_variance_from_sums`): sums over pieces of the rows
+        add up, so a structure done in pieces needs no piece to hold every row
+        that an atom moves.
+        """
+        sums = {} if sums is None else sums
+        n_atoms, width = batch.atom_count, batch.values.shape[1]
+        element = batch.numbers[batch.position_rows]
+        for z in np.unique(element):
+            pairs = np.flatnonzero(element == z)
+            gather = scipy.sparse.csr_matrix(
+                (np.ones(len(pairs)), (batch.position_atoms[pairs], np.arange(len(pairs)))),
+                shape=(n_atoms, len(pairs)),
+            )
+            part = gather @ batch.position_gradients[pairs].reshape(len(pairs), 3 * width)
+            part = part.reshape(n_atoms, 3, width)
+            if int(z) in sums:
+                sums[int(z)] += part
+            else:
+                sums[int(z)] = part
+        return sums
+
+    def prior_force_variance_from_sums(self, sums: dict[int, NDArray]) -> NDArray[np.float64]:
+        """Prior variance of each force component (eV²/Å²) from :meth:`gradient_sums`.
+
+        Exact for the dot kernel with ζ = 1 (k' = 1, k'' = 0) only.
+        """
+        if self.kernel != "dot" or self.zeta != 1:
+            raise ValueError("prior_force_variance_from_sums needs the dot kernel with zeta = 1")
+        total = sum(np.einsum("jaf,jaf->ja", g, g) for g in sums.values())
+        return self.delta**2 * np.asarray(total).ravel()
 
     def prior_force_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each force component (eV²/Å²), exactly, pair by pair.

@@ -711,6 +711,20 @@ class SparseGPR(BaseEstimator):
             if chunks == [None]:
                 force_rows = self._rows(features, 1, True, False)["forces"]
                 variance = self._force_variance(features, force_rows)
+            elif self.molecular and self.terms_[1].kernel == "dot" and self.terms_[1].zeta == 1:
+                # Intra rows move with their own molecule only, which is in the piece;
+                # the inter term's prior adds up from per-piece gradient sums, and
+                # the force kernel rows add up over pieces.
+                force_rows = np.zeros((3 * len(atoms), len(self.alpha_)))
+                prior = np.zeros(3 * len(atoms))
+                sums: dict[int, NDArray] | None = None
+                for centres in chunks:
+                    intra, inter = features_of(centres, ("positions",))
+                    force_rows += self._rows([intra, inter], 1, True, False)["forces"]
+                    prior += self.terms_[0].prior_force_variance(intra)
+                    sums = self.terms_[1].gradient_sums(inter, sums)
+                prior += self.terms_[1].prior_force_variance_from_sums(sums or {})
+                variance = np.maximum(prior + self._posterior_terms(force_rows), 0.0)
             else:
                 # The force on atom j sees every row whose environment holds j: each
                 # piece is grown by its neighbours within the cut-off (whole molecules)

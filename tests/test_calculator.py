@@ -585,13 +585,31 @@ def _water_box() -> Atoms:
     return box
 
 
-@pytest.mark.parametrize("periodic", [True, False])
-def test_model_in_pieces_equals_whole_and_pieces_bound_memory(fitted_model, periodic, monkeypatch):
+@pytest.fixture(scope="module")
+def atomic_model(stand_in_labels):
+    from deltaml.dataset import delta_targets
+    from deltaml.model import SparseGPR
+
+    targets, terms = delta_targets(stand_in_labels(30, seed=0))
+    descriptor = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
+    model = SparseGPR(descriptor=descriptor, n_sparse=40, decomposition="atomic")
+    return model.fit(targets, trained_with=terms)
+
+
+@pytest.mark.parametrize(
+    ("periodic", "decomposition"), [(True, "molecular"), (False, "molecular"), (True, "atomic")]
+)
+def test_model_in_pieces_equals_whole_and_pieces_bound_memory(
+    request, periodic, decomposition, monkeypatch
+):
     """Issue 13, item 11: a large structure is predicted in pieces of whole molecules
     (the descriptor gradients, the largest arrays, then follow the piece, not the
     structure), with the results of one piece to round-off."""
     from deltaml.descriptors import SOAPDescriptor
 
+    fitted_model = request.getfixturevalue(
+        "fitted_model" if decomposition == "molecular" else "atomic_model"
+    )
     atoms = _water_box()
     atoms.pbc = periodic
     stress = periodic
@@ -619,9 +637,10 @@ def test_model_in_pieces_equals_whole_and_pieces_bound_memory(fitted_model, peri
     np.testing.assert_allclose(
         pieces.energies_uncertainty, whole.energies_uncertainty, rtol=1e-9, atol=1e-12
     )
-    for name, value in whole.parts.items():
+    for name, value in (whole.parts or {}).items():
         assert pieces.parts[name] == pytest.approx(value, abs=1e-10)
-    # The force uncertainty in pieces: each grown by its neighbours, same numbers.
+    # The force uncertainty in pieces (molecular: gradient sums; atomic: each piece
+    # grown by its neighbours), same numbers.
     asked = fitted_model.predict(atoms, stress=stress, force_uncertainty=True)
     np.testing.assert_allclose(
         asked.forces_uncertainty, whole.forces_uncertainty, rtol=1e-9, atol=1e-12
