@@ -46,9 +46,11 @@ from deltaml.calculator import DeltaCalculator
 from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
+from deltaml.files import atomic_path, write_text_atomic
 from deltaml.labelling import label_structures
 from deltaml.model import SparseGPR, kernel_values
 from deltaml.reference import PySCFReference
+from deltaml.sampling import farthest_points
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
 
@@ -156,9 +158,10 @@ class ActiveLearner:
         return json.loads(self.history_path.read_text())["iterations"]
 
     def _write_history(self) -> None:
-        partial = self.history_path.with_suffix(".partial")
-        partial.write_text(json.dumps({"iterations": self.history}, indent=1, sort_keys=True))
-        partial.replace(self.history_path)  # atomic: a kill never leaves half a history
+        # Atomic: a kill never leaves half a history.
+        write_text_atomic(
+            self.history_path, json.dumps({"iterations": self.history}, indent=1, sort_keys=True)
+        )
 
     def _folder(self, iteration: int) -> Path:
         folder = self.workdir / f"iteration_{iteration}"
@@ -281,9 +284,8 @@ class ActiveLearner:
                 except Exception:  # an unstable run: its frames so far are candidates
                     pass
         path = self._folder(k) / "candidates.extxyz"
-        partial = path.with_suffix(".partial.extxyz")
-        write(partial, candidates, format="extxyz")
-        partial.replace(path)
+        with atomic_path(path) as partial:
+            write(partial, candidates, format="extxyz")
         sigma = [a.info["uncertainty"] for a in candidates]
         return {
             "n_candidates": len(candidates),
@@ -396,12 +398,10 @@ def select_batch(
         raise ParameterError("selection='uncertainty' needs the candidates' uncertainty")
     keep = np.argsort(-np.asarray(uncertainty), kind="stable")[: max(pool, count)]
     vectors = np.array([_mean_descriptor(model, candidates[i]) for i in keep])
-    picked = [0]  # the most uncertain first, then farthest points
-    distance = np.linalg.norm(vectors - vectors[0], axis=1)
-    while len(picked) < count:
-        nxt = int(np.argmax(distance))
-        picked.append(nxt)
-        distance = np.minimum(distance, np.linalg.norm(vectors - vectors[nxt], axis=1))
+    picked = farthest_points(vectors, count, first=0)  # the most uncertain first
+    if len(picked) < count:  # duplicates left: the next most uncertain of them
+        rest = [i for i in range(len(keep)) if i not in set(picked.tolist())]
+        picked = np.concatenate([picked, rest[: count - len(picked)]])
     return sorted(int(keep[i]) for i in picked)
 
 

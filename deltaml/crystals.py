@@ -17,8 +17,10 @@ Ice polymorphs come from GenIce2 (Matsumoto et al., J. Comput. Chem. 39, 61
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -63,6 +65,19 @@ class Molecules:
         return dict(sorted(out.items()))
 
 
+def bonded_pairs(atoms: Atoms, scale: float = BOND_SCALE) -> set[tuple[int, int]]:
+    """Bonded pairs (i < j): closer than ``scale`` × the sum of covalent radii.
+
+    The one bond rule of deltaml (molecules of crystals and of the molecular
+    decomposition, bonding changes, MD stability), with ASE's covalent radii;
+    periodic images count.
+    """
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=scale))
+    return {(int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j}
+
+
 def identify_molecules(atoms: Atoms, *, scale: float = BOND_SCALE) -> Molecules:
     """Split a structure into molecules from its covalent bonds.
 
@@ -77,13 +92,14 @@ def identify_molecules(atoms: Atoms, *, scale: float = BOND_SCALE) -> Molecules:
     -------
     Molecules
     """
-    from ase.neighborlist import natural_cutoffs, neighbor_list
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     if len(atoms) == 0:
         raise ParameterError("the structure has no atoms")
-    first, second = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=scale))
+    pairs = sorted(bonded_pairs(atoms, scale))
+    first = np.array([i for i, _ in pairs], dtype=int)
+    second = np.array([j for _, j in pairs], dtype=int)
     n = len(atoms)
     graph = coo_matrix((np.ones(len(first)), (first, second)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
@@ -97,7 +113,7 @@ def identify_molecules(atoms: Atoms, *, scale: float = BOND_SCALE) -> Molecules:
         Atoms(symbols[labels == k].tolist()).get_chemical_formula("hill")
         for k in range(len(first_atom))
     ]
-    bonds = frozenset((int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j)
+    bonds = frozenset(pairs)
     return Molecules(labels=labels.astype(np.int64), formulas=formulas, bonds=bonds)
 
 
@@ -399,23 +415,39 @@ def genice_water() -> object:
     return _Water()
 
 
+class _GenIceProgressFilter:
+    """Logging filter: drops GenIce2's (and genice-core's) records below WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = str(getattr(record, "pathname", ""))
+        level = getattr(record, "levelno", logging.WARNING)
+        ours = any(part in ("genice2", "genice_core") for part in Path(path).parts)
+        return not (ours and level < logging.WARNING)
+
+
 @cache
 def _genice_cell(lattice: str, options: tuple[str, ...], seed: int) -> Atoms:
     """GenIce2's cell of a lattice at its default density (cached: it is deterministic)."""
-    import logging
-
     from genice2.genice import GenIce
     from genice2.plugin import Format, Lattice
 
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
-    np.random.seed(seed)  # noqa: NPY002 -- GenIce2 draws from numpy's global generator
-    ice = GenIce(
-        Lattice(lattice, **dict.fromkeys(options, True)),
-        density=0,
-        reshape=np.eye(3, dtype=int),
-    )
-    # depol="strict": disordered phases get a proton arrangement with no net dipole.
-    raw = ice.generate_ice(Format("raw", stage=(1, 7)), water=genice_water(), depol="strict")
+    # GenIce2 logs its progress at INFO on the root logger: drop those records while
+    # it runs (a filter on its own records; the root logger's level is left alone).
+    root = logging.getLogger()
+    quiet = _GenIceProgressFilter()
+    root.addFilter(quiet)
+    try:
+        np.random.seed(seed)  # noqa: NPY002 -- GenIce2 draws from numpy's global generator
+        ice = GenIce(
+            Lattice(lattice, **dict.fromkeys(options, True)),
+            density=0,
+            reshape=np.eye(3, dtype=int),
+        )
+        # depol="strict": disordered phases get a proton arrangement with no net dipole.
+        raw = ice.generate_ice(Format("raw", stage=(1, 7)), water=genice_water(), depol="strict")
+        del ice  # it logs "Completed." when it is collected: while the filter is on
+    finally:
+        root.removeFilter(quiet)
     positions = [np.asarray(p) * 10.0 for u in raw["mols"] for p in u.positions]  # nm → Å
     return Atoms(
         symbols="OHH" * len(positions),

@@ -39,8 +39,9 @@ from deltaml.errors import (
     MethodMismatchError,
     MissingLabelError,
 )
+from deltaml.files import atomic_path
 from deltaml.store import LabelStore, label_key
-from deltaml.structures import charge_and_multiplicity
+from deltaml.structures import charge_and_multiplicity, to_voigt
 
 __all__ = [
     "DELTA_BASELINE",
@@ -120,9 +121,8 @@ def write_labelled(path: str | Path, structures: Sequence[Atoms]) -> int:
                 frame.info[key] = json.dumps(value, sort_keys=True)
         frames.append(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    write(partial, frames, format="extxyz")
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        write(partial, frames, format="extxyz")
     return len(frames)
 
 
@@ -484,12 +484,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _voigt(stress: Any) -> np.ndarray | None:
-    if stress is None:
-        return None
-    stress = np.asarray(stress, dtype=float)
-    if stress.shape == (3, 3):
-        return stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
-    return stress
+    return None if stress is None else to_voigt(stress)
 
 
 def delta_targets(

@@ -25,6 +25,8 @@ from ase.data import chemical_symbols
 from ase.units import kcal, mol
 from numpy.typing import NDArray
 
+from deltaml.crystals import BOND_SCALE, bonded_pairs
+
 __all__ = [
     "GAUSSIAN_COVERAGE",
     "Predictions",
@@ -430,12 +432,9 @@ def calibration(predictions: Predictions) -> dict[str, dict[str, float]]:
 # -- MD stability ---------------------------------------------------------------------
 
 
-def bonds(atoms: Atoms, scale: float = 1.25) -> set[tuple[int, int]]:
-    """Bonded pairs (i < j): closer than ``scale`` × the sum of covalent radii."""
-    from ase.neighborlist import natural_cutoffs, neighbor_list
-
-    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=scale))
-    return {(int(a), int(b)) for a, b in zip(i, j, strict=True) if a < b}
+def bonds(atoms: Atoms, scale: float = BOND_SCALE) -> set[tuple[int, int]]:
+    """Bonded pairs (i < j): :func:`deltaml.crystals.bonded_pairs` (the one bond rule)."""
+    return bonded_pairs(atoms, scale)
 
 
 class _Unstable(Exception):
@@ -453,7 +452,7 @@ def md_stability(
     seed: int = 0,
     interval: int = 10,
     min_distance: float = 0.6,
-    bond_scale: float = 1.25,
+    bond_scale: float = BOND_SCALE,
     break_scale: float = 1.6,
     form_scale: float = 1.05,
     drift_threshold: float = 5e-3,

@@ -28,7 +28,7 @@ normalised SOAP power spectrum :math:`\hat x_i`:
     \qquad k(c) = c^\zeta \ \text{(dot)} \quad\text{or}\quad e^{\zeta (c - 1)} \ \text{(exp)},
 
 over sparse (representative) environments :math:`\hat x_m` of the same element,
-chosen by farthest-point sampling or CUR. Energies, forces and virials are all
+chosen by farthest-point sampling or leverage scores. Energies, forces and virials are all
 linear functionals of the same latent field, so they are fitted jointly, each with
 its own noise (:math:`\sigma_E\sqrt{N}`, :math:`\sigma_F`, :math:`\sigma_V\sqrt{N}`),
 by the projected-process (DTC) approximation:
@@ -53,7 +53,6 @@ import hashlib
 import itertools
 import warnings
 from collections.abc import Iterable, Sequence
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +69,20 @@ from deltaml.dataset import interaction_groups
 from deltaml.descriptors import DescriptorBatch, SOAPDescriptor
 from deltaml.errors import (
     MissingLabelError,
-    ModelFileError,
     NotFittedError,
     OutOfDomainWarning,
     ParameterError,
 )
 from deltaml.intermolecular import split_by_molecule
-from deltaml.kernels import VOIGT as _VOIGT
 from deltaml.kernels import KernelTerm, kernel_values
-from deltaml.model_files import MODEL_FORMAT, content_checksum, read_model_file, write_model_file
+from deltaml.model_files import MODEL_FORMAT, content_checksum, write_model_file
+from deltaml.model_io import (
+    DECOMPOSITIONS,
+    MODEL_FORMAT_VERSION,
+    model_arrays,
+    model_from_file,
+    model_metadata,
+)
 from deltaml.offsets import (
     DEFAULT_WIDTH,
     Offsets,
@@ -86,18 +90,15 @@ from deltaml.offsets import (
     fixed_offsets,
     split_isolated_atoms,
 )
-from deltaml.structures import composition_counts
+from deltaml.sampling import SELECTIONS, select_rows
+from deltaml.structures import composition_counts, structure_digest, to_voigt
 
 __all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR", "kernel_values"]
 
 #: Bumped whenever the arrays or metadata of a model file change meaning. Version 1
 #: (atomic decomposition only) is still read.
-MODEL_FORMAT_VERSION = 3
 
-#: Decompositions of the correction (see the module docstring).
-DECOMPOSITIONS = ("molecular", "atomic")
 _KERNELS = ("dot", "exp")
-_SELECTIONS = ("fps", "cur", "random")
 _UNCERTAINTY = ("forces", "energy", None)
 #: Prior width of the intermolecular part when the training set has no interaction
 #: energy (no complex with all its monomers), eV per atom at a typical contact:
@@ -120,7 +121,8 @@ class SparseGPR(BaseEstimator):
      decomposition    "molecular"       -       molecular (intra + inter) or atomic
      n_sparse         200               -       sparse environments per element (at most
                                                 the number of distinct ones)
-     selection        "fps"             -       fps (farthest point), cur, or random
+     selection        "fps"             -       fps (farthest point), leverage, or
+                                                random (:mod:`deltaml.sampling`)
      kernel           "dot"             -       dot: (x̂·ŷ)^ζ; exp: exp(ζ(x̂·ŷ − 1))
      zeta             2                 -       kernel exponent ζ (integer for dot)
      delta            None              eV      prior std of an atomic energy; None:
@@ -268,8 +270,8 @@ class SparseGPR(BaseEstimator):
         if self.inter_zeta < 1 or int(self.inter_zeta) != self.inter_zeta:
             # Only a polynomial of integer degree >= 1 vanishes with its row.
             raise ParameterError(f"inter_zeta must be an integer >= 1, got {self.inter_zeta}")
-        if self.selection not in _SELECTIONS:
-            raise ParameterError(f"selection must be one of {_SELECTIONS}, got {self.selection!r}")
+        if self.selection not in (*SELECTIONS, "cur"):
+            raise ParameterError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.uncertainty not in _UNCERTAINTY:
             raise ParameterError(f"uncertainty must be one of {_UNCERTAINTY}")
         for name in ("energy_sigma", "force_sigma", "virial_sigma", "jitter"):
@@ -504,12 +506,23 @@ class SparseGPR(BaseEstimator):
             mine = np.unique(np.round(mine, 12), axis=0)  # identical environments once
             # Selection compares directions; unnormalised rows keep their length.
             unit = mine / np.linalg.norm(mine, axis=1, keepdims=True)
-            picked = _select(unit, min(count, len(mine)), self.selection, rng)
+            picked = select_rows(unit, min(count, len(mine)), self._selection_rule(), rng)
             chosen_values.append(mine[picked])
             chosen_numbers.append(np.full(len(picked), z))
         if not chosen_values:
             return np.zeros((0, values.shape[1])), np.zeros(0, dtype=np.int64)
         return np.concatenate(chosen_values), np.concatenate(chosen_numbers)
+
+    def _selection_rule(self) -> str:
+        """The sparse-point rule; ``"cur"`` is the old name of leverage-score selection."""
+        if self.selection == "cur":
+            warnings.warn(
+                "selection='cur' is leverage-score selection and is now called 'leverage'",
+                FutureWarning,
+                stacklevel=3,
+            )
+            return "leverage"
+        return self.selection
 
     def _columns(self) -> list[slice]:
         """Columns of each term in the joint design matrix."""
@@ -548,9 +561,7 @@ class SparseGPR(BaseEstimator):
                 sigmas.append(np.full(3 * n_atoms.sum(), self.force_sigma))
             for k, atoms in enumerate(batch):
                 if with_stress[k]:
-                    stress = np.asarray(atoms.calc.results["stress"], dtype=float)
-                    if stress.shape == (3, 3):
-                        stress = stress[_VOIGT]
+                    stress = to_voigt(atoms.calc.results["stress"])
                     blocks.append(rows["virial"][k])
                     targets.append(stress * atoms.get_volume())
                     sigmas.append(np.full(6, self.virial_sigma * np.sqrt(len(atoms))))
@@ -685,7 +696,7 @@ class SparseGPR(BaseEstimator):
         if forces:
             result["forces"] = total_forces
         if stress:
-            result["stress"] = virial[_VOIGT] / atoms.get_volume()
+            result["stress"] = to_voigt(virial) / atoms.get_volume()
         if self.molecular:
             result["parts"] = parts
         if want_var:
@@ -897,31 +908,7 @@ class SparseGPR(BaseEstimator):
     def metadata(self) -> dict[str, Any]:
         """JSON metadata of the model file (see :meth:`save`)."""
         self._check_fitted()
-        return {
-            "format": MODEL_FORMAT,
-            "format_version": MODEL_FORMAT_VERSION,
-            "deltaml_version": _deltaml_version(),
-            "model": type(self).__name__,
-            "params": self.get_params(),
-            "decomposition": self.decomposition,
-            "terms": [
-                {"name": t.name, "kernel": t.kernel, "zeta": t.zeta, "delta_ev": t.delta}
-                for t in self.terms_
-            ],
-            "inter_scale": {chemical_symbols[z]: v for z, v in self.inter_scale_.items()},
-            "n_interactions": self.n_interactions_,
-            "descriptor": self.descriptor_.record(),
-            "species": [chemical_symbols[z] for z in self.species_],
-            "offsets_ev": {chemical_symbols[z]: v for z, v in self.offsets_.items()},
-            "offsets_anchored": [chemical_symbols[z] for z in self.offset_fit_.anchored],
-            "n_isolated_atoms": self.n_isolated_atoms_,
-            "trained_with": self.trained_with_,
-            "reference": self.reference_,
-            "training_set_sha256": self.training_set_sha256_,
-            "n_train": self.n_train_,
-            "uncertainty_scale": self.uncertainty_scale_,
-            "units": {"energy": "eV", "forces": "eV/Å", "stress": "eV/Å^3"},
-        }
+        return model_metadata(self)
 
     def save(self, path: str | Path) -> Path:
         """Write ``.npz`` arrays plus JSON metadata (no pickle), atomically, checksummed.
@@ -937,59 +924,7 @@ class SparseGPR(BaseEstimator):
 
     def _arrays(self) -> dict[str, NDArray]:
         """The arrays of the model file (see :meth:`save`)."""
-        arrays = {
-            "alpha": self.alpha_,
-            "chol_mm": self.chol_mm_,
-            "r_factor": self.r_factor_,
-            "offset_covariance": self.offset_fit_.covariance,
-            "offset_span": self.offset_fit_.span,
-        }
-        for k, term in enumerate(self.terms_):
-            arrays[f"sparse_values_{k}"] = term.sparse_values
-            arrays[f"sparse_numbers_{k}"] = term.sparse_numbers
-        return arrays
-
-    @classmethod
-    def _from_metadata(
-        cls, meta: dict[str, Any], arrays: dict[str, NDArray], params: dict, path: str | Path
-    ) -> SparseGPR:
-        """The fitted model described by checked file contents (raises KeyError etc.)."""
-        model = cls(**params)
-        model.species_ = [atomic_numbers[s] for s in meta["species"]]
-        model.descriptor_ = SOAPDescriptor.from_record(meta["descriptor"])
-        model.offsets_ = {atomic_numbers[s]: float(v) for s, v in meta["offsets_ev"].items()}
-        model.offset_fit_ = _offsets_from_file(model, meta, arrays)
-        model.n_isolated_atoms_ = int(meta.get("n_isolated_atoms", 0))
-        model.terms_ = [
-            KernelTerm(
-                t["name"],
-                t["kernel"],
-                float(t["zeta"]),
-                float(t["delta_ev"]),
-                arrays[f"sparse_values_{k}"],
-                arrays[f"sparse_numbers_{k}"],
-            )
-            for k, t in enumerate(meta["terms"])
-        ]
-        expected = ["atomic"] if params["decomposition"] == "atomic" else ["intra", "inter"]
-        if [t.name for t in model.terms_] != expected:
-            raise ModelFileError(
-                f"{path}: terms {[t.name for t in model.terms_]} do not match the "
-                f"{params['decomposition']!r} decomposition"
-            )
-        model.inter_scale_ = {
-            atomic_numbers[s]: float(v) for s, v in meta.get("inter_scale", {}).items()
-        }
-        model.n_interactions_ = int(meta.get("n_interactions", 0))
-        model.trained_with_ = meta["trained_with"]
-        model.reference_ = meta["reference"]
-        model.training_set_sha256_ = meta["training_set_sha256"]
-        model.n_train_ = int(meta["n_train"])
-        model.uncertainty_scale_ = dict(meta["uncertainty_scale"])
-        model.alpha_ = arrays["alpha"]
-        model.chol_mm_ = arrays["chol_mm"]
-        model.r_factor_ = arrays["r_factor"]
-        return model
+        return model_arrays(self)
 
     @property
     def content_sha256(self) -> str:
@@ -1005,11 +940,11 @@ class SparseGPR(BaseEstimator):
 
     @classmethod
     def load(cls, path: str | Path) -> SparseGPR:
-        """Read a model file written by :meth:`save` (format version 1 or 2).
+        """Read a model file written by :meth:`save` (format versions 1 to 3).
 
-        The file is checked before use (:func:`deltaml.model_files.read_model_file`:
-        sizes, finite values, checksum), then its arrays against its metadata
-        (shapes, species, the decomposition's terms).
+        The file is checked before use (sizes, finite values, checksum), then its
+        arrays against its metadata (shapes, species, the decomposition's terms):
+        :func:`deltaml.model_io.model_from_file`.
 
         Raises
         ------
@@ -1017,113 +952,7 @@ class SparseGPR(BaseEstimator):
             Not a deltaml model, another format version, or an inconsistent or
             damaged file (the message says what).
         """
-        meta, arrays = read_model_file(path, (1, 2, MODEL_FORMAT_VERSION))
-        version_read = meta["format_version"]
-        params = dict(meta.get("params", {}))
-        if version_read == 1:
-            # Version 1 knew only the atomic decomposition, with one term.
-            params["decomposition"] = "atomic"
-            meta["terms"] = [
-                {"name": "atomic", "kernel": params.get("kernel"), "zeta": params.get("zeta"),
-                 "delta_ev": meta.get("delta_ev")}
-            ]  # fmt: skip
-            for name in ("sparse_values", "sparse_numbers"):
-                if name in arrays:
-                    arrays[f"{name}_0"] = arrays[name]
-        elif meta.get("decomposition") not in DECOMPOSITIONS or "terms" not in meta:
-            raise ModelFileError(
-                f"{path}: decomposition {meta.get('decomposition')!r} or its terms missing or "
-                f"unknown (expected one of {DECOMPOSITIONS})"
-            )
-        params["decomposition"] = meta.get("decomposition", "atomic")
-        needed = ["alpha", "chol_mm", "r_factor"]
-        if version_read >= 3:
-            needed += ["offset_covariance", "offset_span"]
-        needed += [
-            f"{name}_{k}"
-            for k in range(len(meta["terms"]))
-            for name in ("sparse_values", "sparse_numbers")
-        ]
-        missing = [name for name in needed if name not in arrays]
-        if missing:
-            raise ModelFileError(f"{path}: array(s) {missing} missing; the file is incomplete")
-        try:
-            model = cls._from_metadata(meta, arrays, params, path)
-        except ModelFileError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ModelFileError(f"{path}: metadata incomplete or invalid ({exc!r})") from exc
-        model.content_sha256_ = meta.get("content_sha256")
-        _check_consistent(model, path)
-        return model
-
-
-def _check_consistent(model: SparseGPR, path: str | Path) -> None:
-    """Refuse a loaded model whose arrays do not fit its metadata (shapes, species, scales)."""
-    problems = []
-    width = model.descriptor_.n_features
-    sizes = [t.size for t in model.terms_]
-    for term in model.terms_:
-        values, numbers = term.sparse_values, term.sparse_numbers
-        if values.ndim != 2 or values.shape[1] != width or numbers.shape != (len(values),):
-            problems.append(f"term {term.name}: sparse arrays {values.shape}/{numbers.shape} "
-                            f"do not fit {width} descriptor features")  # fmt: skip
-        elif not set(numbers.tolist()) <= set(model.species_):
-            problems.append(f"term {term.name}: sparse points of elements outside the species")
-        if not (np.isfinite(term.delta) and term.delta > 0):
-            problems.append(f"term {term.name}: prior width {term.delta} is not positive")
-    m = sum(sizes)
-    for name in ("alpha", "chol_mm", "r_factor"):
-        shape = getattr(model, f"{name}_").shape
-        expected = (m,) if name == "alpha" else (m, m)
-        if shape != expected:
-            problems.append(f"{name} has shape {shape}, expected {expected}")
-    if set(model.offsets_) != set(model.species_):
-        problems.append("offsets do not cover exactly the species")
-    if not all(np.isfinite(v) for v in model.offsets_.values()):
-        problems.append("an offset is not finite")
-    n_species = len(model.species_)
-    covariance, span = model.offset_fit_.covariance, model.offset_fit_.span
-    if covariance.shape != (n_species, n_species):
-        problems.append(f"offset_covariance has shape {covariance.shape}, expected "
-                        f"({n_species}, {n_species})")  # fmt: skip
-    elif not _positive_semidefinite(covariance):
-        problems.append("offset_covariance is not symmetric positive semi-definite")
-    if span.ndim != 2 or span.shape[1] != n_species or len(span) > n_species:
-        problems.append(f"offset_span has shape {span.shape}, expected (≤{n_species}, {n_species})")
-    scales = model.uncertainty_scale_
-    if set(scales) != {"energy", "forces"} or not all(
-        np.isfinite(v) and v > 0 for v in scales.values()
-    ):
-        problems.append(f"uncertainty scales {scales} are not two positive numbers")
-    if model.molecular and set(model.inter_scale_) != set(model.species_):
-        problems.append("intermolecular scales do not cover exactly the species")
-    if any(not (np.isfinite(v) and v > 0) for v in model.inter_scale_.values()):
-        problems.append("an intermolecular scale is not positive")
-    if problems:
-        raise ModelFileError(f"{path}: inconsistent model file: " + "; ".join(problems))
-
-
-def _positive_semidefinite(matrix: NDArray) -> bool:
-    """Symmetric with no eigenvalue below round-off."""
-    if not np.allclose(matrix, matrix.T):
-        return False
-    scale = max(1.0, float(np.abs(matrix).max()))
-    return matrix.size == 0 or float(np.linalg.eigvalsh(matrix).min()) >= -1e-8 * scale
-
-
-def _offsets_from_file(model: SparseGPR, meta: dict, arrays: dict[str, NDArray]) -> Offsets:
-    """The offsets of a model file; files before version 3 carry no covariance."""
-    if "offset_covariance" not in arrays:
-        # Older files: offsets without uncertainty, every composition accepted.
-        return fixed_offsets(model.offsets_, model.species_)
-    return Offsets(
-        species=tuple(model.species_),
-        mean=np.array([model.offsets_[z] for z in model.species_]),
-        covariance=arrays["offset_covariance"],
-        span=arrays["offset_span"],
-        anchored=tuple(atomic_numbers[s] for s in meta.get("offsets_anchored", [])),
-    )
+        return model_from_file(cls, path)
 
 
 def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:
@@ -1168,43 +997,12 @@ def _scale_rows(batch: DescriptorBatch, scale: dict[int, float]) -> None:
         batch.strain_gradients *= factor[:, None, None, None]
 
 
-def _select(rows: NDArray, count: int, method: str, rng: np.random.Generator) -> NDArray:
-    """Indices of ``count`` representative rows (unit vectors)."""
-    if count >= len(rows):
-        return np.arange(len(rows))
-    if method == "random":
-        return np.sort(rng.choice(len(rows), size=count, replace=False))
-    if method == "cur":
-        # Leverage scores on the leading right-singular subspace of rank ``count``.
-        u, _, _ = np.linalg.svd(rows, full_matrices=False)
-        leverage = np.sum(u[:, :count] ** 2, axis=1)
-        return np.sort(np.argsort(-leverage, kind="stable")[:count])
-    chosen = [int(rng.integers(len(rows)))]
-    distance = 2.0 - 2.0 * rows @ rows[chosen[0]]  # squared distance of unit vectors
-    for _ in range(count - 1):
-        nxt = int(np.argmax(distance))
-        if distance[nxt] <= 0.0:
-            break
-        chosen.append(nxt)
-        distance = np.minimum(distance, 2.0 - 2.0 * rows @ rows[nxt])
-    return np.array(chosen)
-
-
 def training_set_hash(frames: Sequence[Atoms]) -> str:
     """SHA-256 of the training structures and their targets (order included)."""
     digest = hashlib.sha256()
     for atoms in frames:
-        digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-        digest.update(np.round(atoms.positions, 8).tobytes())
-        digest.update(np.round(atoms.cell.array, 8).tobytes())
+        structure_digest(digest, atoms)
         for key in ("energy", "forces", "stress"):
             if key in atoms.calc.results:
                 digest.update(np.round(np.asarray(atoms.calc.results[key], float), 10).tobytes())
     return digest.hexdigest()
-
-
-def _deltaml_version() -> str:
-    try:
-        return version("deltaml")
-    except Exception:  # a source tree that is not installed
-        return "0+unknown"

@@ -29,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deltaml.errors import ModelFileError
+from deltaml.files import atomic_path
 
 __all__ = [
     "MAX_ELEMENTS",
@@ -79,9 +80,9 @@ def write_model_file(path: str | Path, metadata: dict[str, Any], arrays: dict[st
         raise ModelFileError(f"cannot write {path}: folder {path.parent} does not exist")
     checksum = content_checksum(metadata, arrays)
     meta = {**metadata, "content_sha256": checksum}
-    partial = path.with_name(path.name + ".partial.npz")
-    np.savez(partial, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    partial.replace(path)
+    with atomic_path(path) as partial, partial.open("wb") as stream:
+        # A stream, so that numpy appends no ".npz" to a name without it.
+        np.savez(stream, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
     return checksum
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,9 @@ from deltaml.crystals import (
     identify_molecules,
 )
 from deltaml.errors import DeltaMLError, ParameterError
+from deltaml.files import atomic_path
 from deltaml.simulation import relax
+from deltaml.structures import structure_digest
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +342,7 @@ def calculator_record(calc: Calculator) -> dict[str, Any]:
 
 def _job_key(atoms: Atoms, method: str, settings: dict[str, Any], is_crystal: bool) -> str:
     """SHA-256 of the input structure, the method name and the settings."""
-    digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(atoms.numbers, dtype=np.int64).tobytes())
-    digest.update(np.ascontiguousarray(atoms.positions, dtype=np.float64).round(8).tobytes())
-    digest.update(np.ascontiguousarray(atoms.cell.array, dtype=np.float64).round(8).tobytes())
+    digest = structure_digest(hashlib.sha256(), atoms)
     digest.update(json.dumps([method, settings, is_crystal], sort_keys=True).encode())
     return digest.hexdigest()
 
@@ -362,9 +360,8 @@ def _write_relaxed(path: Path, atoms: Atoms, summary: dict[str, Any], key: str) 
     path.parent.mkdir(parents=True, exist_ok=True)
     out = atoms.copy()
     out.info = {"ranking_key": key, "ranking_summary": json.dumps(summary, default=float)}
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    write(tmp, out, format="extxyz")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp, out, format="extxyz")
 
 
 def _read_relaxed(path: Path, key: str) -> tuple[Atoms, dict[str, Any]] | None:

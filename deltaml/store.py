@@ -52,6 +52,7 @@ from deltaml.errors import (
     StoreConnectionError,
     StoreLockedError,
 )
+from deltaml.structures import structure_digest
 
 __all__ = ["DEFAULT_LOCK_TIMEOUT", "STORE_METADATA", "LabelStore", "label_key"]
 
@@ -74,7 +75,6 @@ STORE_METADATA = {
 
 #: Positions are hashed after rounding to this many decimals (Å): numerically
 #: identical structures written by different codes get the same key.
-_HASH_DECIMALS = 6
 
 #: How long a write waits for the store's lock before it gives up, s. ase.db holds
 #: it for one write (milliseconds) or one delete with its VACUUM (seconds for a
@@ -111,12 +111,7 @@ def label_key(atoms: Atoms, record: dict[str, Any], charge: int = 0, multiplicit
     str
         64 hexadecimal characters.
     """
-    digest = hashlib.sha256()
-    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
-    # + 0.0 turns -0.0 into 0.0, so that the sign of a zero does not change the key.
-    for array in (atoms.positions, atoms.cell.array):
-        digest.update((np.round(array, _HASH_DECIMALS) + 0.0).astype(np.float64).tobytes())
-    digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
+    digest = structure_digest(hashlib.sha256(), atoms)
     digest.update(f"{int(charge)}/{int(multiplicity)}".encode())
     digest.update(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()

@@ -10,13 +10,16 @@ It sits at the bottom of the data flow: it imports only :mod:`deltaml.errors`.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.data import chemical_symbols
 from ase.neighborlist import neighbor_list
+from ase.stress import full_3x3_to_voigt_6_stress
 from ase.units import Hartree
 from numpy.typing import NDArray
 
@@ -42,7 +45,9 @@ __all__ = [
     "resolve_charge",
     "resolve_multiplicity",
     "stress_from_virial",
+    "structure_digest",
     "supercell_repeats",
+    "to_voigt",
     "validate_structure",
 ]
 
@@ -158,6 +163,10 @@ def _check_elements(atoms: Atoms, supported: set[int], method_name: str) -> None
 _DENSE_DISTANCE_LIMIT = 300
 
 
+#: Geometries (structure digest, minimum distance) whose distance check passed lately.
+_DISTANCES_PASSED: dict[tuple[bytes, float], None] = {}
+
+
 def _check_distances(atoms: Atoms, min_distance: float) -> None:
     if len(atoms) == 1 and not atoms.pbc.any():
         return
@@ -166,7 +175,16 @@ def _check_distances(atoms: Atoms, min_distance: float) -> None:
         i, j = np.nonzero(np.triu(d_all < min_distance, k=1))
         d = d_all[i, j]
     else:
+        # A composite call validates one geometry in each of its terms: the
+        # neighbour search of a large or periodic structure is done once.
+        key = (structure_digest(hashlib.blake2b(digest_size=16), atoms).digest(), min_distance)
+        if key in _DISTANCES_PASSED:
+            return
         i, j, d = neighbor_list("ijd", atoms, min_distance, self_interaction=False)
+        if not d.size:
+            _DISTANCES_PASSED[key] = None
+            while len(_DISTANCES_PASSED) > 16:
+                _DISTANCES_PASSED.pop(next(iter(_DISTANCES_PASSED)))
     if d.size:
         k = int(np.argmin(d))
         symbols = atoms.get_chemical_symbols()
@@ -483,7 +501,33 @@ def stress_from_virial(virial: NDArray[np.float64], volume: float) -> NDArray[np
     ndarray of shape (6,)
         Stress, eV/Å³, Voigt order xx, yy, zz, yz, xz, xy.
     """
-    return (np.asarray(virial) * Hartree / volume).flat[[0, 4, 8, 5, 2, 1]]
+    return to_voigt(np.asarray(virial) * Hartree / volume)
+
+
+#: ASE's Voigt order (xx, yy, zz, yz, xz, xy) as row and column indices of a 3×3
+#: tensor, for arrays with more axes than :func:`to_voigt` takes.
+VOIGT_INDICES = (np.array([0, 1, 2, 1, 0, 0]), np.array([0, 1, 2, 2, 2, 1]))
+
+
+def to_voigt(tensor: Any) -> NDArray[np.float64]:
+    """A stress or virial in ASE's Voigt order; a 6-vector is returned as it is.
+
+    Parameters
+    ----------
+    tensor : array_like of shape (3, 3) or (6,)
+        Symmetric tensor (any units).
+
+    Returns
+    -------
+    ndarray of shape (6,)
+        xx, yy, zz, yz, xz, xy (off-diagonal pairs averaged, as ASE does).
+    """
+    tensor = np.asarray(tensor, dtype=float)
+    if tensor.shape == (6,):
+        return tensor
+    if tensor.shape != (3, 3):
+        raise ValueError(f"a stress must have shape (3, 3) or (6,), got {tensor.shape}")
+    return full_3x3_to_voigt_6_stress(tensor)
 
 
 def composition_counts(frames: Sequence[Atoms], species: Sequence[int]) -> NDArray[np.float64]:
@@ -505,3 +549,27 @@ def composition_counts(frames: Sequence[Atoms], species: Sequence[int]) -> NDArr
                 )
             counts[row, index[int(z)]] += 1
     return counts
+
+
+#: Decimals of positions and cells (Å) in a structure's hash: 1e-6 Å, far below any
+#: physical difference and above the round-off of a file round trip.
+HASH_DECIMALS = 6
+
+
+def structure_digest(digest: Any, atoms: Atoms) -> Any:
+    """Feed a structure into a hashlib digest: the one structure hash of deltaml.
+
+    Atomic numbers, positions and cell rounded to :data:`HASH_DECIMALS` (−0.0
+    counted as 0.0, so that the sign of a zero changes nothing), and the
+    periodicity. Label keys (:func:`deltaml.store.label_key`), ranking keys and
+    the training-set hash of a model are built on it.
+
+    Returns
+    -------
+    The digest, updated (for chaining).
+    """
+    digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
+    for array in (atoms.positions, atoms.cell.array):
+        digest.update((np.round(array, HASH_DECIMALS) + 0.0).astype(np.float64).tobytes())
+    digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
+    return digest

@@ -601,11 +601,6 @@ def test_verbose_and_quiet_set_the_deltaml_log_level(co2_crystal, tmp_path):
     assert logging.getLogger().handlers == root_handlers  # the root logger is left alone
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="crystals.py (not the CLI's to change) raises the root logger's level to quiet "
-    "GenIce2; to be replaced by a filter on GenIce2's own records",
-)
 def test_no_library_module_configures_the_root_logger():
     source = Path(__file__).parents[1] / "deltaml"
     offenders = [

@@ -162,3 +162,15 @@ def test_the_isolated_atoms_are_ground_states_consistent_with_the_other_labels()
     loose = fit_offsets(counts, energies, species)
     # The data-determined offsets lie within the documented prior width of the anchors.
     assert np.all(np.abs(loose.mean - [anchors[z] for z in species]) < 5.0)
+
+
+def test_the_label_keys_of_the_shipped_labels_are_reproduced():
+    """The structure hash must stay stable: stores resume by these keys."""
+    from deltaml.dataset import read_labelled
+    from deltaml.store import label_key
+
+    for path in (LABELLED, INTERACTIONS, ATOMS):
+        for atoms in read_labelled(path, check_magnitudes=False)[::7]:
+            info = atoms.info
+            key = label_key(atoms, info["method_record"], info["charge"], info["multiplicity"])
+            assert key == info["label_key"], (path.name, info.get("name"))

@@ -21,17 +21,17 @@ PACKAGE_DIR = Path(deltaml.__file__).resolve().parent
 #: Layers in data-flow order (STYLE.md, "Module layout"). ``units`` is listed in the
 #: structures row of STYLE.md.
 LAYERS: list[list[str]] = [
-    ["errors"],
+    ["errors", "files"],
     ["structures", "units", "crystals"],
-    ["baseline", "dispersion", "correction", "reference"],
+    ["baseline", "dispersion", "correction", "reference", "reference_cp2k"],
     ["store", "dataset"],
     ["labelling"],
     ["descriptors", "intermolecular"],
-    ["kernels", "model_files", "model", "selection"],
+    ["kernels", "model_files", "offsets", "model_io", "sampling", "model", "selection"],
     ["calculator"],
     ["evaluation", "simulation"],
     ["active", "ranking"],
-    ["cli"],
+    ["cli", "__main__"],
 ]
 LAYER_OF = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 #: Importing the package root pulls in every module: it ranks with the last layer.

@@ -535,3 +535,29 @@ def test_agreeing_sources_are_no_conflict(water):
     assert charge_and_multiplicity(water, charge=0, multiplicity=3) == (0, 3)
     water.info.clear()
     assert charge_and_multiplicity(water, charge=-1) == (-1, 3)  # explicit wins over charges
+
+
+def test_a_composite_call_searches_the_neighbours_of_a_cell_once(co2_crystal, monkeypatch):
+    import deltaml.structures as structures
+    from deltaml.calculator import DeltaCalculator
+    from deltaml.correction import ZeroCorrection
+
+    calls = []
+    original = structures.neighbor_list
+
+    def counted(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(structures, "neighbor_list", counted)
+    atoms = co2_crystal.copy()
+    atoms.calc = DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+    atoms.get_potential_energy()  # composite, baseline and dispersion each validate it
+    assert calls == ["ijd"]
+    # A geometry that fails is never taken for one that passed.
+    squeezed = co2_crystal.copy()
+    squeezed.positions[1] = squeezed.positions[0] + [0.3, 0.0, 0.0]
+    with pytest.raises(OverlappingAtomsError):
+        validate_structure(squeezed)
+    with pytest.raises(OverlappingAtomsError):
+        validate_structure(squeezed)
