@@ -91,7 +91,12 @@ from deltaml.offsets import (
     split_isolated_atoms,
 )
 from deltaml.sampling import SELECTIONS, select_rows
-from deltaml.structures import composition_counts, structure_digest, to_voigt
+from deltaml.structures import (
+    charge_and_multiplicity,
+    composition_counts,
+    structure_digest,
+    to_voigt,
+)
 
 __all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR", "kernel_values"]
 
@@ -153,7 +158,8 @@ class SparseGPR(BaseEstimator):
     ================ ================= ======= ===========================================
 
     Fitted attributes end in ``_``: ``descriptor_`` (:class:`SOAPDescriptor`),
-    ``species_``, ``offsets_`` ({Z: eV}), ``offset_fit_``
+    ``species_``, ``training_multiplicities_`` (2S+1 of the training structures;
+    None for files written before they were recorded), ``offsets_`` ({Z: eV}), ``offset_fit_``
     (:class:`~deltaml.offsets.Offsets`: with their covariance and the span of the
     training compositions), ``n_isolated_atoms_``, ``terms_`` (list of
     :class:`~deltaml.kernels.KernelTerm`: ``[atomic]`` or ``[intra, inter]``),
@@ -324,6 +330,8 @@ class SparseGPR(BaseEstimator):
         if not frames:
             raise MissingLabelError("fit: no structures besides isolated atoms")
         self.n_isolated_atoms_ = len(all_frames) - len(frames)
+        # Spin states the GP saw (isolated atoms only anchor the offsets).
+        self.training_multiplicities_ = sorted({charge_and_multiplicity(a)[1] for a in frames})
         self.species_ = sorted({int(z) for a in frames for z in a.numbers})
         self.descriptor_ = SOAPDescriptor(self.species_, **(self.descriptor or {}))
         self.offset_fit_ = self._fit_offsets(frames, anchors)

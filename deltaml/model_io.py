@@ -64,6 +64,7 @@ def model_metadata(model: Any) -> dict[str, Any]:
         "offsets_ev": {chemical_symbols[z]: v for z, v in model.offsets_.items()},
         "offsets_anchored": [chemical_symbols[z] for z in model.offset_fit_.anchored],
         "n_isolated_atoms": model.n_isolated_atoms_,
+        "training_multiplicities": model.training_multiplicities_,
         "trained_with": model.trained_with_,
         "reference": model.reference_,
         "training_set_sha256": model.training_set_sha256_,
@@ -152,6 +153,8 @@ def _from_metadata(
     model.offsets_ = {atomic_numbers[s]: float(v) for s, v in meta["offsets_ev"].items()}
     model.offset_fit_ = _offsets_from_file(model, meta, arrays)
     model.n_isolated_atoms_ = int(meta.get("n_isolated_atoms", 0))
+    seen = meta.get("training_multiplicities")
+    model.training_multiplicities_ = None if seen is None else [int(m) for m in seen]
     model.terms_ = [
         KernelTerm(
             t["name"],

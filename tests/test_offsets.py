@@ -109,6 +109,7 @@ def test_the_model_warns_outside_the_training_compositions_and_widens_its_sigma(
     model = SparseGPR(descriptor=descriptor, n_sparse=10, uncertainty="energy")
     model.fit(_frames() + atoms)
     assert model.n_isolated_atoms_ == 3 and model.n_train_ == 8
+    assert model.training_multiplicities_ == [1]  # the open-shell atoms only anchor
     assert set(model.offset_fit_.anchored) == {HY, CA, OX}
     methane = molecule("CH4")
     with pytest.warns(OutOfDomainWarning, match="CH4 is outside the span"):
@@ -121,6 +122,7 @@ def test_the_model_warns_outside_the_training_compositions_and_widens_its_sigma(
     assert inside.energy_uncertainty < 0.5
     loaded = SparseGPR.load(model.save(tmp_path / "model.npz"))
     np.testing.assert_array_equal(loaded.offset_fit_.covariance, model.offset_fit_.covariance)
+    assert loaded.training_multiplicities_ == [1]
     with pytest.warns(OutOfDomainWarning):
         again = loaded.predict(methane, forces=False)
     assert again.energy_uncertainty == pytest.approx(outside.energy_uncertainty, rel=1e-12)
