@@ -54,6 +54,7 @@ from deltaml.labelling import LabellingReport, label_structures
 from deltaml.model import SparseGPR
 from deltaml.ranking import Ranking, rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
+from deltaml.reference_cp2k import CP2KReference
 from deltaml.selection import kfold_tune
 from deltaml.store import LabelStore, label_key
 from deltaml.structures import perpendicular_widths, supercell_repeats, validate_structure
@@ -65,6 +66,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "ICE_PHASES",
+    "CP2KReference",
     "ChargeMultiplicityError",
     "Correction",
     "CorrectionResult",
