@@ -530,9 +530,10 @@ class SOAPDescriptor:
 
 
 #: Atoms per piece when a model evaluates a large structure in pieces (see
-#: :func:`centre_chunks`): the descriptor gradients of a piece of 256 water atoms
-#: with a 5 Å cut-off and four species take about 0.5 GB.
-CHUNK_ATOMS = 256
+#: :func:`centre_chunks`). Measured on a 999-atom water box (5 Å cut-off, four
+#: species, 1800 features): peak memory of a prediction 1.36 GB with pieces of
+#: 256 atoms, 0.69 GB with 128, 0.37 GB with 64, in about the same time.
+CHUNK_ATOMS = 128
 
 
 def centre_chunks(
