@@ -13,6 +13,7 @@ Data flow: composite → **simulation** → active learning, evaluation, CLI.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,56 @@ from typing import Any
 import numpy as np
 from ase import Atoms, units
 from ase.calculators.calculator import Calculator
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 
 from deltaml.errors import ParameterError
 
-__all__ = ["phonons", "relax", "run_md", "vibrations"]
+__all__ = ["phonons", "relax", "run_md", "snapshot", "vibrations"]
 
 _OPTIMIZERS = ("BFGS", "FIRE", "LBFGS")
+
+
+#: Keys of ``info`` and ``arrays`` that hold results of some calculation: a frame
+#: written here carries only those of its own geometry.
+_RESULT_KEY = re.compile(
+    r"^(energy|free_energy|energies|forces|stress|stresses)(_.*)?$|_uncertainty$"
+    r"|^(record_.*|method_record|label_key|reference_energy|reference_forces)$"
+)
+#: Arrays a frame keeps from the structure it was made from.
+_STRUCTURE_ARRAYS = ("numbers", "positions", "momenta", "initial_charges", "initial_magmoms")
+
+
+def snapshot(atoms: Atoms) -> Atoms:
+    """The frame of a trajectory: the structure and its calculator's results, nothing stale.
+
+    Totals (energy, forces, stress) go to a single-point calculator; the
+    composite's per-term results (``energy_<term>`` in eV, ``forces_<term>`` in
+    eV/Å, ``stress_<term>``, the uncertainties) to ``info`` and ``arrays``.
+    Result-like keys the structure carried from its input file (the labels and
+    terms of another geometry) are dropped, so that no frame shows numbers that
+    were not computed for it.
+    """
+    frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    for name in _STRUCTURE_ARRAYS[2:]:
+        if name in atoms.arrays:
+            frame.arrays[name] = atoms.arrays[name].copy()
+    frame.info = {k: v for k, v in atoms.info.items() if not _RESULT_KEY.search(k)}
+    results = dict(atoms.calc.results) if atoms.calc is not None else {}
+    totals = {
+        k: results.pop(k) for k in ("energy", "free_energy", "forces", "stress") if k in results
+    }
+    for key, value in results.items():
+        value = np.asarray(value)
+        per_atom = key.split("_")[0] in ("forces", "energies", "charges", "magmoms")
+        if per_atom and value.ndim >= 1 and len(value) == len(atoms):
+            frame.arrays[key] = value.copy()
+        elif value.ndim == 0:
+            frame.info[key] = value.item()
+        else:
+            frame.info[key] = value.tolist()
+    frame.calc = SinglePointCalculator(frame, **totals)
+    return frame
 
 
 def _uncertainty(calc: Calculator) -> dict[str, float]:
@@ -129,7 +173,7 @@ def relax(
     opt = getattr(ase.optimize, optimizer)(target, logfile=None, maxstep=maxstep)
     if trajectory is not None:
         Path(trajectory).unlink(missing_ok=True)
-        opt.attach(lambda: write(trajectory, atoms, format="extxyz", append=True))
+        opt.attach(lambda: write(trajectory, snapshot(atoms), format="extxyz", append=True))
     bar = tqdm(total=steps, disable=not progress, unit="step", desc="relax")
     opt.attach(lambda: bar.update(1 if opt.nsteps else 0))  # not the initial call
     start = time.perf_counter()
@@ -260,7 +304,7 @@ def run_md(
         if sigma is not None:
             record["max_force_uncertainty_ev_a"].append(sigma)
         if trajectory is not None:
-            write(trajectory, atoms, format="extxyz", append=True)
+            write(trajectory, snapshot(atoms), format="extxyz", append=True)
         if observer is not None:
             observer(dyn.nsteps, atoms)
 

@@ -135,3 +135,36 @@ def test_stress_threshold_of_a_cell_relaxation_is_met():
     assert tight["max_stress_gpa"] < default["max_stress_gpa"]
     with pytest.raises(ParameterError, match="stress_tol_gpa"):
         relax(atoms, cell=True, stress_tol_gpa=0.0)
+
+
+def test_trajectories_carry_the_terms_of_each_frame_and_nothing_stale(tmp_path):
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from deltaml.calculator import DeltaCalculator
+    from deltaml.correction import ZeroCorrection
+
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=1)
+    # What an input file of labels brings along: results of its own geometry.
+    atoms.info.update(name="methanol", energy_baseline=-1.0, label_key="abc")
+    atoms.arrays["forces_baseline"] = np.full((len(atoms), 3), 9.0)
+    atoms.calc = SinglePointCalculator(atoms, energy=-2.0)
+    calc = DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+    atoms.calc = calc
+    relax(atoms, fmax=0.05, steps=5, trajectory=tmp_path / "relax.extxyz")
+    run_md(atoms, temperature_k=300, steps=4, interval=2, trajectory=tmp_path / "md.extxyz")
+    for name in ("relax.extxyz", "md.extxyz"):
+        frames = read(tmp_path / name, index=":")
+        assert len(frames) >= 2
+        for frame in frames:
+            assert frame.info["name"] == "methanol" and "label_key" not in frame.info
+            probe = frame.copy()
+            probe.calc = DeltaCalculator(correction=ZeroCorrection(), dispersion="d3bj:pbe0")
+            probe.get_forces()
+            expected = probe.calc.results
+            assert frame.info["energy_baseline"] == pytest.approx(expected["energy_baseline"])
+            assert frame.info["energy_dispersion"] == pytest.approx(expected["energy_dispersion"])
+            np.testing.assert_allclose(
+                frame.arrays["forces_baseline"], expected["forces_baseline"], atol=1e-3
+            )
+            assert frame.get_potential_energy() == pytest.approx(expected["energy"])
