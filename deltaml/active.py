@@ -31,6 +31,7 @@ Data flow: store, labelling, model, composite, simulation → **active**.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,8 @@ from deltaml.reference import PySCFReference
 from deltaml.sampling import farthest_points
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SELECTIONS",
@@ -318,13 +321,14 @@ class ActiveLearner:
 
     def _fit(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         labelled = self._labelled()
+        logger.info("iteration %d: fitting on %d labels", k, len(labelled))
         targets, terms = delta_targets(labelled)
-        model = SparseGPR(**self.model_params).fit(targets, trained_with=terms)
+        model = SparseGPR(**self.model_params).fit(targets, trained_with=terms, progress=progress)
         model.save(self._folder(k) / "model.npz")
         out: dict[str, Any] = {"n_labels": len(labelled)}
         if self.validation:
             validation, _ = delta_targets(self.validation)
-            table = errors(predict_all(model, validation))["composite"]
+            table = errors(predict_all(model, validation, progress=progress))["composite"]
             out["validation"] = {
                 key: table[key]
                 for key in ("energy_mae_mev_per_atom", "force_mae", "force_rmse")

@@ -54,6 +54,7 @@ from deltaml.evaluation import (
     plot_parity,
     predict_all,
 )
+from deltaml.files import write_text_atomic
 from deltaml.labelling import DEFAULT_BASELINE, label_structures
 from deltaml.model import SparseGPR
 from deltaml.ranking import rank_polymorphs, read_candidates
@@ -68,6 +69,9 @@ DEFAULT_ENGINE = "tblite"
 DEFAULT_DISPERSION = "d3bj:pbe0"
 
 _POSTGRESQL = ("postgresql://", "postgres://")
+
+
+logger = logging.getLogger(__name__)
 
 
 class _ClickHandler(logging.Handler):
@@ -474,8 +478,10 @@ def import_command(
             record_dict = None if record is None else json.loads(Path(record).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise click.ClickException(f"--record {record}: not JSON ({exc})") from exc
+        logger.info("reading %s (units checked against GFN2-xTB on up to 20 structures)", labelled)
         frames = _read_labelled(labelled, record=record_dict, require_forces=not energies_only,
                                 check_magnitudes=not no_magnitude_check)  # fmt: skip
+        logger.info("%d structures read; adding them to the store", len(frames))
         added, present = import_labelled(_store(store_url, must_exist=False), frames)
     click.echo(f"{added} labels added, {present} already present")
 
@@ -647,7 +653,8 @@ def evaluate_command(files: tuple[str, ...], model: str | None, plots: str | Non
     with _user_errors():
         fitted = SparseGPR.load(model)
         frames = _read_labelled(test)
-        predictions = predict_all(fitted, delta_targets_for(fitted, frames))
+        logger.info("%s: %d structures; forming the Δ targets", test, len(frames))
+        predictions = predict_all(fitted, delta_targets_for(fitted, frames), progress=not as_json)
         table = errors(predictions)
         if plots is not None:
             folder = Path(plots)
@@ -669,7 +676,7 @@ def evaluate_command(files: tuple[str, ...], model: str | None, plots: str | Non
 def _write_summary(summary: dict, path: str | None) -> None:
     if path is not None:
         with _user_errors():
-            Path(path).write_text(json.dumps(summary, indent=2, default=float))
+            write_text_atomic(path, json.dumps(summary, indent=2, default=float))
         click.echo(f"summary written to {path}")
 
 

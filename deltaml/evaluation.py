@@ -548,33 +548,46 @@ def md_stability(
         "stable": not events,
         "events": events,
         "md": summary,
-        **_sampled_errors(frames, calc, reference, baseline, samples),
+        **_sampled_errors(frames, calc, reference, baseline, samples, progress),
     }
 
 
 def _sampled_errors(
-    frames: list[tuple[float, Atoms]], calc: Any, reference: Any, baseline: Any, samples: int
+    frames: list[tuple[float, Atoms]],
+    calc: Any,
+    reference: Any,
+    baseline: Any,
+    samples: int,
+    progress: bool = False,
 ) -> dict[str, Any]:
     # The composite skips the force uncertainty unless asked; its calibration needs it.
     asked = getattr(calc, "parameters", {}).get("force_uncertainty")
     if asked is not False:
-        return _sampled_errors_of(frames, calc, reference, baseline, samples)
+        return _sampled_errors_of(frames, calc, reference, baseline, samples, progress)
     calc.set(force_uncertainty=True)
     try:
-        return _sampled_errors_of(frames, calc, reference, baseline, samples)
+        return _sampled_errors_of(frames, calc, reference, baseline, samples, progress)
     finally:
         calc.set(force_uncertainty=False)
 
 
 def _sampled_errors_of(
-    frames: list[tuple[float, Atoms]], calc: Any, reference: Any, baseline: Any, samples: int
+    frames: list[tuple[float, Atoms]],
+    calc: Any,
+    reference: Any,
+    baseline: Any,
+    samples: int,
+    progress: bool,
 ) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
     if not frames or reference is None:
         return {"samples": [], "calibration": {}}
     picks = np.unique(np.linspace(0, len(frames) - 1, min(samples, len(frames))).astype(int))
     rows, first = [], {}
     force_err, force_std = [], []
-    for k in picks:
+    # The reference is the slow part (minutes per frame for a DFT): show it.
+    for k in tqdm(picks, disable=not progress, unit="frame", desc="reference on MD frames"):
         time_fs, frame = frames[k]
         values = {}
         for name, term in (("model", calc), ("reference", reference), ("baseline", baseline)):
