@@ -28,6 +28,7 @@ from typing import Any
 import click
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 from ase.io import read
 
 from deltaml import __version__
@@ -595,6 +596,9 @@ def fit_command(
         disp = _target_dispersion(dispersion)
         terms = {**DELTA_BASELINE, "method": baseline, "engine": engine}
         targets, trained_with = delta_targets(frames, baseline=terms, dispersion=disp)
+        # Isolated atoms anchor the offsets: always fitted, never validation data.
+        anchors = [t for t in targets if len(t) == 1 and not t.pbc.any()]
+        targets = [t for t in targets if not (len(t) == 1 and not t.pbc.any())]
         train_idx, val_idx = _split(len(targets), validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
@@ -611,11 +615,21 @@ def fit_command(
             seed=seed,
             **{k: v for k, v in given.items() if v is not None},
         )
-        model.fit(train, trained_with=trained_with, progress=not no_progress)
+        model.fit(train + anchors, trained_with=trained_with, progress=not no_progress)
         if held_out:
             scales = model.calibrate(held_out)
         model.save(output)
     click.echo(f"fitted on {len(train)} structures; model written to {output}")
+    unanchored = [
+        chemical_symbols[z] for z in model.species_ if z not in model.offset_fit_.anchored
+    ]
+    if unanchored:
+        click.echo(
+            f"note: the offsets of {', '.join(unanchored)} are not anchored by isolated-atom "
+            "labels (e.g. --data data/labelled/isolated_atoms.extxyz): compositions outside "
+            "the training ones get σ ≈ 1000 eV",
+            err=True,
+        )
     for name, part in (("train", train), ("validation", held_out)):
         if part:
             click.echo(f"\n{name} ({len(part)} structures)")

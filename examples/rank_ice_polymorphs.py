@@ -42,6 +42,7 @@ from deltaml.ranking import rank_polymorphs, read_candidates
 
 LABELLED = Path(__file__).resolve().parent.parent / "data" / "labelled"
 DATA = [LABELLED / "water_chno.extxyz", LABELLED / "interactions.extxyz"]
+ATOMS = LABELLED / "isolated_atoms.extxyz"  # anchor the per-element offsets
 
 
 def fit_or_load_model(out: Path, model_path: Path | None, seed: int, method: str) -> Path:
@@ -61,7 +62,8 @@ def fit_or_load_model(out: Path, model_path: Path | None, seed: int, method: str
     order = np.random.default_rng(seed).permutation(len(targets))
     n_cal = len(targets) // 10
     model = SparseGPR(seed=seed, uncertainty="energy")
-    model.fit([targets[i] for i in order[n_cal:]], trained_with=terms)
+    anchors, _ = delta_targets(read_labelled(ATOMS), baseline=baseline)
+    model.fit([targets[i] for i in order[n_cal:]] + anchors, trained_with=terms)
     model.calibrate([targets[i] for i in order[:n_cal]])
     return model.save(path)
 

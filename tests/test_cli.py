@@ -239,6 +239,42 @@ def test_fit_and_evaluate_from_the_command_line(stand_in_labels, tmp_path):
     assert (out / "parity.png").exists() and (out / "calibration.png").exists()
 
 
+def test_fit_keeps_isolated_atoms_for_the_offsets_and_names_unanchored_elements(
+    stand_in_labels, tmp_path
+):
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from deltaml.baseline import XTBBaseline
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    labels = stand_in_labels(12, seed=0)
+    atoms = []
+    for symbol, multiplicity in (("H", 2), ("C", 3), ("O", 3)):
+        atom = Atoms(symbol, positions=[[0.0, 0.0, 0.0]])
+        atom.info.update(multiplicity=multiplicity, method_record=labels[0].info["method_record"])
+        atom.calc = XTBBaseline(method="GFN1-xTB")  # the stand-in reference
+        energy = atom.get_potential_energy()
+        atom.calc = SinglePointCalculator(atom, energy=energy, forces=np.zeros((1, 3)))
+        atoms.append(atom)
+    write_labelled(tmp_path / "train.extxyz", labels)
+    write_labelled(tmp_path / "atoms.extxyz", atoms)
+    base = ["fit", "--data", str(tmp_path / "train.extxyz"), "--n-sparse", "20",
+            "--cutoff", "3.5", "--no-progress", "--validation", "0.5"]  # fmt: skip
+    result = CliRunner().invoke(
+        main, [*base, "--data", str(tmp_path / "atoms.extxyz"), "-o", str(tmp_path / "a.npz")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "fitted on 6 structures" in result.output  # half of the 12; the atoms never held out
+    assert "validation (6 structures)" in result.output and "note:" not in result.output
+    model = SparseGPR.load(tmp_path / "a.npz")
+    assert model.n_isolated_atoms_ == 3 and sorted(model.offset_fit_.anchored) == [1, 6, 8]
+    result = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "b.npz")])
+    assert result.exit_code == 0, result.output
+    assert "note: the offsets of H, C, O are not anchored" in result.output
+
+
 def test_fit_takes_several_files_and_the_decomposition(stand_in_labels, tmp_path):
     from deltaml.dataset import write_labelled
     from deltaml.model import SparseGPR
