@@ -108,6 +108,13 @@ def split_by_molecule(
     gradients = tuple(dict.fromkeys((gradients,) if isinstance(gradients, str) else gradients))
     if (centres is not None or molecules is not None) and len(frames) != 1:
         raise ParameterError("centres and molecules need exactly one structure")
+    found_all = [molecules] if molecules is not None else [whole_molecules(a) for a in frames]
+    if centres is None and all(
+        not a.pbc.any() and len(f[0].formulas) == 1 for a, f in zip(frames, found_all, strict=True)
+    ):
+        # Isolated molecules: the own-molecule rows are the full rows and the
+        # intermolecular part is exactly zero; one SOAP evaluation, not two.
+        return _single_molecules(soap, frames, gradients, found_all)
     full = soap.compute(frames, gradients, normalise=False, centres=centres)
     n_atoms = full.atom_count  # what gradient atom indices run over
     n_rows = len(full.values)
@@ -118,7 +125,7 @@ def split_by_molecule(
     pieces, owners, labels = [], [], []
     unwrapped = np.zeros((n_atoms, 3))
     for k, atoms in enumerate(frames):
-        found, positions = molecules if molecules is not None else whole_molecules(atoms)
+        found, positions = found_all[k]
         start = 0 if centres is not None else int(full.offsets[k])
         unwrapped[start : start + len(atoms)] = positions
         labels.append(found.labels)
@@ -161,6 +168,32 @@ def split_by_molecule(
     norms = np.linalg.norm(intra.values, axis=1)
     normalise_rows(intra)  # after the raw rows were used for ``inter``
     return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
+
+
+def _single_molecules(
+    soap: SOAPDescriptor,
+    frames: list[Atoms],
+    gradients: tuple[str, ...],
+    found_all: list,
+) -> MolecularBatch:
+    """:func:`split_by_molecule` of structures that are one isolated molecule each."""
+    own = soap.compute(frames, gradients, normalise=False)
+    width = own.values.shape[1]
+    no_pairs = np.zeros(0, dtype=np.int64)
+    inter = DescriptorBatch(
+        values=np.zeros_like(own.values),
+        numbers=own.numbers,
+        offsets=own.offsets,
+        n_atoms=own.n_atoms,
+    )
+    if "positions" in gradients:
+        inter.position_rows, inter.position_atoms = no_pairs, no_pairs.copy()
+        inter.position_gradients = np.zeros((0, 3, width))
+    norms = np.linalg.norm(own.values, axis=1)
+    normalise_rows(own)
+    return MolecularBatch(
+        intra=own, inter=inter, labels=[f[0].labels for f in found_all], intra_norms=norms
+    )
 
 
 def _difference_pairs(

@@ -154,14 +154,16 @@ class KernelTerm:
                 local[rows] = np.arange(len(rows))
                 pairs = np.flatnonzero(local[batch.position_rows] >= 0)
                 grad = batch.position_gradients[pairs]  # (p, 3, F)
-                proj = (grad.reshape(-1, grad.shape[-1]) @ sparse.T).reshape(len(pairs), 3, -1)
+                proj = (grad.reshape(-1, grad.shape[-1]) @ sparse.T).reshape(
+                    len(pairs), 3, len(cols)
+                )  # explicit sizes: a molecule alone has no intermolecular pairs
                 proj *= d2 * dk[local[batch.position_rows[pairs]]][:, None, :]
                 target = (3 * batch.position_atoms[pairs][:, None] + np.arange(3)).ravel()
                 gather = scipy.sparse.csr_matrix(
                     (np.ones(len(target)), (target, np.arange(len(target)))),
                     shape=(3 * n_atoms, len(target)),
                 )
-                out["forces"][:, cols] = -(gather @ proj.reshape(len(target), -1))
+                out["forces"][:, cols] = -(gather @ proj.reshape(len(target), len(cols)))
             if virial:
                 strain = batch.strain_gradients[rows][:, VOIGT[0], VOIGT[1], :]  # (r, 6, F)
                 proj = (strain.reshape(-1, strain.shape[-1]) @ sparse.T).reshape(len(rows), 6, -1)

@@ -7,7 +7,8 @@ parameters, revPBE0 (good for water and organic molecules; its D3 partner is
 (chosen from the multiplicity unless given), Hartree–Fock, and density-fitted
 MP2 (energies only) sit behind the same interface.
 
-Periodic references are not computed here; they are imported as labelled data.
+Periodic references are computed by :mod:`deltaml.reference_cp2k` (CP2K), or
+imported as labelled data.
 
 Data flow: structures → **reference** → labelled data (store).
 """

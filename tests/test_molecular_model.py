@@ -407,3 +407,26 @@ def test_interaction_energies_of_the_training_set_are_fitted_as_observations(dat
     loose = SparseGPR(**settings, interaction_sigma=None).fit(frames)
     assert error(tight) < 0.5 * error(loose)
     assert error(tight) < 1e-3  # eV
+
+
+def test_an_isolated_molecule_takes_one_soap_evaluation_with_the_same_rows():
+    from deltaml.descriptors import SOAPDescriptor
+    from deltaml.intermolecular import split_by_molecule
+
+    soap = SOAPDescriptor([1, 6, 8], **DESCRIPTOR)
+    ethanol = molecule("CH3CH2OH")
+    ethanol.rattle(0.05, seed=3)
+    dimer = molecule("H2O") + molecule("H2O")
+    dimer.positions[3:] += [2.9, 0.0, 0.0]
+    general = split_by_molecule(soap, [ethanol, dimer], ("positions",))  # two SOAP calls
+    alone = split_by_molecule(soap, ethanol, ("positions",))  # one
+    rows = slice(0, len(ethanol))
+    np.testing.assert_allclose(alone.intra.values, general.intra.values[rows], atol=1e-12)
+    np.testing.assert_allclose(alone.intra_norms, general.intra_norms[rows], atol=1e-12)
+    assert np.abs(general.inter.values[rows]).max() < 1e-12
+    assert not alone.inter.values.any() and len(alone.inter.position_rows) == 0
+    mine = general.intra.position_rows < len(ethanol)
+    np.testing.assert_array_equal(alone.intra.position_rows, general.intra.position_rows[mine])
+    np.testing.assert_allclose(
+        alone.intra.position_gradients, general.intra.position_gradients[mine], atol=1e-12
+    )
