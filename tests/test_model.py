@@ -220,7 +220,7 @@ def test_fits_are_reproducible_bit_for_bit(data):
     assert not np.array_equal(first.sparse_values_, other.sparse_values_)
 
 
-@pytest.mark.parametrize("selection", ["fps", "cur"])
+@pytest.mark.parametrize("selection", ["fps", "leverage"])
 def test_sparse_selection_picks_distinct_environments_per_element(data, selection):
     fitted = SparseGPR(
         decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=25, selection=selection
@@ -229,6 +229,14 @@ def test_sparse_selection_picks_distinct_environments_per_element(data, selectio
         rows = fitted.sparse_values_[fitted.sparse_numbers_ == z]
         assert len(rows) == 25
         assert len(np.unique(np.round(rows, 10), axis=0)) == 25
+
+
+def test_the_old_name_of_leverage_selection_still_works_and_says_so(data):
+    settings = {"decomposition": "atomic", "descriptor": DESCRIPTOR, "n_sparse": 25}
+    with pytest.warns(FutureWarning, match="now called 'leverage'"):
+        old = SparseGPR(selection="cur", **settings).fit(data["train"][:10])
+    new = SparseGPR(selection="leverage", **settings).fit(data["train"][:10])
+    np.testing.assert_array_equal(old.sparse_values_, new.sparse_values_)
 
 
 def test_save_and_load_give_identical_predictions(model, data, tmp_path):
