@@ -69,6 +69,9 @@ _BASIS_FILES = ("BASIS_MOLOPT",)
 _ADMM_BASIS_FILES = ("BASIS_ADMM", "BASIS_ADMM_MOLOPT")
 _POTENTIAL_FILE = "GTH_POTENTIALS"
 
+#: MPI launcher of a calculation with ``mpi_ranks > 1`` (``{ranks}``: the count).
+_MPI_COMMAND = "mpiexec -n {ranks}"
+
 _ENERGY = re.compile(r"ENERGY\| Total FORCE_EVAL \( QS \) energy \[a\.u\.\]:\s+(\S+)")
 _SCF_FAILED = ("SCF run NOT converged", "outer SCF loop FAILED")
 
@@ -176,8 +179,7 @@ class CP2KReference(Calculator):
     ===================== ===================== ==== =========================================
      Keyword               Default               Unit Description
     ===================== ===================== ==== =========================================
-     xc                    "revpbe"              -    pbe, revpbe, pbe0 or revpbe0; D3 partner
-                                                      d3bj:<xc>
+     xc                    "revpbe"              -    pbe, revpbe, pbe0, revpbe0 (D3: d3bj:<xc>)
      basis                 "DZVP-MOLOPT-SR-GTH"  -    MOLOPT basis set (BASIS_MOLOPT name)
      pseudopotential       "GTH-PBE"             -    GTH family (GTH_POTENTIALS), per element
      cutoff_ry             600.0                 Ry   plane-wave cutoff of the finest grid
@@ -195,7 +197,7 @@ class CP2KReference(Calculator):
      command               "cp2k.psmp"           -    CP2K executable
      mpi_ranks             1                     -    MPI ranks of one calculation
      omp_threads           1                     -    OpenMP threads per rank
-     mpi_command           "mpiexec -n {ranks}"  -    launcher used when mpi_ranks > 1
+     mpi_command           None                  -    launcher if mpi_ranks > 1; None: mpiexec
      workdir               None                  -    folder of the work files; None: temporary
      data_dir              None                  -    CP2K data; None: CP2K_DATA_DIR or built in
     ===================== ===================== ==== =========================================
@@ -241,13 +243,10 @@ class CP2KReference(Calculator):
         "command": "cp2k.psmp",
         "mpi_ranks": 1,
         "omp_threads": 1,
-        "mpi_command": "mpiexec -n {ranks}",
+        "mpi_command": None,
         "workdir": None,
         "data_dir": None,
     }
-
-    #: Parameters that change how a calculation runs, not its result (not recorded).
-    _RUNTIME = ("command", "mpi_ranks", "omp_threads", "mpi_command", "workdir", "data_dir")
 
     def __init__(self, **kwargs: Any) -> None:
         Calculator.__init__(self, **kwargs)
@@ -543,7 +542,8 @@ class CP2KReference(Calculator):
         env = dict(os.environ, OMP_NUM_THREADS=str(int(p.omp_threads)))
         command = [p.command, "-i", "deltaml.inp", "-o", "deltaml.out"]
         if int(p.mpi_ranks) > 1:
-            command = [*shlex.split(p.mpi_command.format(ranks=int(p.mpi_ranks))), *command]
+            launcher = p.mpi_command or _MPI_COMMAND
+            command = [*shlex.split(launcher.format(ranks=int(p.mpi_ranks))), *command]
             if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root otherwise
                 env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         try:

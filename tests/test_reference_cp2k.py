@@ -7,6 +7,8 @@ Every test runs CP2K on water in a box of about 5 Å with a minimal basis and a
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from ase import Atoms
@@ -154,6 +156,18 @@ def test_molecule_matches_cp2k_run_directly_in_the_same_box(tmp_path):
         water.get_stress()
 
 
+def test_mpi_layout_changes_nothing_but_the_processes(water_cell, tmp_path):
+    water_cell.calc = CP2KReference(**QUICK)
+    water_cell.calc.calculate(water_cell, ["energy", "forces"])
+    serial = dict(water_cell.calc.results)
+    water_cell.calc = CP2KReference(mpi_ranks=2, omp_threads=1, workdir=tmp_path, **QUICK)
+    water_cell.calc.calculate(water_cell, ["energy", "forces"])
+    output = (tmp_path / "deltaml.out").read_text()
+    assert re.search(r"Total number of message passing processes\s+2\n", output)
+    assert water_cell.calc.results["energy"] == pytest.approx(serial["energy"], abs=1e-6)
+    np.testing.assert_allclose(water_cell.calc.results["forces"], serial["forces"], atol=1e-5)
+
+
 def test_scf_failure_is_the_scf_error(water_cell):
     water_cell.calc = CP2KReference(max_scf=2, max_outer_scf=1, **QUICK)
     with pytest.raises(SCFConvergenceError, match="SCF not converged in 1 outer loops of 2"):
@@ -190,6 +204,12 @@ def test_record_names_the_method_and_its_dispersion_partner():
     assert record["cutoff_ry"] == CP2KReference.default_parameters["cutoff_ry"]
     # how a calculation runs is not part of the method
     assert CP2KReference(mpi_ranks=2, omp_threads=2).record() == record
+
+
+def test_docstring_table_matches_default_parameters():
+    from test_baseline import _check_table
+
+    _check_table(CP2KReference)
 
 
 def test_method_record_mismatches_are_refused(water_cell, tmp_path):
