@@ -577,6 +577,10 @@ def test_store_errors_are_one_line(tmp_path, monkeypatch):
 
 def test_unreachable_scheduler_is_one_line(water, tmp_path):
     import dask
+    import distributed  # noqa: F401 -- its defaults must be in dask's config first
+
+    # Otherwise set() creates the "distributed" section and removes it again on
+    # exit, defaults and all, which breaks every later Dask client in the session.
 
     path = write_structure(water, tmp_path)
     with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
