@@ -85,6 +85,8 @@ _OTHER_ENERGY_KEYS = ("Energy", "total_energy", "energy_eV", "E", "free_energy",
 #: A magnitude check decides only when the slope is this close (factor) to one unit
 #: and the reference correlates at least this well with the baseline.
 _UNIT_TOLERANCE, _MIN_CORRELATION = 1.6, 0.7
+#: Largest coordinate difference (Å) of a molecule and its own structure: the same.
+_SAME_GEOMETRY_A = 1e-5
 #: Compositions beyond the number of elements needed to compare energies across them.
 _MIN_EXTRA_COMPOSITIONS = 4
 
@@ -605,7 +607,7 @@ def interaction_groups(structures: Sequence[Atoms]) -> list[tuple[int, list[int]
     Such a group makes an interaction energy an exact difference of labels:
     E_int = E(complex) − Σ E(molecule). A molecule matches when a single-molecule,
     non-periodic structure has the same elements and positions in the same order,
-    up to a translation, to 1e-6 Å (a rigid scan moves a monomer; it does not
+    up to a translation, to 1e-5 Å (a rigid scan moves a monomer; it does not
     change it). Molecules are found by :func:`deltaml.crystals.whole_molecules`.
 
     Parameters
@@ -621,26 +623,35 @@ def interaction_groups(structures: Sequence[Atoms]) -> list[tuple[int, list[int]
     """
     from deltaml.crystals import whole_molecules
 
-    def key(numbers: np.ndarray, positions: np.ndarray) -> bytes:
-        centred = positions - positions.mean(axis=0)
-        return numbers.astype(np.int64).tobytes() + np.round(centred, 6).tobytes()
-
-    monomers: dict[bytes, int] = {}
+    # Matched with a tolerance, not by rounding: a rounded key splits two equal
+    # geometries whose coordinates straddle a rounding boundary (it lost 3 of 162
+    # scan points of the shipped dimers).
+    monomers: dict[bytes, list[tuple[np.ndarray, int]]] = {}
     complexes = []
     for index, atoms in enumerate(structures):
         if atoms.pbc.any():
             continue
         molecules, positions = whole_molecules(atoms)
         if len(molecules.formulas) == 1:
-            monomers.setdefault(key(atoms.numbers, positions), index)
+            kind = atoms.numbers.astype(np.int64).tobytes()
+            monomers.setdefault(kind, []).append((positions - positions.mean(axis=0), index))
             continue
         parts = [
-            key(atoms.numbers[molecules.labels == m], positions[molecules.labels == m])
+            (atoms.numbers[molecules.labels == m], positions[molecules.labels == m])
             for m in range(len(molecules.formulas))
         ]
         complexes.append((index, parts))
-    return [
-        (index, [monomers[p] for p in parts])
-        for index, parts in complexes
-        if all(p in monomers for p in parts)
-    ]
+
+    def match(numbers: np.ndarray, positions: np.ndarray) -> int | None:
+        centred = positions - positions.mean(axis=0)
+        for candidate, index in monomers.get(numbers.astype(np.int64).tobytes(), []):
+            if np.abs(candidate - centred).max() < _SAME_GEOMETRY_A:
+                return index
+        return None
+
+    groups = []
+    for index, parts in complexes:
+        found = [match(numbers, positions) for numbers, positions in parts]
+        if all(m is not None for m in found):
+            groups.append((index, found))
+    return groups

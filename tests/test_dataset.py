@@ -257,3 +257,21 @@ def test_cli_import_and_export(tmp_path):
     assert [a.get_potential_energy() for a in back] == pytest.approx(
         [a.get_potential_energy() for a in frames]
     )
+
+
+def test_interaction_groups_match_geometries_across_rounding_boundaries():
+    from deltaml.dataset import interaction_groups
+
+    # A water whose centred coordinates, moved by a rigid scan, change by round-off
+    # (5.6e-16 Å) across a 6-decimal rounding edge: a rounded key missed the match.
+    positions = [[-0.00390545, 0.016273, 0.10750664], [0.00160076, 0.74186076, -0.47706267],
+                 [0.00899566, -0.76560563, -0.48334055]]  # fmt: skip
+    water = Atoms("OH2", positions=positions)
+    other = molecule("NH3")
+    other.positions += [3.1, 0.0, 0.0]
+    shift = np.array([-1.04443579, 4.40934188, -2.98796799])
+    complex_ = Atoms("OH2", positions=np.round(water.positions + shift, 8)) + other
+    other_moved = other.copy()
+    other_moved.positions = complex_.positions[3:]
+    groups = interaction_groups([water, other_moved, complex_])
+    assert groups == [(2, [0, 1])]
