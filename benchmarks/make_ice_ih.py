@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from ase import Atoms
 from ase.io import write
 
 from deltaml.crystals import HOH_ANGLE_DEG, OH_BOND_A, density_g_cm3, genice_water, repeat_unit
+from deltaml.files import atomic_path
 
 #: Hirsch & Ojamäe (2004) structure number in GenIce2's ``11i`` plugin.
 STRUCTURE = 6
@@ -146,12 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    # Write to a temporary name in the same folder, then rename.
-    handle, tmp_name = tempfile.mkstemp(suffix=".extxyz", dir=args.out.parent)
-    os.close(handle)
-    write(tmp_name, atoms, format="extxyz")
-    os.chmod(tmp_name, 0o644)  # mkstemp creates the file readable by its owner only
-    os.replace(tmp_name, args.out)
+    with atomic_path(args.out) as partial:
+        write(partial, atoms, format="extxyz")
     print(f"wrote {args.out}")
     for key, value in numbers.items():
         print(f"  {key:18s} {value:.6g}")

@@ -67,6 +67,7 @@ from ase.units import kcal, mol
 from deltaml.baseline import XTBBaseline
 from deltaml.crystals import bonding_changes, identify_molecules
 from deltaml.dataset import import_labelled, read_labelled, write_labelled
+from deltaml.files import atomic_path
 from deltaml.labelling import label_structures
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore, label_key
@@ -566,9 +567,8 @@ def structures() -> list[Atoms]:
     if not STRUCTURES.exists():
         STRUCTURES.parent.mkdir(parents=True, exist_ok=True)
         frames = make_structures()
-        partial = STRUCTURES.with_suffix(".partial.extxyz")
-        write(partial, frames, format="extxyz")
-        partial.replace(STRUCTURES)  # atomic: never a half-written structures file
+        with atomic_path(STRUCTURES) as partial:  # never a half-written structures file
+            write(partial, frames, format="extxyz")
     return read(STRUCTURES, index=":", format="extxyz")
 
 

@@ -39,6 +39,7 @@ from ase.units import fs
 
 from deltaml.baseline import XTBBaseline
 from deltaml.dataset import export_labelled
+from deltaml.files import atomic_path
 from deltaml.labelling import label_structures
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore
@@ -212,9 +213,8 @@ def structures() -> list[Atoms]:
     if not STRUCTURES.exists():
         WORK.mkdir(parents=True, exist_ok=True)
         frames = make_structures()
-        partial = STRUCTURES.with_suffix(".partial.extxyz")
-        write(partial, frames, format="extxyz")
-        partial.replace(STRUCTURES)  # atomic: never a half-written structures file
+        with atomic_path(STRUCTURES) as partial:  # never a half-written structures file
+            write(partial, frames, format="extxyz")
     return read(STRUCTURES, index=":", format="extxyz")
 
 
