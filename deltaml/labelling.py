@@ -13,6 +13,8 @@ and releases its claims.
 
 Besides the reference, every row gets the terms that form the Δ target on the
 same structure: the dispersion-free baseline and the reference's D3 partner.
+The reference is PySCF's (molecules) unless its parameters say ``"code": "cp2k"``
+(:class:`~deltaml.reference_cp2k.CP2KReference`: periodic cells too, with stress).
 
 Data flow: reference, baseline, dispersion → store → **labelling**.
 """
@@ -39,6 +41,7 @@ from deltaml.dataset import DELTA_BASELINE
 from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
 from deltaml.errors import ChargeMultiplicityError, ParameterError
 from deltaml.reference import PySCFReference
+from deltaml.reference_cp2k import CP2KReference
 from deltaml.store import LabelStore, label_key
 from deltaml.structures import charge_and_multiplicity
 
@@ -71,10 +74,11 @@ class LabelTask:
     charge, multiplicity : int
         Total charge (e) and 2S+1.
     reference, baseline, dispersion : dict or None
-        Keyword parameters of :class:`PySCFReference`, :class:`XTBBaseline` and
-        :class:`D3Dispersion`; ``None`` leaves that term out.
+        Keyword parameters of :class:`PySCFReference` (or, with ``"code": "cp2k"``,
+        :class:`CP2KReference`), :class:`XTBBaseline` and :class:`D3Dispersion`;
+        ``None`` leaves that term out.
     threads : int
-        OpenMP threads of the worker's PySCF.
+        OpenMP threads of the worker's PySCF (CP2K: its ``omp_threads`` unless given).
     """
 
     key: str
@@ -97,6 +101,7 @@ class LabelOutcome:
     terms: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    stress: np.ndarray | None = None
 
 
 def compute_label(task: LabelTask) -> LabelOutcome:
@@ -105,30 +110,60 @@ def compute_label(task: LabelTask) -> LabelOutcome:
     Every error is caught and returned, so that one bad structure costs one row.
     """
     start = time.perf_counter()
+    stress = None
     try:
-        from pyscf import lib
-
-        lib.num_threads(task.threads)
         atoms = task.atoms.copy()
-        reference = PySCFReference(
-            **task.reference, charge=task.charge, multiplicity=task.multiplicity
-        )
-        atoms.calc = reference
-        energy = atoms.get_potential_energy()
-        forces = atoms.get_forces() if "forces" in _reference_properties(task) else None
+        if task.reference.get("code") == "cp2k":
+            energy, forces, stress = _cp2k_label(task, atoms)
+        else:
+            from pyscf import lib
+
+            lib.num_threads(task.threads)
+            parameters = {k: v for k, v in task.reference.items() if k != "code"}
+            reference = PySCFReference(
+                **parameters, charge=task.charge, multiplicity=task.multiplicity
+            )
+            atoms.calc = reference
+            energy = atoms.get_potential_energy()
+            forces = atoms.get_forces() if "forces" in _reference_properties(task) else None
         terms = {}
         for name, calc in _term_calculators(task).items():
             atoms.calc = calc
             terms[name] = {
                 "energy": atoms.get_potential_energy(),
                 "forces": atoms.get_forces(),
+                "stress": atoms.get_stress() if stress is not None else None,
                 "record": calc.record(),
             }
     except Exception as exc:  # recorded in the store, per structure
         return LabelOutcome(
             task.key, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start
         )
-    return LabelOutcome(task.key, energy, forces, terms, seconds=time.perf_counter() - start)
+    return LabelOutcome(
+        task.key, energy, forces, terms, seconds=time.perf_counter() - start, stress=stress
+    )
+
+
+def _cp2k_label(task: LabelTask, atoms: Atoms) -> tuple[float, np.ndarray, np.ndarray | None]:
+    """Energy, forces and (3D-periodic cells) stress from one CP2K run."""
+    parameters = {k: v for k, v in task.reference.items() if k != "code"}
+    parameters.setdefault("omp_threads", task.threads)
+    reference = CP2KReference(**parameters, charge=task.charge, multiplicity=task.multiplicity)
+    properties = ["energy", "forces"] + (["stress"] if atoms.pbc.all() else [])
+    reference.calculate(atoms, properties)
+    results = reference.results
+    return results["energy"], results["forces"], results.get("stress")
+
+
+def _reference_calculator(parameters: dict[str, Any]) -> PySCFReference | CP2KReference:
+    """The reference of ``parameters``: CP2K's if ``"code": "cp2k"``, else PySCF's."""
+    parameters = dict(parameters)
+    code = parameters.pop("code", "pyscf")
+    if code == "cp2k":
+        return CP2KReference(**parameters)
+    if code != "pyscf":
+        raise ParameterError(f"unknown reference code {code!r}; choose 'pyscf' or 'cp2k'")
+    return PySCFReference(**parameters)
 
 
 def _reference_properties(task: LabelTask) -> tuple[str, ...]:
@@ -203,16 +238,20 @@ def label_structures(
     Parameters
     ----------
     structures : iterable of ase.Atoms
-        Molecules, Å. Charge and multiplicity come from ``reference`` if given
-        there, else from each structure's ``info`` or initial charges and
-        magnetic moments (:func:`~deltaml.structures.charge_and_multiplicity`);
-        sources that disagree raise ``ChargeMultiplicityError`` naming the
-        structure, before anything is computed or claimed for good.
+        Molecules (with a CP2K reference also 3D-periodic cells), Å. Charge
+        and multiplicity come from ``reference`` if given there, else from each
+        structure's ``info`` or initial charges and magnetic moments
+        (:func:`~deltaml.structures.charge_and_multiplicity`); sources that
+        disagree raise ``ChargeMultiplicityError`` naming the structure, before
+        anything is computed or claimed for good.
     store : LabelStore
         Where results go (and what is skipped).
     reference : dict, optional
         Keyword parameters of :class:`~deltaml.reference.PySCFReference` (its
-        defaults: revPBE0/def2-TZVP).
+        defaults: revPBE0/def2-TZVP), or, with ``"code": "cp2k"``, of
+        :class:`~deltaml.reference_cp2k.CP2KReference` (revPBE/DZVP-MOLOPT-SR-GTH;
+        cells periodic in 3D get stress too; its ``mpi_ranks`` and ``omp_threads``
+        are each worker's layout, not part of the method record).
     baseline : dict or None, default=:data:`DEFAULT_BASELINE`
         :class:`~deltaml.baseline.XTBBaseline` parameters of the Δ-target baseline;
         None: not computed.
@@ -238,7 +277,7 @@ def label_structures(
     """
     start = time.perf_counter()
     reference = dict(reference or {})
-    record = PySCFReference(**reference).record()
+    record = _reference_calculator(reference).record()
     dispersion = _dispersion_parameters(dispersion, record)
     if threads_per_worker < 1:
         raise ParameterError(f"threads_per_worker must be >= 1, got {threads_per_worker}")
@@ -342,6 +381,7 @@ def _write_outcome(
         record,
         energy=outcome.energy,
         forces=outcome.forces,
+        stress=outcome.stress,
         terms=outcome.terms,
         charge=charge,
         multiplicity=multiplicity,

@@ -227,3 +227,44 @@ def test_method_record_mismatches_are_refused(water_cell, tmp_path):
     assert import_labelled(store, labels[:1]) == (1, 0)
     with pytest.raises(MethodMismatchError, match=r"holds labels of another method.*cutoff_ry"):
         import_labelled(store, labels[1:])
+
+
+def test_labels_go_through_the_store_and_the_runner(water_cell, tmp_path):
+    """A ``{"code": "cp2k", ...}`` reference on the local pool: energy, forces and
+    stress of the cell in the store under the CP2K record, with the D3 partner's terms;
+    the MPI/OpenMP layout is not part of the record (the same key on a cluster)."""
+    from deltaml.labelling import label_structures
+
+    store = LabelStore(tmp_path / "labels.db")
+    reference = {"code": "cp2k", "omp_threads": 1, **QUICK}
+    report = label_structures(
+        [water_cell], store, reference=reference, baseline=None, workers=1, progress=False
+    )
+    assert (report.computed, report.failed) == (1, 0), report.errors
+    (label,) = store.labelled()
+    water_cell.calc = CP2KReference(**QUICK)
+    water_cell.calc.calculate(water_cell, ["energy", "forces", "stress"])
+    expected = water_cell.calc.results
+    assert label.get_potential_energy() == pytest.approx(expected["energy"], abs=1e-6)
+    np.testing.assert_allclose(label.get_forces(), expected["forces"], atol=1e-6)
+    np.testing.assert_allclose(label.get_stress(), expected["stress"], atol=1e-8)
+    assert label.info["method_record"] == CP2KReference(**QUICK).record()
+    assert label.info["record_dispersion"]["method"] == "revpbe"
+    assert label.info["stress_dispersion"].shape == (6,)
+    again = label_structures(
+        [water_cell],
+        store,
+        reference={**reference, "mpi_ranks": 2, "omp_threads": 2},
+        baseline=None,
+        progress=False,
+    )
+    assert (again.already_done, again.computed) == (1, 0)
+
+
+def test_an_unknown_reference_code_is_refused(water_cell, tmp_path):
+    from deltaml.labelling import label_structures
+
+    with pytest.raises(ParameterError, match="unknown reference code 'vasp'; choose"):
+        label_structures(
+            [water_cell], LabelStore(tmp_path / "l.db"), reference={"code": "vasp"}, progress=False
+        )
