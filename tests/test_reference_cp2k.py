@@ -268,3 +268,27 @@ def test_an_unknown_reference_code_is_refused(water_cell, tmp_path):
         label_structures(
             [water_cell], LabelStore(tmp_path / "l.db"), reference={"code": "vasp"}, progress=False
         )
+
+
+def test_labels_on_a_dask_cluster_match_the_local_pool(water_cell, tmp_path):
+    """The same CP2K label through a Dask LocalCluster (threads in this process)."""
+    distributed = pytest.importorskip("distributed")
+    from deltaml.labelling import label_structures
+
+    reference = {"code": "cp2k", "omp_threads": 1, **QUICK}
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        store = LabelStore(tmp_path / "dask.db")
+        report = label_structures(
+            [water_cell], store, reference=reference, baseline=None,
+            scheduler=cluster.scheduler_address, progress=False,
+        )  # fmt: skip
+    assert (report.computed, report.failed) == (1, 0), report.errors
+    (label,) = store.labelled()
+    water_cell.calc = CP2KReference(**QUICK)
+    water_cell.calc.calculate(water_cell, ["energy", "forces", "stress"])
+    assert label.get_potential_energy() == pytest.approx(
+        water_cell.calc.results["energy"], abs=1e-6
+    )
+    np.testing.assert_allclose(label.get_stress(), water_cell.calc.results["stress"], atol=1e-8)
