@@ -98,6 +98,19 @@ def rotation() -> np.ndarray:
     return q
 
 
+@pytest.fixture(scope="session")
+def water_box() -> Atoms:
+    """Eight waters in a 6.2 Å periodic cube (24 atoms); copy it before changing it."""
+    box = Atoms(cell=np.eye(3) * 6.2, pbc=True)
+    rng = np.random.default_rng(3)
+    for k in range(8):
+        water = molecule("H2O")
+        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
+        water.translate((np.array(np.unravel_index(k, (2, 2, 2))) + 0.5) * 3.1)
+        box += water
+    return box
+
+
 @pytest.fixture
 def water_chain() -> Atoms:
     """One water molecule in a sheared cell 2.9 Å wide along a (an H-bonded chain).

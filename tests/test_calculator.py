@@ -573,18 +573,6 @@ def test_stability_samples_ask_for_the_force_uncertainty(fitted_model):
     assert calc.parameters.force_uncertainty is False
 
 
-def _water_box() -> Atoms:
-    """Eight waters in a 6.2 Å periodic cube (24 atoms)."""
-    box = Atoms(cell=np.eye(3) * 6.2, pbc=True)
-    rng = np.random.default_rng(3)
-    for k in range(8):
-        water = molecule("H2O")
-        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
-        water.translate((np.array(np.unravel_index(k, (2, 2, 2))) + 0.5) * 3.1)
-        box += water
-    return box
-
-
 @pytest.fixture(scope="module")
 def atomic_model(stand_in_labels):
     from deltaml.dataset import delta_targets
@@ -600,7 +588,7 @@ def atomic_model(stand_in_labels):
     ("periodic", "decomposition"), [(True, "molecular"), (False, "molecular"), (True, "atomic")]
 )
 def test_model_in_pieces_equals_whole_and_pieces_bound_memory(
-    request, periodic, decomposition, monkeypatch
+    request, periodic, decomposition, monkeypatch, water_box
 ):
     """Issue 13, item 11: a large structure is predicted in pieces of whole molecules
     (the descriptor gradients, the largest arrays, then follow the piece, not the
@@ -610,7 +598,7 @@ def test_model_in_pieces_equals_whole_and_pieces_bound_memory(
     fitted_model = request.getfixturevalue(
         "fitted_model" if decomposition == "molecular" else "atomic_model"
     )
-    atoms = _water_box()
+    atoms = water_box.copy()
     atoms.pbc = periodic
     stress = periodic
     whole = fitted_model.predict(atoms, stress=stress, force_uncertainty=True)

@@ -346,25 +346,11 @@ def test_isolated_atom_keeps_its_zero_self_pair(backend):
 # ---------------------------------------------------------------- rows of some centres
 
 
-def _water_box() -> Atoms:
-    """Eight waters in a 6.2 Å periodic cube (24 atoms)."""
-    from ase.build import molecule
-
-    box = Atoms(cell=np.eye(3) * 6.2, pbc=True)
-    rng = np.random.default_rng(3)
-    for k in range(8):
-        water = molecule("H2O")
-        water.rotate(rng.uniform(0, 360), rng.normal(size=3))
-        water.translate((np.array(np.unravel_index(k, (2, 2, 2))) + 0.5) * 3.1)
-        box += water
-    return box
-
-
 @pytest.mark.parametrize("periodic", [True, False])
-def test_rows_of_some_centres_equal_those_of_the_whole_structure(periodic):
+def test_rows_of_some_centres_equal_those_of_the_whole_structure(periodic, water_box):
     """Issue 13, item 11: a piece of the centres gives exactly the rows and gradients
     the whole structure gives them (gradients with respect to any atom)."""
-    atoms = _water_box()
+    atoms = water_box.copy()
     atoms.pbc = periodic
     descriptor = soap(species=(1, 8), **TINY)
     kinds = ("positions", "strain") if periodic else ("positions",)
