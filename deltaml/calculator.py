@@ -56,6 +56,9 @@ __all__ = ["TERMS", "DeltaCalculator", "energy_budget"]
 #: Names of the terms, in the order they are summed.
 TERMS = ("baseline", "correction", "dispersion")
 
+#: Stands for a correction that records no training spin states at all (not a model).
+_NOT_RECORDED = object()
+
 #: Composite parameters handed to the baseline unchanged.
 _BASELINE_KEYS = (
     "method",
@@ -112,6 +115,14 @@ class DeltaCalculator(Calculator):
     ``dispersion``; ``energy_uncertainty`` (eV), ``energies_uncertainty`` (eV) and
     ``forces_uncertainty`` (eV/Å) when the correction provides them.
 
+    A correction that records the spin states it was trained on
+    (``training_multiplicities_`` of a :class:`~deltaml.model.SparseGPR`; ``None``
+    for model files older than that record: closed shells assumed) or the total
+    charges (``training_charges_``, where recorded) gives an
+    :class:`~deltaml.errors.OutOfDomainWarning`, once per formula, charge and
+    multiplicity, when it is asked for a structure outside them: its correction
+    there is an extrapolation.
+
     The force uncertainty of a :class:`~deltaml.model.SparseGPR` roughly doubles
     the cost of the correction, so it is asked for only when something uses it:
     an ``uncertainty_threshold``, or ``force_uncertainty=True`` (active learning
@@ -166,6 +177,7 @@ class DeltaCalculator(Calculator):
         self._baseline: XTBBaseline | None = None
         self._dispersion: D3Dispersion | None = None
         self._molecules: tuple[weakref.ref, np.ndarray] | None = None
+        self._spin_warned: set[tuple[str, int, int]] = set()
         Calculator.__init__(self, atoms=atoms, **kwargs)
         self.correction = correction
         _check_double_counting(self.parameters)
@@ -188,6 +200,7 @@ class DeltaCalculator(Calculator):
         self._accepts_force_uncertainty = accepts_force_uncertainty(value)
         self._terms_checked = False
         self._molecules = None
+        self._spin_warned = set()
         self.reset()
 
     def set(self, **kwargs: Any) -> dict:
@@ -333,15 +346,17 @@ class DeltaCalculator(Calculator):
             self.check_correction()
         p = self.parameters
         charge = resolve_charge(atoms, p.charge)
+        multiplicity = resolve_multiplicity(atoms, charge, p.multiplicity, f_in_core=True)
         validate_structure(
             atoms,
             supported_elements=SUPPORTED_ELEMENTS,
             method_name=canonical_method(p.method),
             min_distance=p.min_distance,
             charge=charge,
-            multiplicity=resolve_multiplicity(atoms, charge, p.multiplicity, f_in_core=True),
+            multiplicity=multiplicity,
             f_in_core=True,
         )
+        self._warn_unseen_charge_or_spin(atoms, charge, multiplicity)
         wanted = ["energy", "forces"] + (["stress"] if want_stress else [])
         self.baseline.check_capabilities(atoms, wanted)
 
@@ -418,6 +433,42 @@ class DeltaCalculator(Calculator):
                 return
         labels = identify_molecules(atoms).labels
         self._molecules = (weakref.ref(owner), labels) if owner is not None else None
+
+    def _warn_unseen_charge_or_spin(self, atoms: Atoms, charge: int, multiplicity: int) -> None:
+        """Warn, once per formula, charge and spin, where the correction never saw them."""
+        formula = atoms.get_chemical_formula()
+        key = (formula, charge, multiplicity)
+        if key in self._spin_warned:
+            return
+        correction = self.correction
+        problems = []
+        spins = getattr(correction, "training_multiplicities_", _NOT_RECORDED)
+        if spins is None and multiplicity != 1:
+            problems.append(
+                f"{formula} is an open shell (multiplicity {multiplicity}); the model "
+                "does not record the spin states it was trained on (model files written "
+                "before they were recorded; the shipped labels are closed shells only)"
+            )
+        elif spins is not None and spins is not _NOT_RECORDED and multiplicity not in spins:
+            kind = "an open shell" if multiplicity != 1 else "a closed shell"
+            problems.append(
+                f"{formula} is {kind} (multiplicity {multiplicity}); the model was trained "
+                f"on multiplicities {', '.join(map(str, sorted(spins)))}"
+            )
+        charges = getattr(correction, "training_charges_", None)
+        if charges is not None and charge not in charges:
+            problems.append(
+                f"{formula} has charge {charge}; the model was trained on charges "
+                f"{', '.join(map(str, sorted(charges)))}"
+            )
+        if not problems:
+            return
+        self._spin_warned.add(key)
+        warnings.warn(
+            "; ".join(problems) + ": its correction here is an extrapolation",
+            OutOfDomainWarning,
+            stacklevel=3,
+        )
 
     def _check_domain(self, predicted: CorrectionResult) -> None:
         """Warn or raise where the correction's force uncertainty exceeds the threshold."""

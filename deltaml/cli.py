@@ -21,6 +21,7 @@ import logging
 import os
 import sqlite3
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,35 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
         package.addHandler(handler)
     handler.setLevel(level)
     package.setLevel(level)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Print warnings through click: deltaml's own as one line ``warning: ...``.
+
+    So that a library warning (e.g. a model used on a spin state it never saw)
+    reaches a CLI user once, in the same form as the CLI's own notes; warnings
+    of other packages keep Python's format. The warning filters are left alone.
+    """
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:  # fmt: skip
+        ours = category.__module__.startswith("deltaml") or (
+            Path(filename).resolve().parent == _PACKAGE
+        )
+        text = (
+            f"warning: {message}"
+            if ours
+            else warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+        )
+        click.echo(text, err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+_PACKAGE = Path(__file__).resolve().parent
 
 
 @contextlib.contextmanager
@@ -194,6 +224,7 @@ def _alias(new: str, old: str, new_value: Any, old_value: Any) -> Any:
 def main(verbose: int, quiet: bool) -> None:
     """deltaml: GFN-xTB baseline + learned correction + D3 dispersion."""
     _configure_logging(verbose, quiet)
+    click.get_current_context().with_resource(_warnings_as_lines())
 
 
 def _none(spec: str | None) -> str | None:
@@ -265,32 +296,6 @@ def _composite(
     return DeltaCalculator(correction=ZeroCorrection(), **given)
 
 
-def _warn_open_shell(
-    calc: DeltaCalculator, atoms: Atoms, charge: int | None, multiplicity: int | None
-) -> None:
-    """Say so when a model is used on an open shell it may never have seen."""
-    model = calc.correction
-    if isinstance(model, ZeroCorrection):
-        return
-    _, spin = charge_and_multiplicity(atoms, charge, multiplicity)
-    if spin == 1:
-        return
-    seen = getattr(model, "training_multiplicities_", None)
-    if seen is not None and spin in seen:
-        return
-    known = (
-        "it was trained on multiplicities " + ", ".join(map(str, sorted(seen)))
-        if seen is not None
-        else "the model file does not record the spin states it was trained on "
-        "(the shipped labels are closed shells only)"
-    )
-    click.echo(
-        f"warning: {atoms.get_chemical_formula()} is an open shell (multiplicity {spin}); "
-        f"{known}: its correction here is an extrapolation",
-        err=True,
-    )
-
-
 @main.command("single-point")
 @click.argument("structure", type=click.Path(exists=True, dir_okay=False))
 @_model_option
@@ -328,7 +333,6 @@ def single_point(
             model, baseline=baseline, engine=engine, dispersion=dispersion,
             baseline_dispersion=baseline_dispersion, charge=charge, multiplicity=multiplicity,
         )  # fmt: skip
-        _warn_open_shell(calc, atoms, charge, multiplicity)
         budget = energy_budget(atoms, calc)
     if as_json:
         json.dump(budget, sys.stdout, indent=2)
@@ -708,12 +712,16 @@ def _composite_for(
     atoms: Atoms, model: str | None, baseline: str | None, engine: str | None,
     dispersion: str | None, charge: int | None, multiplicity: int | None,
 ) -> DeltaCalculator:  # fmt: skip
-    """The composite of a command, with its charge and spin checked against ``atoms``."""
+    """The composite of a command, with its charge and spin checked against ``atoms``.
+
+    The composite itself warns (once) where the model never saw that charge or
+    spin state; :func:`_warnings_as_lines` prints it.
+    """
     calc = _composite(
         model, baseline=baseline, engine=engine, dispersion=dispersion, charge=charge,
         multiplicity=multiplicity,
     )  # fmt: skip
-    _warn_open_shell(calc, atoms, charge, multiplicity)
+    charge_and_multiplicity(atoms, charge, multiplicity)  # a conflict: one line, before any work
     return calc
 
 

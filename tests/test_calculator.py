@@ -469,6 +469,73 @@ def test_uncertainty_threshold_warns_or_raises_out_of_domain(fitted_model):
         calc.set(uncertainty_action="ignore")
 
 
+def _domain_warnings(atoms: Atoms) -> list[str]:
+    """Messages of the OutOfDomainWarnings of one energy and force evaluation."""
+    import warnings
+
+    from deltaml.errors import OutOfDomainWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        atoms.get_forces()
+    return [str(w.message) for w in caught if issubclass(w.category, OutOfDomainWarning)]
+
+
+class _SpinAware(HarmonicCorrection):
+    """A stand-in model that records the charges and spin states it was trained on."""
+
+    def __init__(self, multiplicities, charges=None) -> None:
+        super().__init__()
+        self.training_multiplicities_ = multiplicities
+        if charges is not None:
+            self.training_charges_ = charges
+
+
+def test_unseen_spin_or_charge_is_warned_once_by_the_calculator():
+    """Issue 13, item 2: the library itself says when a model meets an open shell (or a
+    charge) it was not trained on, once per formula, charge and multiplicity."""
+    oh = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    oh.calc = calc = _composite(correction=_SpinAware([1]))
+    (message,) = _domain_warnings(oh)
+    assert message.startswith("HO is an open shell (multiplicity 2); the model was trained ")
+    assert "on multiplicities 1: its correction here is an extrapolation" in message
+    oh.positions[1, 2] += 0.05  # the same structure and spin: said once, not every step
+    assert _domain_warnings(oh) == []
+    calc.set(charge=-1)  # OH-, a closed shell the model knows
+    assert _domain_warnings(oh) == []
+    calc.set(charge=0, multiplicity=4)  # another spin: said again
+    assert "(multiplicity 4)" in _domain_warnings(oh)[0]
+
+    water = molecule("H2O")
+    water.calc = _composite(correction=_SpinAware([2]))  # trained on radicals only
+    assert "H2O is a closed shell (multiplicity 1)" in _domain_warnings(water)[0]
+    water.calc = _composite(correction=_SpinAware(None))  # an old file: closed shells assumed
+    assert _domain_warnings(water) == []
+    oh.calc = _composite(correction=_SpinAware(None))
+    assert "does not record the spin states" in _domain_warnings(oh)[0]
+
+    ammonium = molecule("NH3")
+    ammonium.append("H")
+    ammonium.positions[-1] = [0.0, 0.0, -1.02]
+    ammonium.info["charge"] = 1
+    ammonium.calc = _composite(correction=_SpinAware([1], charges=[0]))
+    (message,) = _domain_warnings(ammonium)
+    assert "H4N has charge 1; the model was trained on charges 0" in message
+    for silent in (ZeroCorrection(), HarmonicCorrection()):  # nothing recorded: nothing said
+        oh.calc = _composite(correction=silent)
+        assert _domain_warnings(oh) == []
+
+
+def test_a_fitted_model_warns_on_an_open_shell(fitted_model):
+    assert fitted_model.training_multiplicities_ == [1]
+    oh = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    oh.calc = DeltaCalculator.from_model(fitted_model)
+    assert "HO is an open shell (multiplicity 2)" in _domain_warnings(oh)[0]
+    water = molecule("H2O")
+    water.calc = oh.calc
+    assert _domain_warnings(water) == []
+
+
 @pytest.mark.parametrize("where", ["energy", "forces"])
 def test_a_non_finite_term_is_refused_not_summed(water, where):
     from deltaml.errors import NonFiniteResultError
