@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 import scipy.sparse
 from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
@@ -112,6 +113,10 @@ INTER_DELTA_FALLBACK = 0.005
 #: Intermolecular rows shorter than this fraction of the element's typical row are
 #: not taken as sparse points (contacts at the edge of the cut-off).
 _INTER_MIN_NORM = 0.05
+#: An interaction energy whose uncalibrated variance is below this fraction of
+#: δ_inter² has no intermolecular part (no contact within the cut-off): it cannot
+#: calibrate the intermolecular factor.
+_NO_CONTACT = 1e-10
 
 
 class SparseGPR(BaseEstimator):
@@ -167,8 +172,9 @@ class SparseGPR(BaseEstimator):
     ``n_interactions_`` (interaction energies found in the training set),
     ``alpha_``, ``trained_with_`` (records of the terms the targets were formed
     with), ``reference_`` (reference method record), ``training_set_sha256_``,
-    ``uncertainty_scale_`` ({"energy", "forces"}: factor applied to the GP's
-    standard deviations, 1 until :meth:`calibrate`). ``delta_``,
+    ``uncertainty_scale_`` ({"energy", "forces"}, and "inter" where calibrated on
+    interaction energies: factors applied to the GP's standard deviations, 1
+    until :meth:`calibrate`). ``delta_``,
     ``sparse_values_`` and ``sparse_numbers_`` are those of the first term.
 
     The model is a :class:`~deltaml.correction.Correction`: ``name``,
@@ -680,6 +686,9 @@ class SparseGPR(BaseEstimator):
         per_atom = np.zeros(len(atoms))
         total_k = np.zeros(len(self.alpha_))
         seen: list[list[DescriptorBatch]] = [[] for _ in self.terms_]
+        # Calibrated energy variance: that of Σ_t s_t E_t, s_t the factor of term t.
+        term_scales = self._term_scales()
+        columns = self._column_scales(term_scales)
         for centres in chunks:
             features = features_of(centres, gradients)
             atom_k = []
@@ -694,9 +703,10 @@ class SparseGPR(BaseEstimator):
             atom_k = np.concatenate(atom_k, axis=1) if want_var else None
             if want_var and centres is not None:
                 prior = sum(
-                    t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
+                    s**2 * t.prior_atom_variance(b)
+                    for t, b, s in zip(self.terms_, features, term_scales, strict=True)
                 )
-                per_atom[centres] = prior + self._posterior_terms(atom_k)
+                per_atom[centres] = prior + self._posterior_terms(atom_k * columns)
                 total_k += atom_k.sum(axis=0)
                 for kept, batch in zip(seen, features, strict=True):  # rows, no gradients
                     kept.append(DescriptorBatch(batch.values, batch.numbers, batch.offsets))
@@ -719,13 +729,12 @@ class SparseGPR(BaseEstimator):
                     )
                     for kept in seen
                 ]
-                total = self._prior_energy_covariance(whole, whole)
-                total += float(self._posterior_terms(total_k[None, :])[0])
+                total = self._prior_energy_covariance(whole, whole, term_scales)
+                total += float(self._posterior_terms(total_k[None, :] * columns)[0])
                 per_atom, total = np.maximum(per_atom, 0.0), max(total, 0.0)
-            total += offset_variance
-            scale = self.uncertainty_scale_["energy"]
-            result["energies_uncertainty"] = scale * np.sqrt(per_atom)
-            result["energy_uncertainty"] = scale * float(np.sqrt(total))
+            total += self.uncertainty_scale_["energy"] ** 2 * offset_variance
+            result["energies_uncertainty"] = np.sqrt(per_atom)
+            result["energy_uncertainty"] = float(np.sqrt(total))
         if want_force_var:
             if chunks == [None]:
                 force_rows = self._rows(features, 1, True, False)["forces"]
@@ -785,30 +794,61 @@ class SparseGPR(BaseEstimator):
             [t.atom_rows(b) for t, b in zip(self.terms_, features, strict=True)], axis=1
         )
 
-    def _prior_energy_covariance(self, first: list, second: list) -> float:
-        """Prior covariance of two structures' energies (eV²), all terms."""
+    def _term_scales(self) -> list[float]:
+        """Calibration factor of each term's standard deviation (:meth:`calibrate`).
+
+        ``uncertainty_scale_["energy"]`` for the atomic or intramolecular term (and
+        the offsets), ``uncertainty_scale_["inter"]`` for the intermolecular one,
+        which is the energy factor where no interaction energy calibrated it.
+        """
+        energy = self.uncertainty_scale_["energy"]
+        inter = self.uncertainty_scale_.get("inter", energy)
+        return [inter if t.name == "inter" else energy for t in self.terms_]
+
+    def _column_scales(self, term_scales: Sequence[float]) -> NDArray[np.float64]:
+        """``term_scales`` spread over the columns of the joint kernel rows."""
+        return np.concatenate(
+            [np.full(t.size, s, dtype=float) for t, s in zip(self.terms_, term_scales, strict=True)]
+        )
+
+    def _prior_energy_covariance(
+        self, first: list, second: list, term_scales: Sequence[float] | None = None
+    ) -> float:
+        """Prior covariance of two structures' energies (eV²), all terms (each × s_t²)."""
+        if term_scales is None:
+            term_scales = [1.0] * len(self.terms_)
         return sum(
-            t.prior_energy_covariance(a, b)
-            for t, a, b in zip(self.terms_, first, second, strict=True)
+            s**2 * t.prior_energy_covariance(a, b)
+            for t, a, b, s in zip(self.terms_, first, second, term_scales, strict=True)
         )
 
     def _energy_variance(
-        self, features: list[DescriptorBatch], per_atom_k: NDArray | None = None
+        self,
+        features: list[DescriptorBatch],
+        per_atom_k: NDArray | None = None,
+        term_scales: Sequence[float] | None = None,
     ) -> tuple[NDArray, float]:
         """Posterior variance of each atomic energy and of the total (eV²), one structure.
 
         ``per_atom_k``: :meth:`_atom_kernel_rows` of ``features``, if formed already.
+        The variance is that of Σ_t s_t E_t (E_t the energy of term t), with
+        ``term_scales`` s_t: :meth:`_term_scales` by default, the calibrated one.
         """
         if per_atom_k is None:
             per_atom_k = self._atom_kernel_rows(features)
+        if term_scales is None:
+            term_scales = self._term_scales()
         prior_atoms = sum(
-            t.prior_atom_variance(b) for t, b in zip(self.terms_, features, strict=True)
+            s**2 * t.prior_atom_variance(b)
+            for t, b, s in zip(self.terms_, features, term_scales, strict=True)
         )
-        prior_total = self._prior_energy_covariance(features, features)
+        prior_total = self._prior_energy_covariance(features, features, term_scales)
         # The structure's kernel row is the sum of its atoms' rows; one pass of the
-        # triangular solves serves the atoms and the total.
+        # triangular solves serves the atoms and the total. Scaling the columns of
+        # each term scales that term's part of the (joint) posterior.
         total_k = per_atom_k.sum(axis=0, keepdims=True)
-        posterior = self._posterior_terms(np.vstack([per_atom_k, total_k]))
+        columns = self._column_scales(term_scales)
+        posterior = self._posterior_terms(np.vstack([per_atom_k, total_k]) * columns)
         per_atom = prior_atoms + posterior[:-1]
         total = prior_total + float(posterior[-1])
         return np.maximum(per_atom, 0.0), max(total, 0.0)
@@ -821,8 +861,12 @@ class SparseGPR(BaseEstimator):
         similar structures more certain than either energy (polymorph ranking,
         interaction energies: with the molecular decomposition the intramolecular
         part of a complex and of its monomers at the same geometry cancel, in
-        the covariance as in the energy). Scaled by the energy factor of
-        :meth:`calibrate`.
+        the covariance as in the energy). Calibrated by :meth:`calibrate`: the
+        covariance of Σ_t s_t E_t, where the offsets and the atomic or
+        intramolecular part E_1 have the energy factor and the intermolecular part
+        the ``"inter"`` factor, fitted on held-out interaction energies (so the σ
+        of an interaction energy at fixed monomer geometry is the inter factor
+        times its uncalibrated σ, and that of a single molecule is unchanged).
 
         Parameters
         ----------
@@ -835,18 +879,30 @@ class SparseGPR(BaseEstimator):
             Symmetric, positive semi-definite up to round-off, eV².
         """
         self._check_fitted()
+        return self._energy_covariance(
+            frames, self._term_scales(), self.uncertainty_scale_["energy"]
+        )
+
+    def _energy_covariance(
+        self, frames: Sequence[Atoms], term_scales: Sequence[float], offset_scale: float
+    ) -> NDArray[np.float64]:
+        """Covariance of Σ_t s_t E_t + s_0 E_offsets of several structures (eV²)."""
         features = [self._features(atoms, ()) for atoms in frames]
         n = len(features)
         prior = np.zeros((n, n))
         for i in range(n):
             for j in range(i, n):
-                prior[i, j] = prior[j, i] = self._prior_energy_covariance(features[i], features[j])
-        rows = np.array([self._atom_kernel_rows(f).sum(axis=0) for f in features])
+                prior[i, j] = prior[j, i] = self._prior_energy_covariance(
+                    features[i], features[j], term_scales
+                )
+        columns = self._column_scales(term_scales)
+        rows = np.array([self._atom_kernel_rows(f).sum(axis=0) for f in features]) * columns
         q = scipy.linalg.solve_triangular(self.chol_mm_, rows.T, lower=True, check_finite=False)
         s = scipy.linalg.solve_triangular(self.r_factor_, rows.T, trans="T", check_finite=False)
         counts = composition_counts(frames, self.species_)
-        covariance = prior - q.T @ q + s.T @ s + self.offset_fit_.covariance_of(counts)
-        return self.uncertainty_scale_["energy"] ** 2 * (covariance + covariance.T) / 2.0
+        offsets = offset_scale**2 * self.offset_fit_.covariance_of(counts)
+        covariance = prior - q.T @ q + s.T @ s + offsets
+        return (covariance + covariance.T) / 2.0
 
     def _force_variance(
         self,
@@ -871,6 +927,20 @@ class SparseGPR(BaseEstimator):
     def calibrate(self, frames: Sequence[Atoms]) -> dict[str, float]:
         """Scale the GP's standard deviations so that held-out errors have unit z-score.
 
+        ``"energy"`` and ``"forces"``: RMS of the z-scores of the held-out total
+        energies and force components. ``"inter"`` (molecular decomposition only,
+        when the held-out frames hold interaction systems: a complex with every
+        one of its molecules at the same geometry, as
+        :func:`~deltaml.dataset.interaction_groups` finds them): the factor of the
+        intermolecular part's standard deviation, the RMS of the z-scores of the
+        held-out interaction energies E(complex) − Σ E(molecules). In those the
+        offsets and the intramolecular part cancel, so the whole-structure factor,
+        set by the intramolecular part, says nothing about them. The energy factor
+        is then the one that gives the total energies unit RMS z-score with the
+        intermolecular part scaled by the inter factor. Without interaction
+        systems there is no inter factor, and the intermolecular part takes the
+        energy factor, as before.
+
         Parameters
         ----------
         frames : sequence of ase.Atoms
@@ -880,8 +950,8 @@ class SparseGPR(BaseEstimator):
         Returns
         -------
         dict
-            ``{"energy": s_E, "forces": s_F}``: RMS of error / predicted std before
-            scaling (1 means the GP's variance was calibrated already).
+            ``{"energy": s_E, "forces": s_F}`` and, where fitted, ``"inter": s_I``:
+            the factors (1 means the GP's variance was calibrated already).
         """
         self._check_fitted()
         frames = split_isolated_atoms(list(frames))[1]
@@ -889,27 +959,84 @@ class SparseGPR(BaseEstimator):
             raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
         saved = dict(self.uncertainty_scale_)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
-        z_energy, z_forces = [], []
+        errors, variances, predicted, z_forces = [], [], [], []
+        groups = interaction_groups(frames) if self.molecular else []
         try:
             for atoms in frames:
                 with_forces = "forces" in atoms.calc.results and self.uncertainty == "forces"
                 result = self.predict(atoms, forces=with_forces)
-                error = atoms.calc.results["energy"] - result.energy
-                z_energy.append(error / max(result.energy_uncertainty, 1e-12))
+                predicted.append(result.energy)
+                errors.append(atoms.calc.results["energy"] - result.energy)
+                variances.append(max(result.energy_uncertainty, 1e-12) ** 2)
                 if with_forces:
                     err = atoms.calc.results["forces"] - result.forces
                     std = np.maximum(result.forces_uncertainty, 1e-12)[:, None]
                     z_forces.append((err / std).ravel())
+            scale = {"energy": float(np.sqrt(np.mean(np.square(errors) / variances)))}
+            scale["forces"] = (
+                float(np.sqrt(np.mean(np.square(np.concatenate(z_forces))))) if z_forces else 1.0
+            )
+            inter = self._inter_factor(frames, groups, np.array(predicted)) if groups else None
+            if inter is not None:
+                scale["inter"] = inter
+                scale["energy"] = self._energy_factor(frames, np.array(errors), scale)
         except Exception:
             self.uncertainty_scale_ = saved
             raise
-        scale = {"energy": float(np.sqrt(np.mean(np.square(z_energy))))}
-        scale["forces"] = (
-            float(np.sqrt(np.mean(np.square(np.concatenate(z_forces))))) if z_forces else 1.0
-        )
         self.uncertainty_scale_ = scale
         self.content_sha256_ = None  # the model changed
         return dict(scale)
+
+    def _inter_factor(
+        self, frames: list[Atoms], groups: list[tuple[int, list[int]]], predicted: NDArray
+    ) -> float | None:
+        """RMS z-score of held-out interaction energies with the uncalibrated inter σ.
+
+        A complex whose molecules are out of each other's cut-off has no
+        intermolecular part (σ = 0, whatever the factor): it is left out. None if
+        no complex is left.
+        """
+        inter_only = [1.0 if t.name == "inter" else 0.0 for t in self.terms_]
+        floor = _NO_CONTACT * self.terms_[1].delta ** 2
+        z = []
+        for index, parts in groups:
+            members = [index, *parts]
+            weights = np.array([1.0] + [-1.0] * len(parts))
+            covariance = self._energy_covariance([frames[k] for k in members], inter_only, 0.0)
+            variance = float(weights @ covariance @ weights)
+            if variance <= floor:
+                continue
+            target = weights @ [frames[k].calc.results["energy"] for k in members]
+            z.append((target - weights @ predicted[members]) / np.sqrt(variance))
+        return float(np.sqrt(np.mean(np.square(z)))) if z else None
+
+    def _energy_factor(
+        self, frames: list[Atoms], errors: NDArray, scale: dict[str, float]
+    ) -> float:
+        """Energy factor s_E giving unit RMS z-score of total energies, inter factor fixed.
+
+        The variance of a total energy is s_E² a + s_I² b + 2 s_E s_I c (a: offsets
+        and intramolecular part, b: intermolecular part, c: their covariance).
+        """
+        parts = []
+        for atoms in frames:
+            a = self._energy_covariance([atoms], [1.0, 0.0], 1.0)[0, 0]
+            b = self._energy_covariance([atoms], [0.0, 1.0], 0.0)[0, 0]
+            both = self._energy_covariance([atoms], [1.0, 1.0], 1.0)[0, 0]
+            parts.append((a, b, (both - a - b) / 2.0))
+        a, b, c = np.array(parts).T
+        inter = scale["inter"]
+
+        def excess(log_s: float) -> float:
+            s = np.exp(log_s)
+            variance = np.maximum(s**2 * a + inter**2 * b + 2 * s * inter * c, 1e-24)
+            return float(np.log(np.mean(errors**2 / variance)))
+
+        guess = np.log(scale["energy"])
+        low, high = guess - np.log(1e3), guess + np.log(1e3)
+        if excess(low) > 0 > excess(high):
+            return float(np.exp(scipy.optimize.brentq(excess, low, high, xtol=1e-6)))
+        return scale["energy"]  # the inter part alone explains the errors: keep the plain one
 
     # -- files --------------------------------------------------------------------
 

@@ -221,10 +221,13 @@ def _check_consistent(model: Any, path: str | Path) -> None:
     if span.ndim != 2 or span.shape[1] != n_species or len(span) > n_species:
         problems.append(f"offset_span has shape {span.shape}, expected (≤{n_species}, {n_species})")
     scales = model.uncertainty_scale_
-    if set(scales) != {"energy", "forces"} or not all(
+    # "inter" (the intermolecular part's factor) only where calibrated on interactions.
+    if not {"energy", "forces"} <= set(scales) <= {"energy", "forces", "inter"} or not all(
         np.isfinite(v) and v > 0 for v in scales.values()
     ):
-        problems.append(f"uncertainty scales {scales} are not two positive numbers")
+        problems.append(
+            f"uncertainty scales {scales} are not positive numbers for energy, forces (and inter)"
+        )
     if model.molecular and set(model.inter_scale_) != set(model.species_):
         problems.append("intermolecular scales do not cover exactly the species")
     if any(not (np.isfinite(v) and v > 0) for v in model.inter_scale_.values()):

@@ -336,3 +336,151 @@ def test_the_fitting_rows_and_the_fast_prediction_path_agree(model, co2_crystal)
     np.testing.assert_allclose(quick.forces.ravel(), rows["forces"] @ model.alpha_, atol=1e-10)
     virial = rows["virial"][0] @ model.alpha_
     np.testing.assert_allclose(quick.stress, virial / atoms.get_volume(), atol=1e-12)
+
+
+# -- calibration of the σ of interaction energies (molecular decomposition) ----------
+
+
+def _dimer_system(first: str, second: str, seed: int) -> list[Atoms]:
+    """A rigid-monomer scan of a dimer (3 points) and its two monomers, at one geometry."""
+    rng = np.random.default_rng(seed)
+    a, b = molecule(first), molecule(second)
+    for mol in (a, b):
+        mol.positions += rng.normal(scale=0.04, size=mol.positions.shape)
+        mol.positions -= mol.get_center_of_mass()
+    b.rotate(float(rng.uniform(0, 360)), rng.normal(size=3))
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    shift = 2.0
+    while True:  # closest contact 2.2 Å
+        gap = np.linalg.norm(
+            a.positions[:, None] - (b.positions + shift * direction)[None], axis=-1
+        )
+        if gap.min() >= 2.2:
+            break
+        shift += 0.05
+    b.positions += shift * direction
+    frames = []
+    for factor in (1.0, 1.2, 1.5):
+        moved = b.copy()
+        moved.positions += (factor - 1.0) * shift * direction
+        frames.append(a + moved)
+    return [*frames, a, b]
+
+
+@pytest.fixture(scope="module")
+def interaction_data(gfn_delta) -> dict[str, list[Atoms]]:
+    pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
+    train = [f for k, p in enumerate(pairs * 2) for f in _dimer_system(*p, seed=10 + k)]
+    held = [f for k, p in enumerate(pairs) for f in _dimer_system(*p, seed=30 + k)]
+    return {
+        "train": gfn_delta(_rattled(10, seed=3) + train),
+        "held": gfn_delta(held),
+        "monomers": gfn_delta(_rattled(6, seed=4)),
+    }
+
+
+@pytest.fixture(scope="module")
+def molecular_model(interaction_data) -> SparseGPR:
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=40, inter_n_sparse=30).fit(
+        interaction_data["train"]
+    )
+
+
+def _interaction_sigma(model: SparseGPR, frames: list[Atoms]) -> float:
+    weights = np.array([1.0] + [-1.0] * (len(frames) - 1))
+    return float(np.sqrt(max(weights @ model.energy_covariance(frames) @ weights, 0.0)))
+
+
+def test_the_inter_factor_scales_the_sigma_of_an_interaction_and_not_of_a_molecule(
+    molecular_model, interaction_data
+):
+    model = molecular_model
+    dimer, first, second = interaction_data["held"][0], *interaction_data["held"][3:5]
+    saved = dict(model.uncertainty_scale_)
+    try:
+        model.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
+        sigma_int = _interaction_sigma(model, [dimer, first, second])
+        sigma_molecule = model.predict(first, forces=False).energy_uncertainty
+        sigma_dimer = model.predict(dimer, forces=False).energy_uncertainty
+        model.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0, "inter": 3.0}
+        assert _interaction_sigma(model, [dimer, first, second]) == pytest.approx(
+            3.0 * sigma_int, rel=1e-6
+        )
+        assert model.predict(first, forces=False).energy_uncertainty == pytest.approx(
+            sigma_molecule, rel=1e-12
+        )
+        # The complex's own σ grows (it holds the inter part), and the covariance keeps
+        # agreeing with predict.
+        scaled = model.predict(dimer, forces=False).energy_uncertainty
+        assert scaled > sigma_dimer
+        cov = model.energy_covariance([dimer, first])
+        np.testing.assert_allclose(
+            np.sqrt(np.diag(cov)),
+            [scaled, sigma_molecule],
+            rtol=1e-8,
+        )
+        assert np.linalg.eigvalsh(cov).min() > -1e-10 * np.trace(cov)
+        # Without an inter factor the energy factor scales everything, as before.
+        model.uncertainty_scale_ = {"energy": 2.0, "forces": 1.0}
+        assert _interaction_sigma(model, [dimer, first, second]) == pytest.approx(
+            2.0 * sigma_int, rel=1e-6
+        )
+        assert model.predict(dimer, forces=False).energy_uncertainty == pytest.approx(
+            2.0 * sigma_dimer, rel=1e-10
+        )
+    finally:
+        model.uncertainty_scale_ = saved
+
+
+def test_calibration_on_held_out_interactions_gives_them_unit_z_scores(
+    molecular_model, interaction_data
+):
+    from deltaml.dataset import interaction_groups
+
+    model = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
+    held = interaction_data["held"] + interaction_data["monomers"]
+    scales = model.calibrate(held)
+    assert set(scales) == {"energy", "forces", "inter"} and scales["inter"] > 0
+    assert model.uncertainty_scale_ == scales
+    groups = interaction_groups(held)
+    assert len(groups) == 12
+    z = []
+    for index, parts in groups:
+        members = [held[index], *(held[k] for k in parts)]
+        sigma = _interaction_sigma(model, members)
+        if not sigma > 1e-5 * scales["inter"] * model.terms_[1].delta:
+            continue  # out of each other's cut-off: no intermolecular part, σ = 0
+        weights = np.array([1.0] + [-1.0] * len(parts))
+        target = weights @ [a.get_potential_energy() for a in members]
+        predicted = weights @ [model.predict(a, forces=False).energy for a in members]
+        z.append((target - predicted) / sigma)
+    assert len(z) >= 8
+    assert np.sqrt(np.mean(np.square(z))) == pytest.approx(1.0, rel=1e-6)
+    # The energy factor still gives the held-out total energies unit RMS z-score.
+    z_total = [
+        (a.get_potential_energy() - r.energy) / r.energy_uncertainty
+        for a, r in ((a, model.predict(a, forces=False)) for a in held)
+    ]
+    assert np.sqrt(np.mean(np.square(z_total))) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_without_interaction_systems_calibration_fits_no_inter_factor(
+    molecular_model, interaction_data, model, data
+):
+    fitted = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
+    assert set(fitted.calibrate(interaction_data["monomers"])) == {"energy", "forces"}
+    atomic = SparseGPR(**model.get_params()).fit(data["train"])
+    assert set(atomic.calibrate(interaction_data["held"][:5] + data["test"][:4])) == {
+        "energy",
+        "forces",
+    }
+
+
+def test_the_inter_factor_survives_save_and_load(molecular_model, interaction_data, tmp_path):
+    fitted = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
+    fitted.calibrate(interaction_data["held"])
+    loaded = SparseGPR.load(fitted.save(tmp_path / "model.npz"))
+    assert loaded.uncertainty_scale_ == fitted.uncertainty_scale_
+    members = interaction_data["held"][:1] + interaction_data["held"][3:5]
+    assert _interaction_sigma(loaded, members) == _interaction_sigma(fitted, members)
