@@ -260,6 +260,7 @@ _multiplicity_option = click.option(
 _summary_option = click.option(
     "--summary", default=None, type=click.Path(dir_okay=False), help="JSON summary file"
 )
+_no_progress_option = click.option("--no-progress", is_flag=True, help="no progress bar")
 
 
 def _composite(
@@ -394,7 +395,7 @@ _store_option = click.option(
 )  # fmt: skip
 @click.option("--no-terms", is_flag=True, help="skip the baseline and D3 values (Δ targets)")
 @click.option("--retry-failed", is_flag=True, help="compute failed structures again")
-@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_no_progress_option
 def label(
     structures: str,
     store_url: str,
@@ -560,7 +561,7 @@ def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[in
               help="eV/atom")  # fmt: skip
 @click.option("--force-sigma", type=float, default=None, show_default="SparseGPR's",
               help="eV/Å")  # fmt: skip
-@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_no_progress_option
 def fit_command(
     store_url: str | None,
     data: tuple[str, ...],
@@ -736,11 +737,12 @@ def _composite_for(
               help="exit 0 when --steps run out before convergence")  # fmt: skip
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
 @_summary_option
+@_no_progress_option
 def relax_command(
     structure: str, model: str | None, baseline: str | None, engine: str | None,
     dispersion: str | None, charge: int | None, multiplicity: int | None, cell: bool,
     fmax: float, stress_tol: float, steps: int, allow_unconverged: bool, output: str | None,
-    summary: str | None,
+    summary: str | None, no_progress: bool,
 ) -> None:  # fmt: skip
     """Relax STRUCTURE with the composite; write the trajectory (extxyz) and a summary.
 
@@ -754,7 +756,8 @@ def relax_command(
         atoms.calc = _composite_for(atoms, model, baseline, engine, dispersion, charge,
                                     multiplicity)  # fmt: skip
         result = relax(
-            atoms, fmax=fmax, steps=steps, cell=cell, trajectory=output, progress=True,
+            atoms, fmax=fmax, steps=steps, cell=cell, trajectory=output,
+            progress=not no_progress,
             stress_tol_gpa=stress_tol if cell else None,
         )  # fmt: skip
     status = "converged" if result["converged"] else "NOT converged"
@@ -781,11 +784,12 @@ def relax_command(
 @click.option("--seed", default=0)
 @click.option("-o", "--output", default=None, type=click.Path(dir_okay=False), help="trajectory")
 @_summary_option
+@_no_progress_option
 def md_command(
     structure: str, model: str | None, baseline: str | None, engine: str | None,
     dispersion: str | None, charge: int | None, multiplicity: int | None,
     temperature: float, steps: int, timestep: float, nve: bool, interval: int, seed: int,
-    output: str | None, summary: str | None,
+    output: str | None, summary: str | None, no_progress: bool,
 ) -> None:  # fmt: skip
     """Run MD of STRUCTURE with the composite; write the trajectory and a summary."""
     _check_output(output, "-o/--output")
@@ -797,7 +801,7 @@ def md_command(
         result = run_md(
             atoms, temperature_k=temperature, steps=steps, timestep_fs=timestep,
             ensemble="nve" if nve else "langevin", interval=interval, seed=seed,
-            trajectory=output, progress=True,
+            trajectory=output, progress=not no_progress,
         )  # fmt: skip
     click.echo(
         f"{steps} steps in {result['wall_time_s']:.1f} s; mean T = "
@@ -972,12 +976,13 @@ def _gas_molecule(spec: str) -> Atoms:
 @click.option("--seed", default=0, help="proton disorder of ice:NAME")
 @click.option("-o", "--output", default="ranking.csv", help="CSV table")
 @_summary_option
+@_no_progress_option
 def rank_command(
     candidates: tuple[str, ...], molecules: tuple[str, ...], model: str | None,
     baseline: str | None, engine: str | None, dispersion: str | None, no_baseline: bool,
     no_relax: bool, fmax: float, steps: int, stress_tol: float, symmetry: bool, workdir: str,
     reference_energies: str | None, reference_alias: str | None, plot: str | None, seed: int,
-    output: str, summary: str | None,
+    output: str, summary: str | None, no_progress: bool,
 ) -> None:  # fmt: skip
     """Rank CANDIDATES (crystal files or ice:NAME) by lattice energy per formula unit.
 
@@ -1007,7 +1012,7 @@ def rank_command(
         ranking = rank_polymorphs(
             read_candidates(candidates, seed=seed), [_gas_molecule(m) for m in molecules],
             methods, workdir=workdir, relax_structures=not no_relax, fmax=fmax, steps=steps,
-            symmetry=symmetry, stress_tol_gpa=stress_tol, progress=True,
+            symmetry=symmetry, stress_tol_gpa=stress_tol, progress=not no_progress,
         )  # fmt: skip
         result: dict[str, Any] = {"table": str(ranking.to_csv(output))}
         if plot is not None:

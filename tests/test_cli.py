@@ -743,3 +743,30 @@ def test_active_learn_refuses_what_it_cannot_finish_before_starting(tmp_path):
     result = run_cli(*base, "--workdir", str(blocker / "al"))
     assert_one_line_error(result, r"--workdir .* cannot be created in .*a_file")
     assert not (tmp_path / "s.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "function"), [("relax", "relax"), ("md", "run_md"), ("rank", "rank_polymorphs")]
+)
+def test_no_progress_turns_the_progress_bar_off(command, function, water, co2_crystal,
+                                                tmp_path, monkeypatch):  # fmt: skip
+    """relax, md and rank take --no-progress, like label and fit."""
+    from deltaml import cli
+    from deltaml.errors import ParameterError
+
+    asked = []
+
+    def record(*args, **kwargs):
+        asked.append(kwargs["progress"])
+        raise ParameterError("stopped after the call")
+
+    monkeypatch.setattr(cli, function, record)
+    if command == "rank":
+        crystal = write_structure(co2_crystal, tmp_path, "co2.extxyz")
+        args = [str(crystal), "--molecule", "CO2", "--workdir", str(tmp_path / "w"),
+                "-o", str(tmp_path / "r.csv")]  # fmt: skip
+    else:
+        args = [str(write_structure(water, tmp_path))]
+    for extra in ([], ["--no-progress"]):
+        assert_one_line_error(run_cli(command, *args, *extra), "stopped after the call")
+    assert asked == [True, False]
