@@ -36,6 +36,7 @@ __all__ = [
     "delta_targets_for",
     "error_table",
     "errors",
+    "interaction_coverage",
     "interaction_energies",
     "md_stability",
     "parity_values",
@@ -125,6 +126,11 @@ def interaction_energies(
     composite's is the terms' plus the model's. σ is that of the model's
     prediction of the difference, from the posterior covariance of the complex
     and its molecules together (:meth:`~deltaml.model.SparseGPR.energy_covariance`).
+    With the molecular decomposition the intramolecular part and the offsets
+    cancel in it: σ is the intermolecular part's, scaled by the model's
+    ``uncertainty_scale_["inter"]`` where :meth:`~deltaml.model.SparseGPR.calibrate`
+    saw held-out interaction systems (else by its energy factor), and 0 for a
+    complex whose molecules are out of each other's cut-off.
 
     Parameters
     ----------
@@ -179,6 +185,17 @@ def interaction_energies(
             }
         )
     return out
+
+
+def interaction_coverage(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """:func:`coverage` of the composite's interaction energies (rows of
+    :func:`interaction_energies`): fractions within 1σ and 2σ, RMS z-score, ``n``.
+
+    Complexes with σ = 0 (no intermolecular contact within the cut-off) are left
+    out, as :func:`coverage` leaves out every σ that is not positive.
+    """
+    errors = np.array([r["composite"] - r["reference"] for r in rows], dtype=float)
+    return coverage(errors, np.array([r["sigma"] for r in rows], dtype=float))
 
 
 def errors(predictions: Predictions) -> dict[str, Any]:

@@ -164,3 +164,68 @@ def test_stability_reports_errors_against_the_reference_along_the_run(fitted):
     assert last["force_mae"] < last["baseline_force_mae"]  # the correction helps along MD
     assert last["max_force_uncertainty_ev_a"] > 0
     assert report["calibration"]["forces"]["n"] == 4 * len(atoms)
+
+
+def _labelled_dimer_system(first: str, second: str, seed: int) -> list:
+    """Scan (3 points) of a dimer and its monomers at the same geometry; Δ = GFN1 − GFN2,
+    ``info["reference_energy"]`` = GFN1 (the "terms" are GFN2)."""
+    from ase.build import molecule
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from deltaml.baseline import XTBBaseline
+
+    rng = np.random.default_rng(seed)
+    a, b = molecule(first), molecule(second)
+    for mol in (a, b):
+        mol.positions += rng.normal(scale=0.04, size=mol.positions.shape)
+        mol.positions -= mol.get_center_of_mass()
+    b.rotate(float(rng.uniform(0, 360)), rng.normal(size=3))
+    direction = rng.normal(size=3)
+    direction /= np.linalg.norm(direction)
+    shift = 2.0
+    while (
+        np.linalg.norm(a.positions[:, None] - (b.positions + shift * direction), axis=-1).min()
+        < 2.2
+    ):
+        shift += 0.05
+    frames = []
+    for factor in (1.0, 1.15, 1.3):
+        moved = b.copy()
+        moved.positions += factor * shift * direction
+        frames.append(a + moved)
+    b.positions += shift * direction
+    gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
+    out = []
+    for atoms in [*frames, a, b]:
+        energies = []
+        for calc in (gfn1, gfn2):
+            probe = atoms.copy()
+            probe.calc = calc
+            energies.append(probe.get_potential_energy())
+        labelled = atoms.copy()
+        labelled.calc = SinglePointCalculator(labelled, energy=energies[0] - energies[1])
+        labelled.info["reference_energy"] = energies[0]
+        out.append(labelled)
+    return out
+
+
+def test_interaction_sigmas_follow_the_calibrated_inter_factor():
+    from deltaml.dataset import interaction_groups
+    from deltaml.evaluation import interaction_coverage, interaction_energies
+
+    pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
+    train = [f for k, p in enumerate(pairs * 2) for f in _labelled_dimer_system(*p, 10 + k)]
+    held = [f for k, p in enumerate(pairs) for f in _labelled_dimer_system(*p, 30 + k)]
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, uncertainty="energy")
+    model.fit(train)
+    before = interaction_energies(model, held)
+    assert len(before) == len(interaction_groups(held)) == 12
+    scales = model.calibrate(held)
+    after = interaction_energies(model, held)
+    ratio = scales["inter"] / 1.0  # the energy factor was 1 before calibration
+    for old, new in zip(before, after, strict=True):
+        assert new["composite"] == old["composite"]
+        assert new["sigma"] == pytest.approx(ratio * old["sigma"], rel=1e-6, abs=1e-9)
+    found = interaction_coverage(after)
+    assert found["n"] >= 8
+    assert found["rms_z"] == pytest.approx(1.0, rel=1e-6)
