@@ -117,6 +117,9 @@ _INTER_MIN_NORM = 0.05
 #: δ_inter² has no intermolecular part (no contact within the cut-off): it cannot
 #: calibrate the intermolecular factor.
 _NO_CONTACT = 1e-10
+#: Fewest held-out interaction energies that fit the intermolecular factor: the RMS
+#: of fewer z-scores is too noisy to trust (one z-score can be anything).
+MIN_CALIBRATION_INTERACTIONS = 5
 
 
 class SparseGPR(BaseEstimator):
@@ -929,17 +932,18 @@ class SparseGPR(BaseEstimator):
 
         ``"energy"`` and ``"forces"``: RMS of the z-scores of the held-out total
         energies and force components. ``"inter"`` (molecular decomposition only,
-        when the held-out frames hold interaction systems: a complex with every
-        one of its molecules at the same geometry, as
-        :func:`~deltaml.dataset.interaction_groups` finds them): the factor of the
-        intermolecular part's standard deviation, the RMS of the z-scores of the
-        held-out interaction energies E(complex) − Σ E(molecules). In those the
-        offsets and the intramolecular part cancel, so the whole-structure factor,
-        set by the intramolecular part, says nothing about them. The energy factor
-        is then the one that gives the total energies unit RMS z-score with the
-        intermolecular part scaled by the inter factor. Without interaction
-        systems there is no inter factor, and the intermolecular part takes the
-        energy factor, as before.
+        when the held-out frames hold interaction systems: complexes with every
+        one of their molecules at the same geometry, as
+        :func:`~deltaml.dataset.interaction_groups` finds them, at least
+        :data:`MIN_CALIBRATION_INTERACTIONS` with a contact within the cut-off):
+        the factor of the intermolecular part's standard deviation, the RMS of
+        the z-scores of the held-out interaction energies E(complex) − Σ
+        E(molecules). In those the offsets and the intramolecular part cancel, so
+        the whole-structure factor, set by the intramolecular part, says nothing
+        about them. The energy factor is then the one that gives the total
+        energies unit RMS z-score with the intermolecular part scaled by the
+        inter factor. Without interaction systems there is no inter factor, and
+        the intermolecular part takes the energy factor, as before.
 
         Parameters
         ----------
@@ -994,7 +998,7 @@ class SparseGPR(BaseEstimator):
 
         A complex whose molecules are out of each other's cut-off has no
         intermolecular part (σ = 0, whatever the factor): it is left out. None if
-        no complex is left.
+        fewer than :data:`MIN_CALIBRATION_INTERACTIONS` complexes are left.
         """
         inter_only = [1.0 if t.name == "inter" else 0.0 for t in self.terms_]
         floor = _NO_CONTACT * self.terms_[1].delta ** 2
@@ -1008,7 +1012,9 @@ class SparseGPR(BaseEstimator):
                 continue
             target = weights @ [frames[k].calc.results["energy"] for k in members]
             z.append((target - weights @ predicted[members]) / np.sqrt(variance))
-        return float(np.sqrt(np.mean(np.square(z)))) if z else None
+        if len(z) < MIN_CALIBRATION_INTERACTIONS:
+            return None
+        return float(np.sqrt(np.mean(np.square(z))))
 
     def _energy_factor(
         self, frames: list[Atoms], errors: NDArray, scale: dict[str, float]

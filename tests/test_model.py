@@ -470,6 +470,8 @@ def test_without_interaction_systems_calibration_fits_no_inter_factor(
 ):
     fitted = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
     assert set(fitted.calibrate(interaction_data["monomers"])) == {"energy", "forces"}
+    # One system (3 complexes) is too few z-scores to trust: no inter factor either.
+    assert set(fitted.calibrate(interaction_data["held"][:5])) == {"energy", "forces"}
     atomic = SparseGPR(**model.get_params()).fit(data["train"])
     assert set(atomic.calibrate(interaction_data["held"][:5] + data["test"][:4])) == {
         "energy",
