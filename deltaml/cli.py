@@ -61,9 +61,17 @@ from deltaml.labelling import DEFAULT_BASELINE, label_structures
 from deltaml.model import SparseGPR
 from deltaml.ranking import rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
+from deltaml.reference_cp2k import CP2K_FUNCTIONALS, CP2KReference, cp2k_available
 from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
 from deltaml.structures import charge_and_multiplicity
+
+#: Reference defaults of ``label`` (PySCF's, and CP2K's with --reference cp2k).
+_PYSCF_XC = "revpbe0"
+_PYSCF_BASIS = "def2-tzvp"
+_CP2K_XC = CP2KReference.default_parameters["xc"]
+_CP2K_BASIS = CP2KReference.default_parameters["basis"]
+_CP2K_CUTOFF = CP2KReference.default_parameters["cutoff_ry"]
 
 #: Defaults of the composite without a model (with one: the terms it was trained with).
 DEFAULT_METHOD = "gfn2"
@@ -377,15 +385,27 @@ _store_option = click.option(
 @click.argument("structures", type=click.Path(exists=True, dir_okay=False))
 @_store_option
 @click.option("--scheduler", default=None, help="Dask scheduler address; default a local pool")
-@click.option("--workers", type=int, default=None, show_default="cores / threads",
-              help="local processes")  # fmt: skip
-@click.option("--threads", type=int, default=1, help="threads per label")
-@_reference_option
+@click.option("--workers", type=int, default=None,
+              show_default="cores / (threads x MPI ranks)", help="local processes")  # fmt: skip
+@click.option("--threads", type=int, default=1,
+              help="threads per label (cp2k: OpenMP threads per MPI rank)")  # fmt: skip
+@click.option(
+    "--reference", default="dft", type=click.Choice(["dft", "hf", "mp2", "cp2k"]),
+    help="reference: dft, hf, mp2 (PySCF, molecules) or cp2k (CP2K GPW DFT: periodic "
+    "cells with stress, and molecules)",
+)  # fmt: skip
 @click.option("--method", "method_alias", default=None, hidden=True)
-@click.option("--xc", default="revpbe0", help="functional (libxc name)")
-@click.option("--basis", default="def2-tzvp", help="basis set")
-@click.option("--no-density-fit", is_flag=True, help="exact Coulomb and exchange integrals")
-@click.option("--grid-level", type=int, default=3, help="DFT grid level 0-9")
+@click.option("--xc", default=None, show_default=f"{_PYSCF_XC}; cp2k: {_CP2K_XC}",
+              help="functional (PySCF: libxc name; cp2k: pbe, revpbe, pbe0, revpbe0)")  # fmt: skip
+@click.option("--basis", default=None, show_default=f"{_PYSCF_BASIS}; cp2k: {_CP2K_BASIS}",
+              help="basis set")  # fmt: skip
+@click.option("--no-density-fit", is_flag=True, help="PySCF: exact Coulomb and exchange integrals")
+@click.option("--grid-level", type=int, default=3, help="PySCF: DFT grid level 0-9")
+@click.option("--cp2k-cutoff", type=float, default=None,
+              show_default=f"{_CP2K_CUTOFF:g}",
+              help="cp2k: plane-wave cutoff, Ry")  # fmt: skip
+@click.option("--mpi-ranks", type=int, default=None, show_default="1",
+              help="cp2k: MPI ranks per label")  # fmt: skip
 @_charge_option
 @_multiplicity_option
 @click.option(
@@ -404,10 +424,12 @@ def label(
     threads: int,
     reference: str,
     method_alias: str | None,
-    xc: str,
-    basis: str,
+    xc: str | None,
+    basis: str | None,
     no_density_fit: bool,
     grid_level: int,
+    cp2k_cutoff: float | None,
+    mpi_ranks: int | None,
     charge: int | None,
     multiplicity: int | None,
     dispersion: str,
@@ -420,16 +442,26 @@ def label(
     Structures already in the store are skipped; failures are recorded and
     retried only with --retry-failed. --charge/--multiplicity apply to every
     structure (each structure's own info["charge"]/["multiplicity"] otherwise).
+    --reference cp2k labels with CP2K (cp2k.psmp on the PATH): 3D-periodic cells
+    get stress too; the MPI/OpenMP layout is not part of the method record.
     """
     method = _alias("--reference", "--method", None, method_alias) or reference
+    if method == "cp2k":
+        settings = _cp2k_settings(xc, basis, no_density_fit, cp2k_cutoff, mpi_ranks)
+        if workers is None and scheduler is None and mpi_ranks:
+            workers = max(1, (os.cpu_count() or 1) // (threads * mpi_ranks))
+    else:
+        for value, option in ((cp2k_cutoff, "--cp2k-cutoff"), (mpi_ranks, "--mpi-ranks")):
+            if value is not None:
+                raise click.UsageError(f"{option} is for --reference cp2k")
+        settings = {
+            "method": method,
+            "xc": _PYSCF_XC if xc is None else xc,
+            "basis": _PYSCF_BASIS if basis is None else basis,
+            "density_fit": not no_density_fit,
+            "grid_level": grid_level,
+        }
     frames = _read_all(structures)
-    settings: dict[str, Any] = {
-        "method": method,
-        "xc": xc,
-        "basis": basis,
-        "density_fit": not no_density_fit,
-        "grid_level": grid_level,
-    }
     if charge is not None:
         settings["charge"] = charge
     if multiplicity is not None:
@@ -458,6 +490,36 @@ def label(
         click.echo(f"failed {key[:12]}: {error}", err=True)
     if report.failed:
         sys.exit(1)
+
+
+def _cp2k_settings(
+    xc: str | None, basis: str | None, no_density_fit: bool, cutoff: float | None,
+    mpi_ranks: int | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The reference spec of ``label --reference cp2k``: only what was given (CP2K defaults)."""
+    ctx = click.get_current_context()
+    pyscf_only = no_density_fit or (
+        ctx.get_parameter_source("grid_level") is not click.core.ParameterSource.DEFAULT
+    )
+    if pyscf_only:
+        raise click.UsageError("--no-density-fit and --grid-level are for the PySCF references")
+    if xc is not None and xc.lower() not in CP2K_FUNCTIONALS:
+        raise click.UsageError(
+            f"--xc {xc!r} is not a CP2K functional here; choose one of "
+            f"{', '.join(CP2K_FUNCTIONALS)}"
+        )
+    if not cp2k_available():
+        raise click.ClickException(
+            "--reference cp2k: the CP2K executable cp2k.psmp is not on the PATH; install "
+            "CP2K (Debian: apt-get install cp2k)"
+        )
+    given = {
+        "xc": None if xc is None else xc.lower(),
+        "basis": basis,
+        "cutoff_ry": cutoff,
+        "mpi_ranks": mpi_ranks,
+    }
+    return {"code": "cp2k", **{k: v for k, v in given.items() if v is not None}}
 
 
 @main.command("import")

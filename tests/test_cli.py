@@ -22,6 +22,8 @@ from conftest import requires_xtb
 from deltaml.calculator import DeltaCalculator
 from deltaml.cli import main
 from deltaml.correction import ZeroCorrection
+from deltaml.reference_cp2k import cp2k_available
+from deltaml.store import LabelStore
 
 #: Printed with 6 decimals: half a unit of the last digit plus SCF round-off.
 PRINT_TOL = 6e-7
@@ -770,3 +772,98 @@ def test_no_progress_turns_the_progress_bar_off(command, function, water, co2_cr
     for extra in ([], ["--no-progress"]):
         assert_one_line_error(run_cli(command, *args, *extra), "stopped after the call")
     assert asked == [True, False]
+
+
+@pytest.fixture
+def fake_labelling(monkeypatch):
+    """Replace the labelling runner by one that records its keywords (and cp2k is there)."""
+    from deltaml import cli
+    from deltaml.labelling import LabellingReport
+
+    calls: list[dict] = []
+
+    def record(structures, store, **kwargs):
+        calls.append(kwargs)
+        return LabellingReport(structures=len(structures))
+
+    monkeypatch.setattr(cli, "label_structures", record)
+    monkeypatch.setattr(cli, "cp2k_available", lambda command="cp2k.psmp": True)
+    return calls
+
+
+def test_label_reference_cp2k_builds_the_cp2k_spec(fake_labelling, water, tmp_path):
+    """Issue 14, item 1: labels through the CLI can use the CP2K reference."""
+    path = write_structure(water, tmp_path)
+    store = ["--store", str(tmp_path / "labels.db")]
+    result = run_cli("label", str(path), *store, "--reference", "cp2k", "--xc", "PBE",
+                     "--cp2k-cutoff", "400", "--mpi-ranks", "2", "--threads", "3",
+                     "--basis", "SZV-MOLOPT-SR-GTH", "--charge", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    call = fake_labelling[-1]
+    assert call["reference"] == {
+        "code": "cp2k", "xc": "pbe", "basis": "SZV-MOLOPT-SR-GTH", "cutoff_ry": 400.0,
+        "mpi_ranks": 2, "charge": 0,
+    }  # fmt: skip
+    assert call["threads_per_worker"] == 3  # CP2K's OpenMP threads per rank
+    assert call["workers"] >= 1  # the local pool is sized for ranks x threads
+    assert call["dispersion"] == "partner"  # the runner reads it from the CP2K record
+
+    assert run_cli("label", str(path), *store, "--reference", "cp2k").exit_code == 0
+    assert fake_labelling[-1]["reference"] == {"code": "cp2k"}  # CP2KReference's defaults
+    assert fake_labelling[-1]["workers"] is None
+
+    assert run_cli("label", str(path), *store).exit_code == 0  # PySCF, as before
+    assert fake_labelling[-1]["reference"] == {
+        "method": "dft", "xc": "revpbe0", "basis": "def2-tzvp", "density_fit": True,
+        "grid_level": 3,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cp2k-cutoff", "400"], "--cp2k-cutoff is for --reference cp2k"),
+        (["--reference", "hf", "--mpi-ranks", "2"], "--mpi-ranks is for --reference cp2k"),
+        (["--reference", "cp2k", "--grid-level", "4"], "are for the PySCF references"),
+        (["--reference", "cp2k", "--no-density-fit"], "are for the PySCF references"),
+        (["--reference", "cp2k", "--xc", "b3lyp"], "'b3lyp' is not a CP2K functional"),
+    ],
+)
+def test_label_refuses_options_of_the_other_reference(fake_labelling, water, tmp_path, args,
+                                                      message):  # fmt: skip
+    path = write_structure(water, tmp_path)
+    result = run_cli("label", str(path), "--store", str(tmp_path / "labels.db"), *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert fake_labelling == [] and not (tmp_path / "labels.db").exists()
+
+
+def test_label_without_cp2k_installed_is_one_line(fake_labelling, water, tmp_path, monkeypatch):
+    from deltaml import cli
+
+    monkeypatch.setattr(cli, "cp2k_available", lambda command="cp2k.psmp": False)
+    path = write_structure(water, tmp_path)
+    result = run_cli("label", str(path), "--store", str(tmp_path / "labels.db"),
+                     "--reference", "cp2k")  # fmt: skip
+    assert_one_line_error(result, r"cp2k\.psmp is not on the PATH; install CP2K")
+    assert fake_labelling == [] and not (tmp_path / "labels.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not cp2k_available(), reason="CP2K (cp2k.psmp) is not installed")
+def test_label_with_cp2k_writes_a_periodic_label_with_stress(tmp_path):
+    """One quick CP2K label (water in a 5 Å cell, minimal basis, 200 Ry) through the CLI."""
+    water = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]],
+                  cell=[5.0, 5.2, 5.4], pbc=True)  # fmt: skip
+    water.positions += 2.0
+    path = write_structure(water, tmp_path)
+    store = tmp_path / "labels.db"
+    result = run_cli("label", str(path), "--store", str(store), "--reference", "cp2k",
+                     "--basis", "SZV-MOLOPT-SR-GTH", "--cp2k-cutoff", "200", "--no-terms",
+                     "--workers", "1", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "1 computed, 0 failed" in result.stdout
+    (label,) = LabelStore(str(store)).labelled()
+    record = label.info["method_record"]
+    assert (record["code"], record["xc"], record["cutoff_ry"]) == ("cp2k", "revpbe", 200.0)
+    assert label.get_stress().shape == (6,)
+    assert np.abs(label.get_forces()).max() > 0.01
