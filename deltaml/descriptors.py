@@ -125,6 +125,40 @@ class DescriptorBatch:
         """Rows (and global atom indices) of frame ``k``."""
         return slice(int(self.offsets[k]), int(self.offsets[k + 1]))
 
+    def split_frames(self, k: int) -> tuple[DescriptorBatch, DescriptorBatch]:
+        """Two batches: frames ``0 .. k-1`` and frames ``k ..`` (indices renumbered).
+
+        One SOAP call for several sets of structures costs one fixed overhead
+        instead of several (about 2 ms per featomic call); this undoes the
+        concatenation. Not for batches of some centres only.
+        """
+        if self.n_atoms is not None:
+            raise ParameterError("split_frames: a batch of some centres cannot be split")
+        cut = int(self.offsets[k])
+        first = DescriptorBatch(
+            values=self.values[:cut],
+            numbers=self.numbers[:cut],
+            offsets=self.offsets[: k + 1].copy(),
+        )
+        rest = DescriptorBatch(
+            values=self.values[cut:],
+            numbers=self.numbers[cut:],
+            offsets=self.offsets[k:] - cut,
+        )
+        if self.position_rows is not None:
+            # Pairs are sorted by row, and a pair's atom is in its row's frame.
+            at = int(np.searchsorted(self.position_rows, cut))
+            first.position_rows = self.position_rows[:at]
+            first.position_atoms = self.position_atoms[:at]
+            first.position_gradients = self.position_gradients[:at]
+            rest.position_rows = self.position_rows[at:] - cut
+            rest.position_atoms = self.position_atoms[at:] - cut
+            rest.position_gradients = self.position_gradients[at:]
+        if self.strain_gradients is not None:
+            first.strain_gradients = self.strain_gradients[:cut]
+            rest.strain_gradients = self.strain_gradients[cut:]
+        return first, rest
+
 
 def _atomic_number(value: Any) -> int:
     if isinstance(value, str):

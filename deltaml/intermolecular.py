@@ -115,32 +115,23 @@ def split_by_molecule(
         # Isolated molecules: the own-molecule rows are the full rows and the
         # intermolecular part is exactly zero; one SOAP evaluation, not two.
         return _single_molecules(soap, frames, gradients, found_all)
-    full = soap.compute(frames, gradients, normalise=False, centres=centres)
+    pieces, owners, labels, unwrapped = _own_molecules(frames, found_all, centres)
+    own_gradients = ("positions",) if gradients else ()
+    if centres is None and "strain" not in gradients and soap.backend == "featomic":
+        # One SOAP call for the structures and their molecules: featomic's fixed
+        # cost per call (~2 ms) is most of the cost on small systems.
+        both = soap.compute(frames + pieces, gradients, normalise=False)
+        full, own = both.split_frames(len(frames))
+    else:
+        full = soap.compute(frames, gradients, normalise=False, centres=centres)
+        own = soap.compute(pieces, own_gradients, normalise=False)
     n_atoms = full.atom_count  # what gradient atom indices run over
     n_rows = len(full.values)
     row_of = np.arange(n_atoms)
     if centres is not None:
         row_of = np.full(n_atoms, -1, dtype=np.int64)
         row_of[centres] = np.arange(n_rows)
-    pieces, owners, labels = [], [], []
-    unwrapped = np.zeros((n_atoms, 3))
-    for k, atoms in enumerate(frames):
-        found, positions = found_all[k]
-        start = 0 if centres is not None else int(full.offsets[k])
-        unwrapped[start : start + len(atoms)] = positions
-        labels.append(found.labels)
-        wanted = range(len(found.formulas))
-        if centres is not None:
-            wanted = np.unique(found.labels[centres])
-            if np.count_nonzero(np.isin(found.labels, wanted)) != n_rows:
-                raise ParameterError("centres must be whole molecules")
-        for m in wanted:
-            index = np.flatnonzero(found.labels == m)
-            pieces.append(Atoms(numbers=atoms.numbers[index], positions=positions[index]))
-            owners.append(start + index)
     owner = np.concatenate(owners)  # atom index of each own row
-    own_gradients = ("positions",) if gradients else ()
-    own = soap.compute(pieces, own_gradients, normalise=False)
     # Rows of ``own`` are molecule by molecule; put them back in row order.
     own_values = np.empty_like(own.values)
     own_values[row_of[owner]] = own.values
@@ -168,6 +159,41 @@ def split_by_molecule(
     norms = np.linalg.norm(intra.values, axis=1)
     normalise_rows(intra)  # after the raw rows were used for ``inter``
     return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
+
+
+def _own_molecules(
+    frames: list[Atoms], found_all: list, centres: NDArray[np.int64] | None
+) -> tuple[list[Atoms], list[NDArray[np.int64]], list[NDArray[np.int64]], NDArray[np.float64]]:
+    """Each molecule alone (whole), the atoms it owns, labels and unwrapped positions.
+
+    Returns
+    -------
+    pieces : list of ase.Atoms
+        Molecules in frame order, then molecule order (those of ``centres`` only).
+    owners : list of ndarray
+        Global atom index (``centres``: atom index of the one frame) of each
+        piece's atoms.
+    labels : list of ndarray
+        Molecule index of every atom, one array per frame.
+    unwrapped : ndarray of shape (n_atoms_total, 3)
+        Positions with every molecule whole (Å).
+    """
+    pieces, owners, labels, unwrapped = [], [], [], []
+    start = 0
+    for atoms, (found, positions) in zip(frames, found_all, strict=True):
+        unwrapped.append(positions)
+        labels.append(found.labels)
+        wanted = range(len(found.formulas))
+        if centres is not None:
+            wanted = np.unique(found.labels[centres])
+            if np.count_nonzero(np.isin(found.labels, wanted)) != len(centres):
+                raise ParameterError("centres must be whole molecules")
+        for m in wanted:
+            index = np.flatnonzero(found.labels == m)
+            pieces.append(Atoms(numbers=atoms.numbers[index], positions=positions[index]))
+            owners.append(start + index)
+        start += len(atoms)
+    return pieces, owners, labels, np.concatenate(unwrapped)
 
 
 def _single_molecules(

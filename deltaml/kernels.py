@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse
 from numpy.typing import NDArray
 
-from deltaml.descriptors import DescriptorBatch
+from deltaml.descriptors import DescriptorBatch, _column_span
 from deltaml.structures import VOIGT_INDICES
 
 __all__ = ["KERNELS", "VOIGT", "KernelTerm", "kernel_values"]
@@ -219,13 +219,15 @@ class KernelTerm:
             rows = np.flatnonzero(batch.numbers == z)
             if not len(rows):
                 continue
+            # A view, not a copy: copying the sparse rows (MB) was most of a small call.
+            cols = _column_span(cols) or cols
             sparse, a = self.sparse_values[cols], alpha[cols]
             k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
             energy += d2 * float(np.sum(k @ a))
             if gradients:
                 weights[rows] = d2 * (dk * a) @ sparse
             if atom_rows:
-                rows_out[np.ix_(rows, cols)] = d2 * k
+                rows_out[rows if isinstance(cols, slice) else rows[:, None], cols] = d2 * k
         force_out = virial_out = None
         if forces:
             per_pair = np.einsum(

@@ -118,3 +118,30 @@ def test_reduced_ice_cell_replicates_to_the_original():
     unit = repeat_unit(full, (2, 2, 2))
     assert len(unit) * 8 == len(full)
     np.testing.assert_allclose(unit.get_volume() * 8, full.get_volume())
+
+
+def test_the_bond_search_without_images_is_the_neighbour_list_rule(water_box):
+    """Molecules and clusters take an all-pairs search: same bonds as ASE's neighbour list."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    from deltaml.crystals import BOND_SCALE, bonded_pairs
+
+    cluster = water_box.copy()
+    cluster.pbc = False
+    cluster.positions[0] = cluster.positions[1] + [0.0, 0.0, 1.15]  # just inside 1.2 × r_OH
+    first, second = neighbor_list("ij", cluster, natural_cutoffs(cluster, mult=BOND_SCALE))
+    expected = {(int(i), int(j)) for i, j in zip(first, second, strict=True) if i < j}
+    assert bonded_pairs(cluster) == expected
+    assert (0, 1) in expected and (0, 2) not in expected  # a bond near the threshold kept
+
+
+def test_molecules_are_found_again_when_the_atoms_move(water):
+    """The last answer is remembered, but only for the same geometry."""
+    moved = water.copy()
+    assert identify_molecules(moved).count == {"H2O": 1}
+    moved.positions[0] += [3.0, 0.0, 0.0]  # the O leaves: three fragments
+    assert identify_molecules(moved).formulas == ["O", "H", "H"]
+    moved.set_cell([3.5, 8.0, 8.0], scale_atoms=False)
+    moved.pbc = True  # same positions, but the O's image is back at 0.5 Å beside them
+    assert identify_molecules(moved).formulas == ["H2O"]
+    assert identify_molecules(water).count == {"H2O": 1}

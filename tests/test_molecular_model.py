@@ -430,3 +430,23 @@ def test_an_isolated_molecule_takes_one_soap_evaluation_with_the_same_rows():
     np.testing.assert_allclose(
         alone.intra.position_gradients, general.intra.position_gradients[mine], atol=1e-12
     )
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_one_soap_call_for_a_structure_and_its_molecules_gives_the_rows_of_two(periodic, water_box):
+    """The structures and their molecules go to featomic together; rows are unchanged."""
+    from deltaml.descriptors import SOAPDescriptor
+    from deltaml.intermolecular import split_by_molecule
+
+    soap = SOAPDescriptor([1, 8], **DESCRIPTOR)
+    box = water_box.copy()
+    box.pbc = periodic
+    every = np.arange(len(box))
+    together = split_by_molecule(soap, box, ("positions",))
+    apart = split_by_molecule(soap, box, ("positions",), centres=every)  # two calls
+    for part in ("intra", "inter"):
+        a, b = getattr(together, part), getattr(apart, part)
+        np.testing.assert_allclose(a.values, b.values, atol=1e-12)
+        np.testing.assert_array_equal(a.position_rows, b.position_rows)
+        np.testing.assert_array_equal(a.position_atoms, b.position_atoms)
+        np.testing.assert_allclose(a.position_gradients, b.position_gradients, atol=1e-12)
