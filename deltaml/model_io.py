@@ -221,12 +221,18 @@ def _check_consistent(model: Any, path: str | Path) -> None:
     if span.ndim != 2 or span.shape[1] != n_species or len(span) > n_species:
         problems.append(f"offset_span has shape {span.shape}, expected (≤{n_species}, {n_species})")
     scales = model.uncertainty_scale_
-    # "inter" (the intermolecular part's factor) only where calibrated on interactions.
-    if not {"energy", "forces"} <= set(scales) <= {"energy", "forces", "inter"} or not all(
-        np.isfinite(v) and v > 0 for v in scales.values()
+    # "inter" (the intermolecular part's factor) and "inter_floor" (eV, may be 0) only
+    # where calibrated on interaction energies.
+    factors = {k: v for k, v in scales.items() if k != "inter_floor"}
+    floor = scales.get("inter_floor", 0.0)
+    if (
+        not {"energy", "forces"} <= set(factors) <= {"energy", "forces", "inter"}
+        or not all(np.isfinite(v) and v > 0 for v in factors.values())
+        or not (np.isfinite(floor) and floor >= 0)
     ):
         problems.append(
-            f"uncertainty scales {scales} are not positive numbers for energy, forces (and inter)"
+            f"uncertainty scales {scales} are not positive numbers for energy, forces (and "
+            "inter, and a floor >= 0)"
         )
     if model.molecular and set(model.inter_scale_) != set(model.species_):
         problems.append("intermolecular scales do not cover exactly the species")

@@ -421,6 +421,24 @@ def test_the_inter_factor_scales_the_sigma_of_an_interaction_and_not_of_a_molecu
             rtol=1e-8,
         )
         assert np.linalg.eigvalsh(cov).min() > -1e-10 * np.trace(cov)
+        # A floor adds in quadrature to the interaction (once: the complex's own term),
+        # not to a molecule.
+        floor = 0.5 * sigma_int
+        model.uncertainty_scale_ = {
+            "energy": 1.0,
+            "forces": 1.0,
+            "inter": 3.0,
+            "inter_floor": floor,
+        }
+        assert _interaction_sigma(model, [dimer, first, second]) == pytest.approx(
+            np.hypot(3.0 * sigma_int, floor), rel=1e-6
+        )
+        assert model.predict(first, forces=False).energy_uncertainty == pytest.approx(
+            sigma_molecule, rel=1e-12
+        )
+        assert model.predict(dimer, forces=False).energy_uncertainty == pytest.approx(
+            np.hypot(scaled, floor), rel=1e-10
+        )
         # Without an inter factor the energy factor scales everything, as before.
         model.uncertainty_scale_ = {"energy": 2.0, "forces": 1.0}
         assert _interaction_sigma(model, [dimer, first, second]) == pytest.approx(
@@ -441,7 +459,8 @@ def test_calibration_on_held_out_interactions_gives_them_unit_z_scores(
     model = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
     held = interaction_data["held"] + interaction_data["monomers"]
     scales = model.calibrate(held)
-    assert set(scales) == {"energy", "forces", "inter"} and scales["inter"] > 0
+    assert set(scales) == {"energy", "forces", "inter", "inter_floor"}
+    assert scales["inter"] > 0 and scales["inter_floor"] >= 0
     assert model.uncertainty_scale_ == scales
     groups = interaction_groups(held)
     assert len(groups) == 12
@@ -449,13 +468,10 @@ def test_calibration_on_held_out_interactions_gives_them_unit_z_scores(
     for index, parts in groups:
         members = [held[index], *(held[k] for k in parts)]
         sigma = _interaction_sigma(model, members)
-        if not sigma > 1e-5 * scales["inter"] * model.terms_[1].delta:
-            continue  # out of each other's cut-off: no intermolecular part, σ = 0
         weights = np.array([1.0] + [-1.0] * len(parts))
         target = weights @ [a.get_potential_energy() for a in members]
         predicted = weights @ [model.predict(a, forces=False).energy for a in members]
         z.append((target - predicted) / sigma)
-    assert len(z) >= 8
     assert np.sqrt(np.mean(np.square(z))) == pytest.approx(1.0, rel=1e-6)
     # The energy factor still gives the held-out total energies unit RMS z-score.
     z_total = [
