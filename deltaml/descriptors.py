@@ -20,7 +20,7 @@ Data flow: structures → **descriptors** → model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "CHUNK_ATOMS",
     "GRADIENTS",
     "DescriptorBatch",
+    "Pullback",
     "SOAPDescriptor",
     "centre_chunks",
     "normalise_rows",
@@ -70,6 +71,41 @@ _RECORD_KEYS = (
     "l_max",
     "normalised",
 )
+
+
+@dataclass
+class Pullback:
+    """dE/d(rows) → (dE/dr, dE/dε) through a backward pass (see :mod:`deltaml.expansion`).
+
+    ``backward(W, forces, strain)`` is linear in ``W``, the derivative of the
+    energy with respect to the rows of the engine (e.g. raw power spectra of
+    the structures and of their molecules); ``transform`` maps the derivative
+    with respect to this batch's rows onto them, ``finish`` maps the engine's
+    atoms onto the structure's. Being linear, the pullbacks of several batches
+    on one engine can be summed before one backward pass (:meth:`weights`).
+    """
+
+    backward: Callable[[NDArray, bool, bool], tuple[Any, Any]]
+    transform: Callable[[NDArray], NDArray]
+    finish: Callable[[Any], Any] = lambda gradient: gradient
+
+    def __call__(self, w: NDArray, forces: bool, strain: bool) -> tuple[Any, Any]:
+        gradient, virial = self.backward(self.transform(w), forces, strain)
+        return (None if gradient is None else self.finish(gradient)), virial
+
+    def weights(self, w: NDArray) -> NDArray:
+        """``w`` mapped onto the engine's rows (to be summed, then :meth:`apply`)."""
+        return self.transform(w)
+
+    def apply(self, weights: NDArray, forces: bool, strain: bool) -> tuple[Any, Any]:
+        """The backward pass of summed :meth:`weights`."""
+        gradient, virial = self.backward(weights, forces, strain)
+        return (None if gradient is None else self.finish(gradient)), virial
+
+    def then(self, before: Callable[[NDArray], NDArray]) -> Pullback:
+        """This pullback after ``before`` (the transpose of a change of the rows)."""
+        inner = self.transform
+        return Pullback(self.backward, lambda w: inner(before(w)), self.finish)
 
 
 @dataclass
@@ -105,6 +141,11 @@ class DescriptorBatch:
         Atoms of the structure that ``position_atoms`` index, when the rows are
         those of some centres only (``compute(..., centres=...)``, one frame);
         ``None``: one row per atom, ``len(values)``.
+    pullback : Pullback or None
+        Instead of the gradient arrays (:mod:`deltaml.expansion`):
+        ``pullback(w, forces, strain) -> (dE/dr or None, dE/dε or None)`` for
+        ``w = dE/d values`` (n_rows, n_features), dE/dr of shape
+        (``atom_count``, 3) in eV/Å and dE/dε (3, 3) in eV.
     """
 
     values: NDArray[np.float64]
@@ -115,6 +156,7 @@ class DescriptorBatch:
     position_gradients: NDArray[np.float64] | None = None
     strain_gradients: NDArray[np.float64] | None = None
     n_atoms: int | None = None
+    pullback: Pullback | None = None
 
     @property
     def atom_count(self) -> int:
@@ -312,7 +354,11 @@ class SOAPDescriptor:
     def _featomic_calculator(self) -> Any:
         import featomic
 
-        return featomic.SoapPowerSpectrum(
+        return featomic.SoapPowerSpectrum(**self.featomic_hypers())
+
+    def featomic_hypers(self) -> dict[str, Any]:
+        """featomic's settings of this descriptor (those of its power spectrum)."""
+        return dict(
             cutoff={
                 "radius": self.cutoff,
                 "smoothing": {"type": "ShiftedCosine", "width": self.smoothing},
@@ -742,4 +788,9 @@ def normalise_rows(batch: DescriptorBatch) -> DescriptorBatch:
         along = np.einsum("iabf,if->iab", g, unit)
         g -= along[..., None] * unit[:, None, None, :]
         g /= norms[:, None, None, None]
+    if batch.pullback is not None:
+        # dE/dp = (w − x̂ (x̂ · w)) / |p|: the transpose of the gradient map above.
+        batch.pullback = batch.pullback.then(
+            lambda w: (w - unit * np.einsum("if,if->i", w, unit)[:, None]) / norms[:, None]
+        )
     return batch

@@ -36,7 +36,7 @@ from ase import Atoms
 from numpy.typing import NDArray
 
 from deltaml.crystals import Molecules, whole_molecules
-from deltaml.descriptors import DescriptorBatch, SOAPDescriptor, normalise_rows
+from deltaml.descriptors import DescriptorBatch, Pullback, SOAPDescriptor, normalise_rows
 from deltaml.errors import ParameterError
 
 __all__ = ["MolecularBatch", "split_by_molecule"]
@@ -71,6 +71,7 @@ def split_by_molecule(
     *,
     centres: NDArray[np.int64] | None = None,
     molecules: tuple[Molecules, NDArray[np.float64]] | None = None,
+    pullback: bool = False,
 ) -> MolecularBatch:
     """Intra- and intermolecular rows of every atom, with the requested gradients.
 
@@ -92,6 +93,10 @@ def split_by_molecule(
     molecules : (Molecules, ndarray), optional
         :func:`~deltaml.crystals.whole_molecules` of the (one) structure, when
         known already (each piece would otherwise find them again).
+    pullback : bool, default=False
+        Gradients as :attr:`DescriptorBatch.pullback` through the spherical
+        expansion (:mod:`deltaml.expansion`; featomic) instead of arrays: the
+        cheap way to forces and stress, not to their uncertainty.
 
     Returns
     -------
@@ -109,6 +114,8 @@ def split_by_molecule(
     if (centres is not None or molecules is not None) and len(frames) != 1:
         raise ParameterError("centres and molecules need exactly one structure")
     found_all = [molecules] if molecules is not None else [whole_molecules(a) for a in frames]
+    if pullback:
+        return _split_with_pullback(soap, frames, gradients, centres, found_all)
     if centres is None and all(
         not a.pbc.any() and len(f[0].formulas) == 1 for a, f in zip(frames, found_all, strict=True)
     ):
@@ -158,6 +165,79 @@ def split_by_molecule(
         inter.strain_gradients = full.strain_gradients - own_strain
     norms = np.linalg.norm(intra.values, axis=1)
     normalise_rows(intra)  # after the raw rows were used for ``inter``
+    return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
+
+
+def _split_with_pullback(
+    soap: SOAPDescriptor,
+    frames: list[Atoms],
+    gradients: tuple[str, ...],
+    centres: NDArray[np.int64] | None,
+    found_all: list,
+) -> MolecularBatch:
+    """:func:`split_by_molecule` with pullbacks: one expansion of structures and molecules."""
+    from deltaml.expansion import expand_frames
+
+    pieces, owners, labels, _ = _own_molecules(frames, found_all, centres)
+    # Isolated molecules are their own pieces: no need to expand them twice.
+    alone = centres is None and all(len(p) == len(a) for p, a in zip(pieces, frames, strict=False))
+    alone = alone and len(pieces) == len(frames)
+    values, expansion = expand_frames(
+        soap, frames if alone else frames + pieces, gradients, centres=centres
+    )
+    n_frame_atoms = sum(len(a) for a in frames)
+    owner = np.concatenate(owners)  # atom of each own row, molecule by molecule
+    n_full = len(values) if alone else len(values) - len(owner)
+    row_of = np.arange(n_frame_atoms)
+    if centres is not None:
+        row_of = np.full(n_frame_atoms, -1, dtype=np.int64)
+        row_of[centres] = np.arange(n_full)
+    own_rows = row_of[owner]
+    full_values = values[:n_full]
+    own_values = full_values.copy() if alone else np.empty_like(full_values)
+    if not alone:
+        own_values[own_rows] = values[n_full:]
+
+    def finish(gradient: NDArray) -> NDArray:
+        if alone:
+            return gradient
+        # The molecules' atoms are copies of the structures' atoms.
+        moved = gradient[:n_frame_atoms].copy()
+        np.add.at(moved, owner, gradient[n_frame_atoms:])
+        return moved
+
+    def own_weights(w: NDArray) -> NDArray:
+        weights = np.zeros_like(values)
+        if alone:
+            weights[:] = w
+        else:
+            weights[n_full:] = w[own_rows]
+        return weights
+
+    def inter_weights(w: NDArray) -> NDArray:
+        weights = np.zeros_like(values)
+        if not alone:  # else the intermolecular rows are exactly zero
+            weights[:n_full] = w
+            weights[n_full:] = -w[own_rows]
+        return weights
+
+    numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in frames])]).astype(np.int64)
+    shared = {
+        "numbers": numbers if centres is None else numbers[centres],
+        "offsets": offsets if centres is None else np.array([0, n_full], dtype=np.int64),
+        "n_atoms": None if centres is None else n_frame_atoms,
+    }
+    intra = DescriptorBatch(
+        values=own_values, pullback=Pullback(expansion.backward, own_weights, finish), **shared
+    )
+    inter = DescriptorBatch(
+        values=full_values - own_values if not alone else np.zeros_like(full_values),
+        pullback=Pullback(expansion.backward, inter_weights, finish),
+        **shared,
+    )
+    norms = np.linalg.norm(intra.values, axis=1)
+    normalise_rows(intra)
     return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
 
 

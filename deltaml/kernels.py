@@ -209,26 +209,14 @@ class KernelTerm:
         rows : ndarray of shape (n_rows, size) or None
             δ² k(x_i, x_m) (eV²), with ``atom_rows``.
         """
-        d2 = self.delta**2
         n_atoms = batch.atom_count
-        energy = 0.0
         gradients = forces or virial
-        weights = np.zeros_like(batch.values) if gradients else None
-        rows_out = np.zeros((len(batch.values), self.size)) if atom_rows else None
-        for z, cols in self.columns().items():
-            rows = np.flatnonzero(batch.numbers == z)
-            if not len(rows):
-                continue
-            # A view, not a copy: copying the sparse rows (MB) was most of a small call.
-            cols = _column_span(cols) or cols
-            sparse, a = self.sparse_values[cols], alpha[cols]
-            k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
-            energy += d2 * float(np.sum(k @ a))
-            if gradients:
-                weights[rows] = d2 * (dk * a) @ sparse
-            if atom_rows:
-                rows_out[rows if isinstance(cols, slice) else rows[:, None], cols] = d2 * k
+        energy, weights, rows_out = self.energy_weights(batch, alpha, gradients, atom_rows)
         force_out = virial_out = None
+        if batch.pullback is not None and gradients:
+            # Rows from the spherical expansion (deltaml.expansion): one backward pass.
+            gradient, virial_out = batch.pullback(weights, forces, virial)
+            return energy, (None if gradient is None else -gradient), virial_out, rows_out
         if forces:
             per_pair = np.einsum(
                 "paf,pf->pa", batch.position_gradients, weights[batch.position_rows]
@@ -239,6 +227,33 @@ class KernelTerm:
         if virial:
             virial_out = np.einsum("iabf,if->ab", batch.strain_gradients, weights)
         return energy, force_out, virial_out, rows_out
+
+    def energy_weights(
+        self, batch: DescriptorBatch, alpha: NDArray, weights: bool = True, atom_rows: bool = False
+    ) -> tuple[float, NDArray | None, NDArray | None]:
+        """Energy (eV), w_i = dE/dx_i (eV per unit of the rows) and :meth:`atom_rows`.
+
+        The core of :meth:`evaluate`; with rows that carry a pullback, the
+        weights of several terms can be pulled back together.
+        """
+        d2 = self.delta**2
+        energy = 0.0
+        out = np.zeros_like(batch.values) if weights else None
+        rows_out = np.zeros((len(batch.values), self.size)) if atom_rows else None
+        for z, cols in self.columns().items():
+            rows = np.flatnonzero(batch.numbers == z)
+            if not len(rows):
+                continue
+            # A view, not a copy: copying the sparse rows (MB) was most of a small call.
+            cols = _column_span(cols) or cols
+            sparse, a = self.sparse_values[cols], alpha[cols]
+            k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
+            energy += d2 * float(np.sum(k @ a))
+            if weights:
+                out[rows] = d2 * (dk * a) @ sparse
+            if atom_rows:
+                rows_out[rows if isinstance(cols, slice) else rows[:, None], cols] = d2 * k
+        return energy, out, rows_out
 
     def prior_atom_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each atomic energy, δ² k(x_i·x_i) (eV²)."""

@@ -722,12 +722,26 @@ class SparseGPR(BaseEstimator):
         for centres in chunks:
             features = features_of(centres, gradients, pullback)
             atom_k = []
+            pulled = None  # with pullbacks: the terms' weights, summed, then one backward pass
             for term, batch, cols in zip(self.terms_, features, self._columns(), strict=True):
-                energy, f, v, k = term.evaluate(batch, self.alpha_[cols], forces, stress, want_var)
+                if pullback:
+                    energy, w, k = term.energy_weights(batch, self.alpha_[cols], True, want_var)
+                    w = batch.pullback.weights(w)
+                    pulled = w if pulled is None else pulled + w
+                else:
+                    energy, f, v, k = term.evaluate(
+                        batch, self.alpha_[cols], forces, stress, want_var
+                    )
+                    if forces:
+                        total_forces += f
+                    if stress:
+                        virial += v
                 parts[term.name] = parts.get(term.name, 0.0) + energy
                 atom_k.append(k)
+            if pulled is not None:
+                gradient, v = features[0].pullback.apply(pulled, forces, stress)
                 if forces:
-                    total_forces += f
+                    total_forces -= gradient
                 if stress:
                     virial += v
             atom_k = np.concatenate(atom_k, axis=1) if want_var else None
@@ -1217,8 +1231,7 @@ def _scale_rows(batch: DescriptorBatch, scale: dict[int, float]) -> None:
     if batch.strain_gradients is not None:
         batch.strain_gradients *= factor[:, None, None, None]
     if batch.pullback is not None:
-        raw = batch.pullback
-        batch.pullback = lambda w, forces, strain: raw(w * factor[:, None], forces, strain)
+        batch.pullback = batch.pullback.then(lambda w: w * factor[:, None])
 
 
 def training_set_hash(frames: Sequence[Atoms]) -> str:

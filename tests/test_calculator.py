@@ -680,6 +680,9 @@ def test_model_in_pieces_equals_whole_and_pieces_bound_memory(
 
     monkeypatch.setattr(SOAPDescriptor, "compute", counting)
     monkeypatch.setattr(fitted_model, "chunk_atoms", 6, raising=False)
+    # The gradient arrays' path (the expansion's, from PULLBACK_ATOMS, is compared
+    # with it in test_molecular_model).
+    monkeypatch.setattr("deltaml.model.PULLBACK_ATOMS", 10**9)
     pieces = fitted_model.predict(atoms, stress=stress, force_uncertainty=False)
     assert rows and max(rows) <= 6 + 2  # a piece closes on a whole molecule
     assert sum(rows) == len(atoms)

@@ -26,7 +26,7 @@ LAYERS: list[list[str]] = [
     ["baseline", "dispersion", "correction", "reference", "reference_cp2k"],
     ["store", "dataset"],
     ["labelling"],
-    ["descriptors", "intermolecular"],
+    ["descriptors", "expansion", "intermolecular"],
     ["kernels", "model_files", "offsets", "model_io", "sampling", "model", "selection"],
     ["calculator"],
     ["evaluation", "simulation"],

@@ -450,3 +450,33 @@ def test_one_soap_call_for_a_structure_and_its_molecules_gives_the_rows_of_two(p
         np.testing.assert_array_equal(a.position_rows, b.position_rows)
         np.testing.assert_array_equal(a.position_atoms, b.position_atoms)
         np.testing.assert_allclose(a.position_gradients, b.position_gradients, atol=1e-12)
+
+
+@pytest.mark.parametrize("decomposition", ["molecular", "atomic"])
+def test_forces_and_stress_through_the_expansion_equal_those_of_the_gradients(
+    decomposition, co2_model, co2_crystal_strained, gfn_delta, monkeypatch
+):
+    """Large structures take forces and stress by one backward pass: same numbers."""
+    import deltaml.model as model_module
+
+    model = co2_model
+    if decomposition == "atomic":
+        model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=40, decomposition="atomic").fit(
+            gfn_delta([co2_crystal_strained])
+        )
+    cluster = co2_crystal_strained.copy()
+    cluster.pbc = False
+    for atoms, pieces in ((co2_crystal_strained, None), (cluster, None), (cluster, 6)):
+        stress = bool(atoms.pbc.all())
+        if pieces:  # a large structure is done in pieces of whole molecules
+            monkeypatch.setattr(model, "chunk_atoms", pieces, raising=False)
+        results = []
+        for threshold in (10**9, 1):
+            monkeypatch.setattr(model_module, "PULLBACK_ATOMS", threshold)
+            results.append(model.predict(atoms, stress=stress, force_uncertainty=False))
+        arrays, pulled = results
+        assert pulled.energy == pytest.approx(arrays.energy, abs=1e-10)
+        np.testing.assert_allclose(pulled.forces, arrays.forces, atol=1e-10)
+        if stress:
+            np.testing.assert_allclose(pulled.stress, arrays.stress, atol=1e-12)
+        assert pulled.energy_uncertainty == pytest.approx(arrays.energy_uncertainty, rel=1e-9)
