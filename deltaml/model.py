@@ -173,8 +173,9 @@ class SparseGPR(BaseEstimator):
     ================ ================= ======= ===========================================
 
     Fitted attributes end in ``_``: ``descriptor_`` (:class:`SOAPDescriptor`),
-    ``species_``, ``training_multiplicities_`` (2S+1 of the training structures;
-    None for files written before they were recorded), ``offsets_`` ({Z: eV}), ``offset_fit_``
+    ``species_``, ``training_multiplicities_`` and ``training_charges_`` (2S+1 and
+    total charges of the training structures; None for files written before they
+    were recorded), ``offsets_`` ({Z: eV}), ``offset_fit_``
     (:class:`~deltaml.offsets.Offsets`: with their covariance and the span of the
     training compositions), ``n_isolated_atoms_``, ``terms_`` (list of
     :class:`~deltaml.kernels.KernelTerm`: ``[atomic]`` or ``[intra, inter]``),
@@ -347,7 +348,9 @@ class SparseGPR(BaseEstimator):
             raise MissingLabelError("fit: no structures besides isolated atoms")
         self.n_isolated_atoms_ = len(all_frames) - len(frames)
         # Spin states the GP saw (isolated atoms only anchor the offsets).
-        self.training_multiplicities_ = sorted({charge_and_multiplicity(a)[1] for a in frames})
+        states = {charge_and_multiplicity(a) for a in frames}
+        self.training_multiplicities_ = sorted({m for _, m in states})
+        self.training_charges_ = sorted({q for q, _ in states})
         self.species_ = sorted({int(z) for a in frames for z in a.numbers})
         self.descriptor_ = SOAPDescriptor(self.species_, **(self.descriptor or {}))
         self.offset_fit_ = self._fit_offsets(frames, anchors)
@@ -1010,7 +1013,7 @@ class SparseGPR(BaseEstimator):
         ``"inter_floor"`` (eV), an error added in quadrature to every structure of
         more than one molecule (the terms' error beyond the cut-off, noise),
         both fitted to the held-out interaction energies E(complex) − Σ
-        E(molecules) (:meth:`_inter_factor`; their z-scores then have RMS 1). In
+        E(molecules) (maximum likelihood; their z-scores then have RMS 1). In
         those the offsets and the intramolecular part cancel, so the
         whole-structure factor, set by the intramolecular part, says nothing
         about them. The energy factor is then the one that gives the total
@@ -1030,6 +1033,35 @@ class SparseGPR(BaseEstimator):
             ``{"energy": s_E, "forces": s_F}`` and, where fitted, ``"inter": s_I``
             and ``"inter_floor": τ`` (eV): the factors (1 means the GP's variance
             was calibrated already).
+
+        See Also
+        --------
+        calibration_statistics, calibrate_from : the same in two steps, so that
+            the held-out errors of several models (cross-validation) can be pooled
+            to calibrate another one.
+        """
+        return self.calibrate_from([self.calibration_statistics(frames)])
+
+    def calibration_statistics(self, frames: Sequence[Atoms]) -> dict[str, NDArray]:
+        """Errors and uncalibrated variances of held-out structures, for :meth:`calibrate_from`.
+
+        Parameters
+        ----------
+        frames : sequence of ase.Atoms
+            Held-out Δ-labelled structures (not used in this model's fit);
+            isolated atoms are left out.
+
+        Returns
+        -------
+        dict of ndarray
+            ``energy_error`` (eV) and ``energy_parts`` (eV², columns a, b, c, d: the
+            variance of the offsets and first term, of the intermolecular term,
+            their covariance, and 1 where the structure has an intermolecular
+            part) per structure; ``force_z`` per force component (with
+            ``uncertainty="forces"``); ``interaction_error`` (eV),
+            ``interaction_variance`` (eV², intermolecular part) and
+            ``interaction_contact`` (a contact within the cut-off) per interaction
+            energy found among ``frames`` (molecular decomposition).
         """
         self._check_fitted()
         frames = split_isolated_atoms(list(frames))[1]
@@ -1037,49 +1069,74 @@ class SparseGPR(BaseEstimator):
             raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
         saved = dict(self.uncertainty_scale_)
         self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
-        errors, variances, predicted, z_forces = [], [], [], []
-        groups = interaction_groups(frames) if self.molecular else []
+        errors, predicted, parts, z_forces = [], [], [], []
         try:
             for atoms in frames:
                 with_forces = "forces" in atoms.calc.results and self.uncertainty == "forces"
                 result = self.predict(atoms, forces=with_forces)
                 predicted.append(result.energy)
                 errors.append(atoms.calc.results["energy"] - result.energy)
-                variances.append(max(result.energy_uncertainty, 1e-12) ** 2)
+                if self.molecular:
+                    a = self._energy_covariance([atoms], [1.0, 0.0], 1.0)[0, 0]
+                    b = self._energy_covariance([atoms], [0.0, 1.0], 0.0)[0, 0]
+                    c = (result.energy_uncertainty**2 - a - b) / 2.0
+                    parts.append((a, b, c, float(self._has_contacts(atoms))))
+                else:
+                    parts.append((result.energy_uncertainty**2, 0.0, 0.0, 0.0))
                 if with_forces:
                     err = atoms.calc.results["forces"] - result.forces
                     std = np.maximum(result.forces_uncertainty, 1e-12)[:, None]
                     z_forces.append((err / std).ravel())
-            scale = {"energy": float(np.sqrt(np.mean(np.square(errors) / variances)))}
-            scale["forces"] = (
-                float(np.sqrt(np.mean(np.square(np.concatenate(z_forces))))) if z_forces else 1.0
-            )
-            inter = self._inter_factor(frames, groups, np.array(predicted)) if groups else None
-            if inter is not None:
-                scale["inter"], scale["inter_floor"] = inter
-                scale["energy"] = self._energy_factor(frames, np.array(errors), scale)
-        except Exception:
+            groups = interaction_groups(frames) if self.molecular else []
+            interactions = self._interaction_statistics(frames, groups, np.array(predicted))
+        finally:
             self.uncertainty_scale_ = saved
-            raise
+        return {
+            "energy_error": np.array(errors),
+            "energy_parts": np.array(parts).reshape(-1, 4),
+            "force_z": np.concatenate(z_forces) if z_forces else np.zeros(0),
+            **interactions,
+        }
+
+    def calibrate_from(self, statistics: Sequence[dict[str, NDArray]]) -> dict[str, float]:
+        """Set the factors of :meth:`calibrate` from pooled :meth:`calibration_statistics`.
+
+        The statistics may come from other models of the same settings (for
+        example the models of a cross-validation, each on the data it did not
+        see), to calibrate this one, typically fitted on all the data.
+
+        Returns
+        -------
+        dict
+            The factors now in ``uncertainty_scale_``.
+        """
+        self._check_fitted()
+        pooled = {k: np.concatenate([s[k] for s in statistics]) for k in statistics[0]}
+        errors, parts = pooled["energy_error"], pooled["energy_parts"]
+        if not len(errors):
+            raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
+        total = np.maximum(parts[:, 0] + parts[:, 1] + 2 * parts[:, 2], 1e-24)
+        scale = {"energy": float(np.sqrt(np.mean(errors**2 / total)))}
+        z_forces = pooled["force_z"]
+        scale["forces"] = float(np.sqrt(np.mean(z_forces**2))) if len(z_forces) else 1.0
+        inter = None
+        if self.molecular:
+            inter = _inter_factor(
+                pooled["interaction_error"],
+                pooled["interaction_variance"],
+                pooled["interaction_contact"].astype(bool),
+            )
+        if inter is not None:
+            scale["inter"], scale["inter_floor"] = inter
+            scale["energy"] = _energy_factor(errors, parts, scale)
         self.uncertainty_scale_ = scale
         self.content_sha256_ = None  # the model changed
         return dict(scale)
 
-    def _inter_factor(
+    def _interaction_statistics(
         self, frames: list[Atoms], groups: list[tuple[int, list[int]]], predicted: NDArray
-    ) -> tuple[float, float] | None:
-        """Factor s_I and floor τ (eV) of the σ of held-out interaction energies.
-
-        The σ of an interaction energy is modelled as √(s_I² v + τ²), v its
-        uncalibrated intermolecular variance: τ is the error that the
-        intermolecular part cannot describe (the terms' error beyond the cut-off,
-        where v = 0, and noise of the labels). Both come from the Gaussian
-        likelihood of the held-out interaction energies, then are scaled
-        together so that their z-scores have RMS exactly 1 (which the optimum
-        satisfies already unless a bound stopped it). None if fewer than
-        :data:`MIN_CALIBRATION_INTERACTIONS` complexes have a contact within the
-        cut-off (v > 0): too few to set s_I.
-        """
+    ) -> dict[str, NDArray]:
+        """Error and uncalibrated intermolecular variance of each interaction energy."""
         inter_only = [1.0 if t.name == "inter" else 0.0 for t in self.terms_]
         errors, variances = [], []
         for index, parts in groups:
@@ -1089,54 +1146,17 @@ class SparseGPR(BaseEstimator):
             target = weights @ [frames[k].calc.results["energy"] for k in members]
             errors.append(float(target - weights @ predicted[members]))
             variances.append(max(float(weights @ covariance @ weights), 0.0))
-        errors, variances = np.array(errors), np.array(variances)
-        contact = variances > _NO_CONTACT * self.terms_[1].delta ** 2
-        if contact.sum() < MIN_CALIBRATION_INTERACTIONS:
-            return None
-        variances = np.where(contact, variances, 0.0)
-        start_s = float(np.sqrt(np.mean(errors[contact] ** 2 / variances[contact])))
-        largest = max(float(np.abs(errors).max()), 1e-6)
-
-        def nll(x: NDArray) -> float:
-            total = np.exp(2 * x[0]) * variances + np.exp(2 * x[1])
-            return float(np.sum(np.log(total) + errors**2 / total))
-
-        x0 = np.array([np.log(start_s), np.log(0.1 * largest)])
-        bounds = [(x0[0] - 12.0, x0[0] + 12.0), (np.log(1e-8), np.log(largest) + 1.0)]
-        found = scipy.optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds).x
-        s_inter, floor = np.exp(found)
-        rms = np.sqrt(np.mean(errors**2 / (s_inter**2 * variances + floor**2)))
-        return float(rms * s_inter), float(rms * floor)
-
-    def _energy_factor(
-        self, frames: list[Atoms], errors: NDArray, scale: dict[str, float]
-    ) -> float:
-        """Energy factor s_E giving unit RMS z-score of total energies, inter factor fixed.
-
-        The variance of a total energy is s_E² a + s_I² b + 2 s_E s_I c + τ² d (a:
-        offsets and intramolecular part, b: intermolecular part, c: their
-        covariance, d: 1 for a structure with an intermolecular part, else 0).
-        """
-        parts = []
-        for atoms in frames:
-            a = self._energy_covariance([atoms], [1.0, 0.0], 1.0)[0, 0]
-            b = self._energy_covariance([atoms], [0.0, 1.0], 0.0)[0, 0]
-            both = self._energy_covariance([atoms], [1.0, 1.0], 1.0)[0, 0]
-            parts.append((a, b, (both - a - b) / 2.0, float(self._has_contacts(atoms))))
-        a, b, c, d = np.array(parts).T
-        inter, floor = scale["inter"], scale["inter_floor"]
-
-        def excess(log_s: float) -> float:
-            s = np.exp(log_s)
-            variance = s**2 * a + inter**2 * b + 2 * s * inter * c + floor**2 * d
-            variance = np.maximum(variance, 1e-24)
-            return float(np.log(np.mean(errors**2 / variance)))
-
-        guess = np.log(scale["energy"])
-        low, high = guess - np.log(1e3), guess + np.log(1e3)
-        if excess(low) > 0 > excess(high):
-            return float(np.exp(scipy.optimize.brentq(excess, low, high, xtol=1e-6)))
-        return scale["energy"]  # the inter part alone explains the errors: keep the plain one
+        variances = np.array(variances)
+        contact = (
+            variances > _NO_CONTACT * self.terms_[1].delta ** 2
+            if self.molecular
+            else np.zeros(len(variances), dtype=bool)
+        )
+        return {
+            "interaction_error": np.array(errors),
+            "interaction_variance": np.where(contact, variances, 0.0),
+            "interaction_contact": contact,
+        }
 
     # -- files --------------------------------------------------------------------
 
@@ -1188,6 +1208,59 @@ class SparseGPR(BaseEstimator):
             damaged file (the message says what).
         """
         return model_from_file(cls, path)
+
+
+def _inter_factor(
+    errors: NDArray, variances: NDArray, contact: NDArray
+) -> tuple[float, float] | None:
+    """Factor s_I and floor τ (eV) of the σ of held-out interaction energies.
+
+    The σ of an interaction energy is modelled as √(s_I² v + τ²), v its
+    uncalibrated intermolecular variance (0 without a contact within the
+    cut-off): τ is the error that the intermolecular part cannot describe (the
+    terms' error beyond the cut-off, noise of the labels). Both maximise the
+    Gaussian likelihood of the held-out errors, then are scaled together so
+    that the z-scores have RMS exactly 1 (which the optimum satisfies already
+    unless a bound stopped it). None if fewer than
+    :data:`MIN_CALIBRATION_INTERACTIONS` have a contact: too few to set s_I.
+    """
+    if contact.sum() < MIN_CALIBRATION_INTERACTIONS:
+        return None
+    start = float(np.sqrt(np.mean(errors[contact] ** 2 / variances[contact])))
+    largest = max(float(np.abs(errors).max()), 1e-6)
+
+    def nll(x: NDArray) -> float:
+        total = np.exp(2 * x[0]) * variances + np.exp(2 * x[1])
+        return float(np.sum(np.log(total) + errors**2 / total))
+
+    x0 = np.array([np.log(start), np.log(0.1 * largest)])
+    bounds = [(x0[0] - 12.0, x0[0] + 12.0), (np.log(1e-8), np.log(largest) + 1.0)]
+    found = scipy.optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds).x
+    s_inter, floor = np.exp(found)
+    rms = np.sqrt(np.mean(errors**2 / (s_inter**2 * variances + floor**2)))
+    return float(rms * s_inter), float(rms * floor)
+
+
+def _energy_factor(errors: NDArray, parts: NDArray, scale: dict[str, float]) -> float:
+    """Energy factor s_E giving unit RMS z-score of total energies, inter factor fixed.
+
+    The variance of a total energy is s_E² a + s_I² b + 2 s_E s_I c + τ² d (a:
+    offsets and first term, b: intermolecular part, c: their covariance, d: 1
+    for a structure with an intermolecular part).
+    """
+    a, b, c, d = parts.T
+    inter, floor = scale["inter"], scale["inter_floor"]
+
+    def excess(log_s: float) -> float:
+        s = np.exp(log_s)
+        variance = np.maximum(s**2 * a + inter**2 * b + 2 * s * inter * c + floor**2 * d, 1e-24)
+        return float(np.log(np.mean(errors**2 / variance)))
+
+    guess = np.log(scale["energy"])
+    low, high = guess - np.log(1e3), guess + np.log(1e3)
+    if excess(low) > 0 > excess(high):
+        return float(np.exp(scipy.optimize.brentq(excess, low, high, xtol=1e-6)))
+    return scale["energy"]  # the inter part alone explains the errors: keep the plain one
 
 
 def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:

@@ -65,6 +65,7 @@ def model_metadata(model: Any) -> dict[str, Any]:
         "offsets_anchored": [chemical_symbols[z] for z in model.offset_fit_.anchored],
         "n_isolated_atoms": model.n_isolated_atoms_,
         "training_multiplicities": model.training_multiplicities_,
+        "training_charges": getattr(model, "training_charges_", None),
         "trained_with": model.trained_with_,
         "reference": model.reference_,
         "training_set_sha256": model.training_set_sha256_,
@@ -155,6 +156,8 @@ def _from_metadata(
     model.n_isolated_atoms_ = int(meta.get("n_isolated_atoms", 0))
     seen = meta.get("training_multiplicities")
     model.training_multiplicities_ = None if seen is None else [int(m) for m in seen]
+    charges = meta.get("training_charges")
+    model.training_charges_ = None if charges is None else [int(q) for q in charges]
     model.terms_ = [
         KernelTerm(
             t["name"],

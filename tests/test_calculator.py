@@ -703,3 +703,17 @@ def test_model_in_pieces_equals_whole_and_pieces_bound_memory(
     np.testing.assert_allclose(
         asked.forces_uncertainty, whole.forces_uncertainty, rtol=1e-9, atol=1e-12
     )
+
+
+def test_a_fitted_model_records_its_charges_and_warns_on_an_ion(fitted_model, tmp_path):
+    """Issue 13, item 2: the charges seen in training travel in the model file."""
+    from deltaml.model import SparseGPR
+
+    assert fitted_model.training_charges_ == [0]
+    path = fitted_model.save(tmp_path / "model.npz")
+    loaded = SparseGPR.load(path)
+    assert loaded.training_charges_ == [0]
+    hydroxide = Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    hydroxide.calc = DeltaCalculator.from_model(loaded, charge=-1)
+    messages = _domain_warnings(hydroxide)
+    assert any("HO has charge -1; the model was trained on charges 0" in m for m in messages)
