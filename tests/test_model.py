@@ -502,3 +502,16 @@ def test_the_inter_factor_survives_save_and_load(molecular_model, interaction_da
     assert loaded.uncertainty_scale_ == fitted.uncertainty_scale_
     members = interaction_data["held"][:1] + interaction_data["held"][3:5]
     assert _interaction_sigma(loaded, members) == _interaction_sigma(fitted, members)
+
+
+def test_pooled_calibration_statistics_give_the_factors_of_one_calibration(
+    molecular_model, interaction_data
+):
+    fitted = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
+    held = interaction_data["held"]  # 4 systems of 5 frames: halves split no system
+    whole = fitted.calibrate(held)
+    halves = [fitted.calibration_statistics(part) for part in (held[:10], held[10:])]
+    pooled = fitted.calibrate_from(halves)
+    assert set(pooled) == set(whole)
+    for key, value in whole.items():
+        assert pooled[key] == pytest.approx(value, rel=1e-6)
