@@ -30,10 +30,14 @@ energies relative to their minimum (the shape of each curve); the difference of
 the molecular composite's MAE from the terms' on unseen families with a
 bootstrap 95 % interval over systems (the target: never worse beyond noise);
 the calibration of σ (fraction of errors within 1σ and 2σ, RMS z-score, median σ),
-after and before the interaction-energy calibration: every model is fitted without
-a seeded 10 % of the loose training structures and ``--calibration-systems`` (20 %)
-of the training interaction systems, all from training families; the loose ones
-alone give the energy factor as before, the systems the intermolecular factor
+after and before the interaction-energy calibration, always on structures of the
+training families that the calibrating model did not see: by default every model
+is fitted without a seeded 10 % of the loose training structures and
+``--calibration-systems`` (20 %) of the training interaction systems (``--refit``:
+then refitted on all, keeping the factors); with ``--cv k``, k models fitted
+without one k-th of them each give held-out errors of all of them, pooled to
+calibrate the model fitted on all. The loose structures alone give the energy
+factor as before, the systems the intermolecular factor and floor
 (:meth:`deltaml.SparseGPR.calibrate`); a learning curve
 against the number of interaction systems in training (first fold); the errors
 on the shipped demo split of ``water_chno`` (seeded 20 % held out); fit time and
@@ -44,6 +48,7 @@ Usage::
 
     python benchmarks/bench_transfer.py                    # all folds, learning curve
     python benchmarks/bench_transfer.py --folds 3 --curve 0,8,all
+    python benchmarks/bench_transfer.py --folds 3 --curve all --models molecular --cv 5
 
 Writes ``benchmarks/results/bench_transfer.json`` (``--out`` to change).
 """
@@ -117,33 +122,65 @@ def fit(
     seed: int,
     calibration_systems: float = 0.0,
     refit: bool = False,
+    cv_folds: int = 0,
 ) -> tuple[SparseGPR, float]:
-    """Fit on ``frames`` less a seeded 10 % of its single-molecule and cluster structures
-    and a seeded fraction ``calibration_systems`` of its interaction systems (whole
-    systems: complexes with their monomers), which calibrate σ.
+    """A model fitted on ``frames`` (training families only), with σ calibrated on
+    structures of those families that the calibrating model did not see.
 
-    All of them come from the training families: the test families never calibrate.
-    The held-out loose structures alone give the energy factor as before (recorded
-    as ``model.scales_before``); with the systems, the interaction energies also give
-    the intermolecular factor (``SparseGPR.calibrate``). ``refit``: refit on all of
-    ``frames`` afterwards and keep the factors found (the calibration data then help
-    the fit too, at twice the cost).
+    Held out (``cv_folds`` = 0): a seeded 10 % of the loose (single-molecule and
+    cluster) structures and a seeded fraction ``calibration_systems`` of the
+    interaction systems (whole systems: complexes with their monomers) leave the
+    fit and calibrate it; ``refit``: refit on all of ``frames`` afterwards, keeping
+    the factors. Cross-validated (``cv_folds`` = k > 1): the loose structures and
+    the systems are dealt (seeded) into k parts, k models each fitted without one
+    part give the held-out statistics of every structure
+    (``SparseGPR.calibration_statistics``), pooled to calibrate the model fitted
+    on all of ``frames`` (``SparseGPR.calibrate_from``).
+
+    The loose structures alone give the energy factor as before (recorded as
+    ``model.scales_before``); with the systems, the interaction energies also give
+    the intermolecular factor and floor. Returns the model and the seconds of its
+    (final) fit and calibration.
     """
-    start = time.perf_counter()
     loose = [k for k, a in enumerate(frames) if "system" not in a.info]
-    rng = np.random.default_rng(seed)
-    held = set(rng.choice(loose, size=len(loose) // 10, replace=False).tolist())
     systems: dict[str, list[int]] = {}
     for k, atoms in enumerate(frames):
         if "system" in atoms.info:
             systems.setdefault(atoms.info["system"], []).append(k)
     names = sorted(systems)
+    rng = np.random.default_rng(seed)
+
+    def new_model() -> SparseGPR:
+        return SparseGPR(**MODELS[name], uncertainty="energy", seed=seed)
+
+    if cv_folds > 1:
+        loose_order = [loose[i] for i in rng.permutation(len(loose))]
+        system_order = [names[i] for i in rng.permutation(len(names))]
+        on_loose, on_systems = [], []
+        for part in range(cv_folds):
+            out_loose = loose_order[part::cv_folds]
+            out_systems = [k for n in system_order[part::cv_folds] for k in systems[n]]
+            out = set(out_loose) | set(out_systems)
+            inner = new_model().fit([a for k, a in enumerate(frames) if k not in out], terms)
+            on_loose.append(inner.calibration_statistics([frames[k] for k in out_loose]))
+            if out_systems:
+                on_systems.append(inner.calibration_statistics([frames[k] for k in out_systems]))
+        start = time.perf_counter()
+        model = new_model().fit(frames, trained_with=terms)
+        before = model.calibrate_from(on_loose)
+        model.calibrate_from(on_loose + on_systems)
+        seconds = time.perf_counter() - start
+        model.scales_before = before
+        model.n_calibration_systems = len(names)
+        return model, seconds
+    start = time.perf_counter()
+    held = set(rng.choice(loose, size=len(loose) // 10, replace=False).tolist())
     count = round(calibration_systems * len(names))
     if calibration_systems > 0:
         count = min(max(count, 1), len(names))
     for system in rng.choice(names, size=count, replace=False) if count else []:
         held.update(systems[system])
-    model = SparseGPR(**MODELS[name], uncertainty="energy", seed=seed)
+    model = new_model()
     model.fit([a for k, a in enumerate(frames) if k not in held], trained_with=terms)
     model.calibrate([frames[k] for k in sorted(held) if "system" not in frames[k].info])
     before = dict(model.uncertainty_scale_)
@@ -151,8 +188,7 @@ def fit(
         model.calibrate([frames[k] for k in sorted(held)])
     if refit:
         after = dict(model.uncertainty_scale_)
-        model = SparseGPR(**MODELS[name], uncertainty="energy", seed=seed)
-        model.fit(frames, trained_with=terms)
+        model = new_model().fit(frames, trained_with=terms)
         model.uncertainty_scale_ = after
     model.scales_before = before
     model.n_calibration_systems = count
@@ -315,6 +351,13 @@ def main() -> None:
         action="store_true",
         help="refit on all training data after calibration, keeping the factors",
     )
+    parser.add_argument(
+        "--cv",
+        type=int,
+        default=0,
+        help="k > 1: calibrate by k-fold cross-validation over the training structures and "
+        "systems, then fit on all of them (k + 1 fits per model); 0: hold out",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_transfer.json")
     args = parser.parse_args()
     names = list(dict.fromkeys(["atomic", "molecular", *args.models.split(",")]))
@@ -345,9 +388,10 @@ def main() -> None:
         "folds": [sorted(f) for f in folds],
         "calibration_systems": args.calibration_systems,
         "refit": args.refit,
+        "cv": args.cv,
         "per_fold": [],
     }
-    calibration = (args.calibration_systems, args.refit)
+    calibration = (args.calibration_systems, args.refit, args.cv)
     all_rows: dict[str, list[dict]] = {"unseen": [], "seen": []}
     costs: list[dict] = []
     fit_times: dict[str, list[float]] = {}
