@@ -480,3 +480,36 @@ def test_forces_and_stress_through_the_expansion_equal_those_of_the_gradients(
         if stress:
             np.testing.assert_allclose(pulled.stress, arrays.stress, atol=1e-12)
         assert pulled.energy_uncertainty == pytest.approx(arrays.energy_uncertainty, rel=1e-9)
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_molecules_set_far_apart_give_the_rows_they_have_alone(periodic, water_box, monkeypatch):
+    """Many molecules go to featomic as one structure of far-apart molecules: same
+    rows and gradients, to round-off, on both gradient paths."""
+    import deltaml.intermolecular as intermolecular
+    from deltaml.descriptors import SOAPDescriptor
+    from deltaml.intermolecular import split_by_molecule
+
+    soap = SOAPDescriptor([1, 8], **DESCRIPTOR)
+    box = water_box.copy()
+    box.pbc = periodic
+    kinds = ("positions", "strain") if periodic else ("positions",)
+    w = np.random.default_rng(2).normal(size=(len(box), soap.n_features))
+    results = []
+    for threshold in (10**9, 2):
+        monkeypatch.setattr(intermolecular, "EXPLODE_MOLECULES", threshold)
+        arrays = split_by_molecule(soap, box, kinds)
+        pulled = split_by_molecule(soap, box, kinds, pullback=True)
+        results.append((arrays, pulled))
+    (a0, p0), (a1, p1) = results
+    for part in ("intra", "inter"):
+        x0, x1 = getattr(a0, part), getattr(a1, part)
+        np.testing.assert_allclose(x1.values, x0.values, atol=1e-13)
+        np.testing.assert_allclose(x1.position_gradients, x0.position_gradients, atol=1e-12)
+        if periodic:
+            np.testing.assert_allclose(x1.strain_gradients, x0.strain_gradients, atol=1e-12)
+        y0, y1 = getattr(p0, part), getattr(p1, part)
+        np.testing.assert_allclose(y1.values, y0.values, atol=1e-13)
+        for got, expected in zip(y1.pullback(w, True, periodic), y0.pullback(w, True, periodic)):
+            if expected is not None:
+                np.testing.assert_allclose(got, expected, atol=1e-11)
