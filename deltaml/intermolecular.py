@@ -181,9 +181,13 @@ def _split_with_pullback(
     from deltaml.expansion import expand_frames
 
     pieces, owners, labels, _ = _own_molecules(frames, found_all, centres)
-    # Isolated molecules are their own pieces: no need to expand them twice.
-    alone = centres is None and all(len(p) == len(a) for p, a in zip(pieces, frames, strict=False))
-    alone = alone and len(pieces) == len(frames)
+    # Isolated molecules are their own pieces: no need to expand them twice. (Not a
+    # molecule in a cell: it sees its own images.)
+    alone = (
+        centres is None
+        and len(pieces) == len(frames)
+        and all(not a.pbc.any() and len(p) == len(a) for p, a in zip(pieces, frames, strict=True))
+    )
     values, expansion = expand_frames(
         soap,
         frames if alone else frames + _exploded(pieces, soap.cutoff),

@@ -513,3 +513,20 @@ def test_molecules_set_far_apart_give_the_rows_they_have_alone(periodic, water_b
         for got, expected in zip(y1.pullback(w, True, periodic), y0.pullback(w, True, periodic)):
             if expected is not None:
                 np.testing.assert_allclose(got, expected, atol=1e-11)
+
+
+def test_a_molecule_in_a_cell_sees_its_images_on_the_expansion_path(
+    model, water_chain, monkeypatch
+):
+    """One molecule per cell is not an isolated molecule: its images are other molecules."""
+    import deltaml.model as model_module
+
+    results = []
+    for threshold in (10**9, 1):
+        monkeypatch.setattr(model_module, "PULLBACK_ATOMS", threshold)
+        results.append(model.predict(water_chain, stress=True, force_uncertainty=False))
+    arrays, pulled = results
+    assert abs(arrays.parts["inter"]) > 1e-8  # the chain's hydrogen bonds
+    assert pulled.parts["inter"] == pytest.approx(arrays.parts["inter"], abs=1e-12)
+    np.testing.assert_allclose(pulled.forces, arrays.forces, atol=1e-10)
+    np.testing.assert_allclose(pulled.stress, arrays.stress, atol=1e-12)
