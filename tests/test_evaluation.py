@@ -233,3 +233,20 @@ def test_interaction_sigmas_follow_the_calibrated_inter_factor():
     found = interaction_coverage(after)
     assert found["n"] == 12
     assert found["rms_z"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_a_cross_calibrated_fit_keeps_all_data_and_calibrates_interactions():
+    from deltaml.errors import ParameterError
+    from deltaml.evaluation import cross_calibrated_fit
+
+    pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
+    frames = [f for k, p in enumerate(pairs * 2) for f in _labelled_dimer_system(*p, 50 + k)]
+    template = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20)
+    model = cross_calibrated_fit(template, frames, folds=3, seed=1)
+    assert not hasattr(template, "alpha_")  # the template is not fitted
+    plain = SparseGPR(**template.get_params()).fit(frames)
+    np.testing.assert_array_equal(model.alpha_, plain.alpha_)  # fitted on everything
+    # Every system was held out whole once: its interaction energies calibrate σ.
+    assert {"inter", "inter_floor"} <= set(model.uncertainty_scale_)
+    with pytest.raises(ParameterError, match="folds"):
+        cross_calibrated_fit(template, frames, folds=1)
