@@ -31,6 +31,7 @@ import numpy as np
 from ase import Atoms
 from ase.data import chemical_symbols
 from ase.io import read
+from ase.units import kcal, mol
 
 from deltaml import __version__
 from deltaml.active import ActiveLearner
@@ -582,10 +583,34 @@ def _target_dispersion(spec: str) -> dict[str, Any] | str | None:
     return None if spec.lower() == "none" else parse_dispersion_spec(spec)
 
 
-def _split(count: int, validation: float, seed: int) -> tuple[list[int], list[int]]:
-    order = np.random.default_rng(seed).permutation(count)
-    n_val = round(validation * count)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded train/validation indices, keeping each interaction system on one side.
+
+    A complex and the molecules it shares with others (a scan's monomers) form one
+    unit (:func:`deltaml.dataset.interaction_groups`), so that the validation set
+    holds whole interaction energies, which calibrate their σ; every other
+    structure is a unit of its own. Units are drawn in a seeded order until
+    about ``validation`` of the structures are held out.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from deltaml.dataset import interaction_groups
+
+    count = len(frames)
+    pairs = [(c, m) for c, parts in interaction_groups(frames) for m in parts]
+    graph = coo_matrix(
+        (np.ones(len(pairs)), ([c for c, _ in pairs], [m for _, m in pairs])), shape=(count, count)
+    )
+    _, unit = connected_components(graph, directed=False)
+    target = round(validation * count)
+    held: list[int] = []
+    for u in np.random.default_rng(seed).permutation(unit.max() + 1 if count else 0):
+        if len(held) >= target:
+            break
+        held.extend(np.flatnonzero(unit == u).tolist())
+    held_set = set(held)
+    return [i for i in range(count) if i not in held_set], sorted(held)
 
 
 @main.command("fit")
@@ -666,7 +691,7 @@ def fit_command(
         # Isolated atoms anchor the offsets: always fitted, never validation data.
         anchors = [t for t in targets if len(t) == 1 and not t.pbc.any()]
         targets = [t for t in targets if not (len(t) == 1 and not t.pbc.any())]
-        train_idx, val_idx = _split(len(targets), validation, seed)
+        train_idx, val_idx = _split(targets, validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
         descriptor = {"backend": backend, "cutoff": cutoff}
@@ -702,10 +727,16 @@ def fit_command(
             click.echo(f"\n{name} ({len(part)} structures)")
             click.echo(error_table(errors(predict_all(model, part))))
     if held_out:
-        click.echo(
+        line = (
             f"\nuncertainty calibrated on the validation set: energy x{scales['energy']:.2f}, "
             f"forces x{scales['forces']:.2f}"
         )
+        if "inter" in scales:
+            line += (
+                f", interaction energies x{scales['inter']:.2f} "
+                f"+ {scales['inter_floor'] / (kcal / mol):.2f} kcal/mol"
+            )
+        click.echo(line)
 
 
 @main.command("evaluate")
