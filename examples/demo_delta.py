@@ -11,11 +11,13 @@
    (``data/labelled/isolated_atoms.extxyz``) join the training part: they anchor
    the per-element offsets (:mod:`deltaml.offsets`).
 2. Fits :class:`deltaml.SparseGPR` (molecular decomposition), calibrates its
-   uncertainty on a validation part of the training split, and prints the
+   uncertainty on a validation part of the training split and on six more whole
+   interaction systems (which set the σ of interaction energies), and prints the
    held-out errors of the baseline alone (GFN2-xTB + D3 + per-element offsets)
    and of the composite side by side.
 3. Prints the interaction energies of the held-out dimers: reference, terms
-   alone (no correction), composite and its σ.
+   alone (no correction), composite and its σ, and how many errors fall within
+   1σ and 2σ.
 4. Relaxes acetic acid with the composite and with baseline + D3 alone, and
    prints the bond lengths of the carboxyl group and the predicted uncertainty.
 
@@ -72,6 +74,12 @@ def main() -> None:
     parser.add_argument(
         "--held-out-systems", type=int, default=4, help="interaction systems held out"
     )
+    parser.add_argument(
+        "--calibration-systems",
+        type=int,
+        default=6,
+        help="interaction systems that calibrate the σ of interaction energies",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,10 +97,12 @@ def main() -> None:
         extra, _ = delta_targets(read_labelled(INTERACTIONS))
         systems = sorted({a.info["system"] for a in extra})
         rng = np.random.default_rng(args.seed)
-        held = set(
-            rng.choice(systems, size=min(args.held_out_systems, len(systems) - 1), replace=False)
-        )
-        train += [a for a in extra if a.info["system"] not in held]
+        drawn = rng.permutation(systems)
+        held = set(drawn[: min(args.held_out_systems, len(systems) - 1)])
+        # More whole systems calibrate the σ of interaction energies (not fitted).
+        calibrating = set(drawn[len(held) : len(held) + args.calibration_systems])
+        train += [a for a in extra if a.info["system"] not in held | calibrating]
+        validation += [a for a in extra if a.info["system"] in calibrating]
         pairs = [a for a in extra if a.info["system"] in held]
     n_extra = len(train) - len(train_idx[fit_idx])
     train += delta_targets(read_labelled(ATOMS))[0]
@@ -124,6 +134,9 @@ def main() -> None:
         for method in ("terms", "composite"):
             mae = np.mean([abs(r[method] - r["reference"]) for r in interactions])
             print(f"  MAE {method}: {mae:.2f} kcal/mol")
+        z = [abs(r["composite"] - r["reference"]) / max(r["sigma"], 1e-9) for r in interactions]
+        print(f"  composite errors within 1σ: {np.mean(np.less_equal(z, 1.0)):.0%}, "
+              f"within 2σ: {np.mean(np.less_equal(z, 2.0)):.0%}")  # fmt: skip
 
     print("\nacetic acid relaxed with baseline + D3 alone and with the composite (Å)")
     start_geometry = next(

@@ -530,3 +530,47 @@ def test_a_molecule_in_a_cell_sees_its_images_on_the_expansion_path(
     assert pulled.parts["inter"] == pytest.approx(arrays.parts["inter"], abs=1e-12)
     np.testing.assert_allclose(pulled.forces, arrays.forces, atol=1e-10)
     np.testing.assert_allclose(pulled.stress, arrays.stress, atol=1e-12)
+
+
+def test_the_intermolecular_prior_by_evidence_maximises_the_marginal_likelihood(data):
+    """inter_delta="evidence": its log-evidence curve is the GP's marginal likelihood."""
+    import scipy.linalg
+
+    frames = data["monomers"] + data["interactions"]
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta="evidence")
+    model.fit(frames, trained_with=TERMS)
+    record = model.inter_evidence_
+    assert model.terms_[1].delta == pytest.approx(record["delta"])
+    best = int(np.argmax(record["log_evidence"]))
+    design, target, sigma = model._design(frames, False)  # at the chosen δ
+    inter = model._columns()[1]
+
+    def direct(factor: float) -> float:
+        """log N(y | 0, Σ + A K⁻¹ Aᵀ) with the intermolecular δ times ``factor``."""
+        a = design.copy()
+        a[:, inter] *= factor**2
+        kmm = model._kmm()
+        kmm[inter, inter] *= factor**2
+        kmm[np.diag_indices(len(kmm))] += model.jitter * np.concatenate(
+            [np.full(t.size, t.delta**2 * (factor**2 if t.name == "inter" else 1.0))
+             for t in model.terms_]
+        )  # fmt: skip
+        cov = np.diag(sigma**2) + a @ np.linalg.solve(kmm, a.T)
+        chol = np.linalg.cholesky(cov)
+        z = scipy.linalg.solve_triangular(chol, target, lower=True)
+        return -0.5 * z @ z - np.sum(np.log(np.diag(chol)))
+
+    factors = record["factors"]
+    for k in (best - 4, best + 4):
+        if 0 <= k < len(factors):
+            relative = factors[k] / factors[best]
+            expected = record["log_evidence"][k] - record["log_evidence"][best]
+            assert direct(relative) - direct(1.0) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+            assert expected <= 0.0
+
+
+def test_inter_delta_takes_a_positive_width_or_evidence():
+    from deltaml.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="inter_delta"):
+        SparseGPR(inter_delta="likelihood").fit([])
