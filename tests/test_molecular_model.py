@@ -510,7 +510,8 @@ def test_molecules_set_far_apart_give_the_rows_they_have_alone(periodic, water_b
             np.testing.assert_allclose(x1.strain_gradients, x0.strain_gradients, atol=1e-12)
         y0, y1 = getattr(p0, part), getattr(p1, part)
         np.testing.assert_allclose(y1.values, y0.values, atol=1e-13)
-        for got, expected in zip(y1.pullback(w, True, periodic), y0.pullback(w, True, periodic)):
+        pulled = zip(y1.pullback(w, True, periodic), y0.pullback(w, True, periodic), strict=True)
+        for got, expected in pulled:
             if expected is not None:
                 np.testing.assert_allclose(got, expected, atol=1e-11)
 
