@@ -48,9 +48,8 @@ from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
 from deltaml.files import atomic_path, write_text_atomic
-from deltaml.labelling import label_structures
+from deltaml.labelling import label_structures, reference_calculator
 from deltaml.model import SparseGPR, kernel_values
-from deltaml.reference import PySCFReference
 from deltaml.sampling import farthest_points
 from deltaml.simulation import run_md
 from deltaml.store import LabelStore
@@ -81,7 +80,9 @@ class ActiveLearner:
     starting : sequence of ase.Atoms
         Starting geometries of the exploratory MD.
     reference : dict, optional
-        :class:`~deltaml.reference.PySCFReference` keywords (default revPBE0/def2-TZVP).
+        :class:`~deltaml.reference.PySCFReference` keywords (default revPBE0/def2-TZVP),
+        or, with ``"code": "cp2k"``, :class:`~deltaml.reference_cp2k.CP2KReference`
+        keywords: periodic labels with stress, for crystals.
     model : dict, optional
         :class:`~deltaml.model.SparseGPR` keywords.
     validation : sequence of ase.Atoms, optional
@@ -108,6 +109,10 @@ class ActiveLearner:
         Seed of the MD, the selection and the model.
     workers : int, default=1
         Labelling processes.
+    strained : int, default=0
+        Crystals: homogeneously strained copies of each periodic start added to the
+        candidates of every iteration (with the MD frames), within ``max_strain``
+        (default ±5 % per strain component).
     """
 
     def __init__(
@@ -128,6 +133,8 @@ class ActiveLearner:
         selection: str = "variance_reduction",
         seed: int = 0,
         workers: int = 1,
+        strained: int = 0,
+        max_strain: float = 0.05,
     ) -> None:
         if selection not in SELECTIONS:
             raise ParameterError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -138,8 +145,14 @@ class ActiveLearner:
         self.workdir = Path(workdir)
         self.store = store
         self.starting = [a.copy() for a in starting]
+        if strained < 0 or not 0 <= max_strain < 0.5:
+            raise ParameterError(
+                f"need strained >= 0 and 0 <= max_strain < 0.5, got {strained}, {max_strain}"
+            )
         self.reference = dict(reference or {})
-        self.record = PySCFReference(**self.reference).record()
+        # PySCF's (molecules) or, with "code": "cp2k", CP2K's (cells too, with stress).
+        self.record = reference_calculator(dict(self.reference)).record()
+        self.strained, self.max_strain = int(strained), float(max_strain)
         self.model_params = {"seed": seed, **(model or {})}
         self.validation = list(validation or [])
         self.temperatures = tuple(float(t) for t in temperatures)
@@ -286,6 +299,7 @@ class ActiveLearner:
                     )  # fmt: skip
                 except Exception:  # an unstable run: its frames so far are candidates
                     pass
+        candidates += self._strained_cells(k, calc)
         path = self._folder(k) / "candidates.extxyz"
         with atomic_path(path) as partial:
             write(partial, candidates, format="extxyz")
@@ -295,6 +309,32 @@ class ActiveLearner:
             "candidate_uncertainty_median": float(np.median(sigma)) if sigma else None,
             "candidate_uncertainty_max": float(np.max(sigma)) if sigma else None,
         }
+
+    def _strained_cells(self, k: int, calc: DeltaCalculator) -> list[Atoms]:
+        """``strained`` copies of each periodic start, homogeneously strained (seeded).
+
+        Each copy's cell is ``cell @ (I + ε)`` with a symmetric ε whose components
+        are uniform in ±``max_strain`` (atoms follow the cell), so that a crystal's
+        candidates include the compressed and sheared cells a cell relaxation or a
+        pressure scan visits, not only thermal motion at one volume.
+        """
+        out: list[Atoms] = []
+        rng = np.random.default_rng([self.seed, k, 7])
+        for s, start in enumerate(self.starting):
+            if not start.pbc.all():
+                continue
+            for j in range(self.strained):
+                strain = rng.uniform(-self.max_strain, self.max_strain, size=(3, 3))
+                strain = 0.5 * (strain + strain.T)
+                atoms = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
+                atoms.set_cell(start.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+                atoms.calc = calc
+                atoms.get_potential_energy()
+                frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+                frame.info["uncertainty"] = float(np.max(calc.results["forces_uncertainty"]))
+                frame.info["source"] = f"iteration {k}, start {s}, strain {j}"
+                out.append(frame)
+        return out
 
     def _select(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         candidates = read(self._folder(k) / "candidates.extxyz", index=":")
@@ -568,7 +608,7 @@ def on_the_fly(
         before and after the refit), ``md`` (the MD summary), ``n_labels``.
     """
     reference = dict(reference or {})
-    record = PySCFReference(**reference).record()
+    record = reference_calculator(dict(reference)).record()
     params = {"seed": seed, **(model or {})}
 
     def fitted() -> SparseGPR:

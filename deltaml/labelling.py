@@ -155,7 +155,7 @@ def _cp2k_label(task: LabelTask, atoms: Atoms) -> tuple[float, np.ndarray, np.nd
     return results["energy"], results["forces"], results.get("stress")
 
 
-def _reference_calculator(parameters: dict[str, Any]) -> PySCFReference | CP2KReference:
+def reference_calculator(parameters: dict[str, Any]) -> PySCFReference | CP2KReference:
     """The reference of ``parameters``: CP2K's if ``"code": "cp2k"``, else PySCF's."""
     parameters = dict(parameters)
     code = parameters.pop("code", "pyscf")
@@ -277,7 +277,7 @@ def label_structures(
     """
     start = time.perf_counter()
     reference = dict(reference or {})
-    record = _reference_calculator(reference).record()
+    record = reference_calculator(reference).record()
     dispersion = _dispersion_parameters(dispersion, record)
     if threads_per_worker < 1:
         raise ParameterError(f"threads_per_worker must be >= 1, got {threads_per_worker}")

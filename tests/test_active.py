@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read
 
 from deltaml.active import ActiveLearner, on_the_fly
 from deltaml.labelling import label_structures
@@ -240,3 +242,57 @@ def test_select_batch_is_reproducible_and_checks_its_arguments(small_model):
     with pytest.raises(ParameterError):
         select_batch(small_model, candidates, None, batch=3, pool=6,
                      selection="variance_reduction", noise=0.0)  # fmt: skip
+
+
+# -- crystals: a periodic reference (CP2K, minimal settings) ----------------------------
+
+#: CP2K at minimal settings (revPBE, SZV basis, 200 Ry): a few seconds per label.
+CP2K_QUICK = {"code": "cp2k", "basis": "SZV-MOLOPT-SR-GTH", "cutoff_ry": 200,
+              "rel_cutoff_ry": 40}  # fmt: skip
+
+
+def _water_cells(count: int, seed: int, scale: float = 0.04) -> list[Atoms]:
+    """One water molecule in a 5 Å cell (its images are its neighbours), rattled."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(count):
+        atoms = molecule("H2O")
+        atoms.set_cell([5.0, 5.2, 5.4])
+        atoms.pbc = True
+        atoms.center()
+        atoms.positions += rng.normal(scale=scale, size=atoms.positions.shape)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cp2k.psmp") is None, reason="CP2K (cp2k.psmp) not installed")
+def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path):
+    """Issue 14: the loop on crystals, with periodic labels (stress) and strained cells."""
+    store = LabelStore(tmp_path / "cells.db")
+    label_structures(_water_cells(3, seed=1), store, reference=CP2K_QUICK, workers=1,
+                     progress=False)  # fmt: skip
+
+    def learner() -> ActiveLearner:
+        return ActiveLearner(
+            tmp_path / "crystal", store, _water_cells(1, seed=2, scale=0.0),
+            reference=CP2K_QUICK, model=MODEL, md_steps=20, md_interval=5, batch=2, pool=4,
+            strained=3, max_strain=0.05, seed=0,
+        )  # fmt: skip
+
+    first = learner()
+    first.run(iterations=1, stop_after=(1, "select"))  # interrupted before labelling
+    selected = first.history[-1]["selected"]
+    candidates = read(tmp_path / "crystal" / "iteration_1" / "candidates.extxyz", index=":")
+    strained = [a for a in candidates if "strain" in a.info["source"]]
+    assert len(strained) == 3 and len(candidates) > 3
+    volumes = {round(a.get_volume(), 3) for a in strained}
+    assert len(volumes) == 3 and all(abs(v / (5.0 * 5.2 * 5.4) - 1) < 0.16 for v in volumes)
+    resumed = learner()  # a new process would do the same
+    history = resumed.run(iterations=1)
+    assert [h["n_labels"] for h in history] == [3, 5]
+    assert history[-1]["selected"] == selected  # the saved selection, not a new one
+    labels = store.labelled()
+    assert all(a.get_stress().shape == (6,) for a in labels)
+    model = resumed.model()
+    assert model.predict(candidates[0], stress=True).stress.shape == (6,)
