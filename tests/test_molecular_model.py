@@ -575,3 +575,43 @@ def test_inter_delta_takes_a_positive_width_or_evidence():
 
     with pytest.raises(ParameterError, match="inter_delta"):
         SparseGPR(inter_delta="likelihood").fit([])
+
+
+@pytest.mark.slow
+def test_a_lattice_energy_of_a_crystal_model_is_invariant_to_cell_choice_and_atom_order(
+    gfn_delta, co2_crystal_strained
+):
+    """Issue 14: a model trained on periodic cells gives one lattice energy per molecule
+    whatever cell (unimodular transformation, supercell) or atom order describes it."""
+    from ase.build import make_supercell
+
+    from deltaml.crystals import identify_molecules
+
+    rng = np.random.default_rng(8)
+    cells = []
+    for _ in range(4):
+        cell = co2_crystal_strained.copy()
+        strain = np.eye(3) + rng.uniform(-0.03, 0.03, size=(3, 3))
+        cell.set_cell(cell.cell.array @ strain, scale_atoms=True)
+        cell.positions += rng.normal(scale=0.02, size=cell.positions.shape)
+        cells.append(cell)
+    gas = molecule("CO2")
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(
+        gfn_delta([*cells, gas])
+    )
+
+    def lattice_energy(crystal: Atoms) -> float:
+        """Per molecule, of the learned part (the terms have their own tests)."""
+        z = len(identify_molecules(crystal).formulas)
+        return (model.predict(crystal, forces=False).energy - z * model.predict(gas).energy) / z
+
+    reference = lattice_energy(co2_crystal_strained)
+    assert abs(reference) > 1e-4  # the intermolecular part contributes
+    sheared = make_supercell(co2_crystal_strained, [[1, 1, 0], [0, 1, 0], [0, 0, 1]])
+    assert abs(np.linalg.det(sheared.cell.array)) == pytest.approx(
+        abs(np.linalg.det(co2_crystal_strained.cell.array))
+    )
+    reordered = co2_crystal_strained[np.random.default_rng(1).permutation(12)]
+    larger = make_supercell(co2_crystal_strained, [[1, 0, 1], [0, 2, 0], [0, 0, 1]])
+    for other in (sheared, reordered, larger):
+        assert lattice_energy(other) == pytest.approx(reference, abs=1e-9)
