@@ -1,23 +1,30 @@
-"""Cost of a candidate relaxation: GFN2-xTB baseline alone vs the composite, same run.
+"""Cost of relaxing candidates: GFN2-xTB baseline alone vs the composite, optimizers side by side.
 
-For each candidate crystal (CO2 phases I and III from ``data/crystals``, ice Ih
-and Ic from GenIce2) and the gas-phase molecules, :func:`deltaml.rank_polymorphs`
-relaxes positions and cell with
+For each candidate crystal (default: CO2 phases I and III from ``data/crystals``,
+ice Ih and Ic from GenIce2; ``--candidates ice`` for the seven phases of
+``deltaml.crystals.ICE_PHASES``) and the gas-phase molecule,
+:func:`deltaml.rank_polymorphs` relaxes positions and cell with
 
 * ``baseline``: ``XTBBaseline(method="GFN2-xTB")`` (tblite, own D4), and
-* ``composite``: dispersion-free GFN2-xTB + the Δ-model fitted on the shipped
-  labels (energy uncertainty on) + D3(BJ),
+* ``composite``: dispersion-free GFN2-xTB + the Δ-model (fitted on the shipped
+  labels, or ``--model``; energy uncertainty on) + D3(BJ),
 
-counting every call to the calculator (force calls; with a cell filter one call
-gives energy, forces and stress). Reported per relaxation: optimizer steps,
-force calls, wall time, wall time per force call; and the composite/baseline
-ratios. The two methods alternate candidate by candidate, so a change of machine
-load hits both alike.
+once per optimizer of ``--optimizers`` (default ``BFGS,PreconLBFGS``: the
+optimizer of earlier releases and the default now), counting every call to the
+calculator (with a cell filter one call gives energy, forces and stress).
+Reported per relaxation: optimizer steps, calls, wall time, wall time per call,
+the lattice energy; per candidate the composite/baseline ratios; in all, the
+wall time of each optimizer over every relaxation (what ranking those
+candidates with both methods costs). Methods and optimizers alternate
+relaxation by relaxation, so a change of machine load hits all alike; the load
+average is recorded before and after.
 
 Usage::
 
-    python benchmarks/bench_ranking.py                  # ~15 min on 2 cores
+    python benchmarks/bench_ranking.py                  # CO2 I, III, ice Ih, Ic
     python benchmarks/bench_ranking.py --candidates co2_pa3,ice:Ic --steps 30
+    python benchmarks/bench_ranking.py --candidates ice --steps 150 --model out/ice/model.npz
+    python benchmarks/bench_ranking.py --candidates ice:Ih --methods baseline --optimizers BFGS
 
 Writes ``benchmarks/results/bench_ranking.json`` (``--out`` to change).
 """
@@ -25,6 +32,7 @@ Writes ``benchmarks/results/bench_ranking.json`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from ase.build import molecule
 from bench_learning_curve import DATASET
 
 from deltaml import DeltaCalculator, SparseGPR, XTBBaseline, delta_targets, read_labelled
+from deltaml.crystals import ICE_PHASES
 from deltaml.ranking import rank_polymorphs, read_candidates
 
 CRYSTALS = Path(__file__).resolve().parent.parent / "data" / "crystals"
@@ -60,76 +69,126 @@ class Counted:
         return calc
 
 
+def candidate_sources(text: str) -> list[str]:
+    """``ice`` → every phase of ICE_PHASES; otherwise the comma-separated names."""
+    return [f"ice:{p}" for p in ICE_PHASES] if text == "ice" else text.split(",")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--candidates", default="co2_pa3,co2_cmca,ice:Ih,ice:Ic")
+    parser.add_argument("--methods", default="baseline,composite")
+    parser.add_argument("--optimizers", default="BFGS,PreconLBFGS")
     parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å")
+    parser.add_argument("--stress-tol", type=float, default=0.05, help="GPa")
     parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--model", type=Path, default=None, help="model.npz (default: fit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_ranking.json")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    optimizers = args.optimizers.split(",")
+    load_before = os.getloadavg()
 
-    targets, terms = delta_targets(read_labelled(DATASET, check_magnitudes=False))
-    model = SparseGPR(seed=args.seed, uncertainty="energy").fit(targets, trained_with=terms)
+    model = None
+    if "composite" in methods:
+        if args.model is not None:
+            model = SparseGPR.load(args.model)
+            model.uncertainty = "energy"
+        else:
+            targets, terms = delta_targets(read_labelled(DATASET, check_magnitudes=False))
+            model = SparseGPR(seed=args.seed, uncertainty="energy")
+            model.fit(targets, trained_with=terms)
+    makers = {
+        "baseline": lambda: XTBBaseline(method="GFN2-xTB"),
+        "composite": lambda: DeltaCalculator.from_model(model),
+    }
 
     rows, records = [], []
+    totals = {(m, o): 0.0 for m in methods for o in optimizers}
     start_all = time.perf_counter()
-    for source in args.candidates.split(","):
+    for source in candidate_sources(args.candidates):
         path = source if source.startswith("ice:") else CRYSTALS / f"{source}.extxyz"
         candidates = read_candidates([path], seed=args.seed)
         gas = molecule("H2O") if source.startswith("ice:") else molecule("CO2")
         name = next(iter(candidates))
         result = {"candidate": name, "atoms": len(candidates[name])}
-        for method, make in (
-            ("baseline", lambda: XTBBaseline(method="GFN2-xTB")),
-            ("composite", lambda: DeltaCalculator.from_model(model)),
-        ):
-            counted = Counted(make)
-            start = time.perf_counter()
-            ranking = rank_polymorphs(
-                candidates, [gas], {method: counted}, fmax=args.fmax, steps=args.steps
-            )
-            wall = time.perf_counter() - start
-            crystal = ranking.results[method][name].summary
-            # calls[0] is the crystal's relaxation; the rest are the gas molecule and the
-            # covariance probe (a calculator made, never called).
-            result[method] = {
-                "steps": crystal["steps"],
-                "converged": crystal["converged"],
-                "force_calls": counted.calls[0],
-                "wall_s": crystal["wall_time_s"],
-                "wall_per_call_s": crystal["wall_time_s"] / max(counted.calls[0], 1),
-                "total_wall_s_with_gas": wall,
-                "lattice_energy_kj_mol": ranking.lattice_energies(method)[name],
-            }
-            print(f"{name} {method}: {result[method]}", flush=True)
-        base, comp = result["baseline"], result["composite"]
-        result["ratio_wall"] = comp["wall_s"] / base["wall_s"]
-        result["ratio_per_call"] = comp["wall_per_call_s"] / base["wall_per_call_s"]
+        for method in methods:
+            for optimizer in optimizers:
+                counted = Counted(makers[method])
+                start = time.perf_counter()
+                ranking = rank_polymorphs(
+                    candidates, [gas], {method: counted}, fmax=args.fmax, steps=args.steps,
+                    stress_tol_gpa=args.stress_tol, optimizer=optimizer,
+                )  # fmt: skip
+                wall = time.perf_counter() - start
+                totals[method, optimizer] += wall
+                crystal = ranking.results[method][name].summary
+                # One calculator per relaxation (and one for the method record, one for
+                # the covariance probe, never called): the crystal's made the most calls.
+                calls = max(counted.calls)
+                record = {
+                    "steps": crystal["steps"],
+                    "converged": crystal["converged"],
+                    "force_calls": calls,
+                    "wall_s": crystal["wall_time_s"],
+                    "wall_per_call_s": crystal["wall_time_s"] / max(calls, 1),
+                    "total_wall_s_with_gas": wall,
+                    "lattice_energy_kj_mol": ranking.lattice_energies(method).get(name),
+                    "volume_a3": float(ranking.results[method][name].final.get_volume()),
+                    "max_stress_gpa": crystal.get("max_stress_gpa"),
+                    "fallback": crystal.get("fallback"),
+                    "failed": crystal.get("failed"),
+                }
+                result[f"{method}/{optimizer}"] = record
+                print(f"{name} {method} {optimizer}: {record}", flush=True)
+                e_latt = record["lattice_energy_kj_mol"]
+                rows.append(
+                    [
+                        name, result["atoms"], method, optimizer, record["steps"],
+                        record["force_calls"], f"{record['wall_s']:.1f}",
+                        f"{record['wall_per_call_s']:.2f}",
+                        "failed" if e_latt is None else f"{e_latt:.2f}",
+                        f"{record['volume_a3']:.1f}",
+                    ]
+                )  # fmt: skip
+        if {"baseline", "composite"} <= set(methods):
+            for optimizer in optimizers:
+                base, comp = result[f"baseline/{optimizer}"], result[f"composite/{optimizer}"]
+                result[f"ratio_per_call/{optimizer}"] = (
+                    comp["wall_per_call_s"] / base["wall_per_call_s"]
+                )
         records.append(result)
-        rows.append(
-            [
-                name, result["atoms"], base["steps"], base["force_calls"], f"{base['wall_s']:.1f}",
-                f"{base['wall_per_call_s']:.2f}", comp["steps"], comp["force_calls"],
-                f"{comp['wall_s']:.1f}", f"{comp['wall_per_call_s']:.2f}",
-                f"{result['ratio_wall']:.2f}", f"{result['ratio_per_call']:.2f}",
-            ]
-        )  # fmt: skip
     header = [
-        "candidate", "atoms", "base steps", "base calls", "base wall (s)", "base s/call",
-        "comp steps", "comp calls", "comp wall (s)", "comp s/call", "wall ratio",
-        "per-call ratio",
+        "candidate", "atoms", "method", "optimizer", "steps", "calls", "wall (s)", "s/call",
+        "E_latt (kJ/mol)", "V (Å³)",
     ]  # fmt: skip
     print(markdown_table(header, rows))
-    ratios = [r["ratio_per_call"] for r in records]
-    print(f"composite/baseline cost per force call: median {np.median(ratios):.2f}")
+    summary = {
+        "wall_s_by_method_optimizer": {f"{m}/{o}": t for (m, o), t in totals.items()},
+        "wall_s_by_optimizer": {
+            o: sum(t for (_, oo), t in totals.items() if oo == o) for o in optimizers
+        },
+    }
+    for optimizer, total in summary["wall_s_by_optimizer"].items():
+        print(f"{optimizer}: {total:.0f} s for every relaxation of {args.candidates} ({methods})")
+    ratio_keys = [k for r in records for k in r if k.startswith("ratio_per_call/")]
+    for key in sorted(set(ratio_keys)):
+        ratios = [r[key] for r in records if key in r]
+        summary[f"median_{key}"] = float(np.median(ratios))
+        optimizer = key.split("/")[1]
+        print(f"composite/baseline cost per call ({optimizer}): median {np.median(ratios):.2f}")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before}, after {load_after}")
     write_json(
         args.out,
         {
             "machine": machine_info(),
-            "settings": {**vars(args), "out": str(args.out)},
+            "settings": {**vars(args), "out": str(args.out), "model": str(args.model)},
+            "load_average_before": load_before,
+            "load_average_after": load_after,
             "results": records,
-            "median_ratio_per_call": float(np.median(ratios)),
+            **summary,
             "wall_time_s": time.perf_counter() - start_all,
         },
     )

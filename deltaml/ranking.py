@@ -205,7 +205,13 @@ def rank_polymorphs(
         Force threshold, eV/Å (the cell filter scales the stress alike).
     steps : int, default=300
         Most optimizer steps per relaxation (unconverged ones are reported).
-    optimizer : {"BFGS", "FIRE", "LBFGS"}
+    optimizer : {"BFGS", "PreconLBFGS", "FIRE", "LBFGS"}, default="BFGS"
+        "PreconLBFGS" (ASE's, ``Exp`` preconditioner, see :func:`deltaml.simulation.relax`)
+        relaxes GFN2-xTB ice cells in up to half the calls of BFGS (Ih, VI; Ic
+        the same) to the same lattice energy, but follows the cluster-trained composite's runaway
+        expansions further (ice XIII: 11× the volume, unconverged), so it is not
+        the default (``benchmarks/README.md``, bench_ranking). Gas molecules are
+        relaxed with BFGS when it is chosen.
     symmetry : bool, default=False
         Keep each crystal's starting space group (spglib).
     maxstep : float, default=0.2
@@ -295,7 +301,8 @@ def _relax_one(
     if settings["relax"]:
         summary = relax(
             work, fmax=settings["fmax"], steps=settings["steps"], cell=is_crystal,
-            optimizer=settings["optimizer"], symmetry=settings["symmetry"] and is_crystal,
+            optimizer=_optimizer(settings["optimizer"], is_crystal),
+            symmetry=settings["symmetry"] and is_crystal,
             maxstep=settings["maxstep"],
             stress_tol_gpa=settings["stress_tol_gpa"] if is_crystal else None,
         )  # fmt: skip
@@ -321,6 +328,12 @@ def _relax_one(
     if path is not None:
         _write_relaxed(path, final, summary, key)
     return Relaxed(name, method, atoms.copy(), final, summary)
+
+
+def _optimizer(optimizer: str, is_crystal: bool) -> str:
+    """The optimizer of one relaxation: gas molecules (few atoms, no cell) take BFGS
+    where the crystals take PreconLBFGS, whose preconditioner needs a periodic cell."""
+    return "BFGS" if optimizer == "PreconLBFGS" and not is_crystal else optimizer
 
 
 def _failed(name: str, method: str, atoms: Atoms, exc: Exception) -> Relaxed:

@@ -199,6 +199,26 @@ def test_a_damaged_saved_relaxation_is_recomputed_and_names_never_collide(synthe
     assert again.lattice_energies("toy") == pytest.approx(first.lattice_energies("toy"))
 
 
+class ToyWithFreeEnergy(ToyCrystalEnergy):
+    """The toy with ``free_energy``, which ASE's filters ask of PreconLBFGS's calculator."""
+
+    implemented_properties = [*ToyCrystalEnergy.implemented_properties, "free_energy"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.results["free_energy"] = self.results["energy"]
+
+
+def test_crystals_take_the_preconditioned_optimizer_and_gas_molecules_bfgs(synthetic):
+    ranking = rank_polymorphs(
+        synthetic, [molecule("H2O")], {"toy": ToyWithFreeEnergy}, optimizer="PreconLBFGS"
+    )
+    results = ranking.results["toy"]
+    assert {results[n].summary["optimizer"] for n in synthetic} == {"PreconLBFGS"}
+    assert results[ranking.gas[0]].summary["optimizer"] == "BFGS"
+    assert all(r.summary["converged"] for r in results.values())
+
+
 class PullHydrogen(Calculator):
     """Constant force pulling atom 1 (an H) along +x: a relaxation tears it off."""
 
