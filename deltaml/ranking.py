@@ -207,11 +207,11 @@ def rank_polymorphs(
         Most optimizer steps per relaxation (unconverged ones are reported).
     optimizer : {"BFGS", "PreconLBFGS", "FIRE", "LBFGS"}, default="BFGS"
         "PreconLBFGS" (ASE's, ``Exp`` preconditioner, see :func:`deltaml.simulation.relax`)
-        relaxes GFN2-xTB ice cells in up to half the calls of BFGS (Ih, VI; Ic
-        the same) to the same lattice energy, but follows the cluster-trained composite's runaway
-        expansions further (ice XIII: 11× the volume, unconverged), so it is not
-        the default (``benchmarks/README.md``, bench_ranking). Gas molecules are
-        relaxed with BFGS when it is chosen.
+        relaxes GFN2-xTB ice cells in up to half the calls of BFGS (Ih, VI; one
+        or two more on Ic, VIII) to the same lattice energy, but follows the
+        cluster-trained composite's runaway expansions further (ice XIII: 11× the
+        volume, unconverged), so it is not the default (``benchmarks/README.md``,
+        bench_ranking). Gas molecules are relaxed with BFGS when it is chosen.
     symmetry : bool, default=False
         Keep each crystal's starting space group (spglib).
     maxstep : float, default=0.2
