@@ -499,9 +499,8 @@ def _cp2k_settings(
 ) -> dict[str, Any]:  # fmt: skip
     """The reference spec of ``label --reference cp2k``: only what was given (CP2K defaults)."""
     ctx = click.get_current_context()
-    pyscf_only = no_density_fit or (
-        ctx.get_parameter_source("grid_level") is not click.core.ParameterSource.DEFAULT
-    )
+    grid_level = ctx.get_parameter_source("grid_level")  # None: the command has no such option
+    pyscf_only = no_density_fit or grid_level not in (None, click.core.ParameterSource.DEFAULT)
     if pyscf_only:
         raise click.UsageError("--no-density-fit and --grid-level are for the PySCF references")
     if xc is not None and xc.lower() not in CP2K_FUNCTIONALS:
@@ -978,9 +977,20 @@ def stability_command(
 @click.option("--temperature", "temperatures", multiple=True, type=float, default=(300.0,),
               help="K (repeat for several)")  # fmt: skip
 @click.option("--md-steps", default=400)
-@_reference_option
-@click.option("--xc", default="revpbe0", help="reference functional")
-@click.option("--basis", default="def2-tzvp", help="reference basis")
+@click.option(
+    "--reference", default="dft", type=click.Choice(["dft", "hf", "mp2", "cp2k"]),
+    help="reference: dft (PySCF, molecules) or cp2k (CP2K: periodic cells with stress)",
+)  # fmt: skip
+@click.option("--xc", default=None, show_default=f"{_PYSCF_XC}; cp2k: {_CP2K_XC}",
+              help="reference functional")  # fmt: skip
+@click.option("--basis", default=None, show_default=f"{_PYSCF_BASIS}; cp2k: {_CP2K_BASIS}",
+              help="reference basis")  # fmt: skip
+@click.option("--cp2k-cutoff", type=float, default=None, show_default=f"{_CP2K_CUTOFF:g}",
+              help="cp2k: plane-wave cutoff, Ry")  # fmt: skip
+@click.option("--strained", default=0, show_default=True,
+              help="crystals: strained copies of each periodic start as candidates")  # fmt: skip
+@click.option("--max-strain", default=0.05, show_default=True,
+              help="crystals: largest strain component of those copies")  # fmt: skip
 @_charge_option
 @_multiplicity_option
 @click.option("--workers", default=1)
@@ -988,18 +998,34 @@ def stability_command(
 def active_learn_command(
     store_url: str, start: str, workdir: str, validation: str | None, iterations: int,
     budget: int | None, target_uncertainty: float | None, batch: int, selection: str,
-    temperatures: tuple[float, ...], md_steps: int, reference: str, xc: str, basis: str,
+    temperatures: tuple[float, ...], md_steps: int, reference: str, xc: str | None,
+    basis: str | None, cp2k_cutoff: float | None, strained: int, max_strain: float,
     charge: int | None, multiplicity: int | None, workers: int, seed: int,
 ) -> None:  # fmt: skip
-    """Grow the store where the composite is uncertain (resumes from --workdir)."""
-    if reference != "dft":
+    """Grow the store where the composite is uncertain (resumes from --workdir).
+
+    Crystals: --reference cp2k labels periodic cells (with stress) and --strained N
+    adds N strained copies of every periodic start to each iteration's candidates.
+    """
+    if reference not in ("dft", "cp2k"):
         raise click.UsageError(
-            f"active-learn needs a reference with forces and a D3 partner (dft); "
+            f"active-learn needs a reference with forces and a D3 partner (dft, cp2k); "
             f"--reference {reference} has {'no forces' if reference == 'mp2' else 'no D3 partner'}"
         )
+    if strained < 0 or not 0 <= max_strain < 0.5:
+        raise click.UsageError("--strained must be >= 0 and --max-strain in [0, 0.5)")
+    if reference == "cp2k":
+        settings: dict[str, Any] = _cp2k_settings(xc, basis, False, cp2k_cutoff, None)
+    elif cp2k_cutoff is not None:
+        raise click.UsageError("--cp2k-cutoff is for --reference cp2k")
+    else:
+        settings = {
+            "method": reference,
+            "xc": _PYSCF_XC if xc is None else xc,
+            "basis": _PYSCF_BASIS if basis is None else basis,
+        }
     _check_creatable(workdir, "--workdir")
     starting = _read_all(start)
-    settings: dict[str, Any] = {"method": reference, "xc": xc, "basis": basis}
     with _user_errors(store_url):
         for atoms in starting:  # the structures carry it: MD frames and labels alike
             atoms.info["charge"], atoms.info["multiplicity"] = charge_and_multiplicity(
@@ -1014,6 +1040,7 @@ def active_learn_command(
             validation=_read_labelled(validation) if validation else None,
             temperatures=temperatures, md_steps=md_steps, batch=batch,
             pool=max(4 * batch, 20), selection=selection, seed=seed, workers=workers,
+            strained=strained, max_strain=max_strain,
         )  # fmt: skip
         history = learner.run(
             iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,

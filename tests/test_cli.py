@@ -890,3 +890,34 @@ def test_fit_validation_keeps_each_interaction_system_whole():
         assert together, (seed, train, held)
         kept_together += {0, 1, 2, 3} <= set(held)
     assert 0 < kept_together < 12  # the system is drawn like any other unit
+
+
+def test_active_learn_on_crystals_takes_cp2k_and_strained_cells(tmp_path, monkeypatch):
+    """Issue 14: the crystal loop from the command line (the learner itself is stubbed)."""
+    from deltaml import cli
+
+    made = {}
+
+    class Learner:
+        def __init__(self, workdir, store, starting, **kwargs):
+            made.update(kwargs, starting=starting)
+            self.history_path = tmp_path / "history.json"
+
+        def run(self, **kwargs):
+            return [{"iteration": 0, "n_labels": 3}]
+
+    monkeypatch.setattr(cli, "ActiveLearner", Learner)
+    monkeypatch.setattr(cli, "cp2k_available", lambda: True)
+    start = tmp_path / "cell.extxyz"
+    write(start, Atoms("H2O", positions=[[0, 0, 0], [0, 0, 0.96], [0, 0.93, -0.25]],
+                       cell=[5.0, 5.2, 5.4], pbc=True))  # fmt: skip
+    base = ["active-learn", "--store", str(tmp_path / "s.db"), "--start", str(start),
+            "--workdir", str(tmp_path / "al")]  # fmt: skip
+    result = run_cli(*base, "--reference", "cp2k", "--cp2k-cutoff", "300", "--strained", "4")
+    assert result.exit_code == 0, result.output
+    assert made["reference"] == {"code": "cp2k", "cutoff_ry": 300.0}
+    assert (made["strained"], made["max_strain"]) == (4, 0.05)
+    result = run_cli(*base, "--cp2k-cutoff", "300")
+    assert result.exit_code == 2 and "--cp2k-cutoff is for --reference cp2k" in result.stderr
+    result = run_cli(*base, "--strained", "2", "--max-strain", "0.6")
+    assert result.exit_code == 2 and "--max-strain in [0, 0.5)" in result.stderr
