@@ -1,0 +1,155 @@
+"""Periodic reference labels of molecular crystals, gathered by active learning (issue 14).
+
+Four stages, each resumable (run the script again after an interruption):
+
+1. ``structures``: the starting cells, seeded: seven ice phases from GenIce2
+   (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII, each at
+   least 7 Å wide) and CO2 I (Pa-3) and III (Cmca) from ``data/crystals``, written
+   once to ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never
+   changes the keys of a half-done store).
+2. ``seed``: a handful of labelled cells per system (each start, and rattled and
+   strained copies of it) with the periodic reference into
+   ``data/work/crystals.db``.
+3. ``active``: :class:`deltaml.active.ActiveLearner` on all the starts at once
+   (one crystal model): MD at 100 and 300 K and strained copies (±5 %) as
+   candidates, the batch that most lowers the posterior variance, labelled with
+   the reference, refitted; until ``--budget`` labels. Its folder is
+   ``data/work/crystal_al``.
+4. ``export``: every label of the store to ``data/labelled/crystals.extxyz``
+   (method record, Δ-target terms), with counts and cost.
+
+The reference is CP2K (:class:`deltaml.reference_cp2k.CP2KReference`): revPBE,
+DZVP-MOLOPT-SR-GTH, GTH pseudopotentials, 600 Ry (the defaults, chosen by
+``benchmarks/bench_cp2k_reference.py``), with its D3(BJ) partner as the
+composite's dispersion term: 2–7 minutes per 48-atom cell on two busy cores.
+``--quick`` uses the SZV basis at 200 Ry for a smoke test of the pipeline (its
+labels are another method and go to another store).
+
+Usage::
+
+    python data/make_crystal_dataset.py --stage structures          # seconds
+    python data/make_crystal_dataset.py --budget 300 --workers 1 --threads 2
+    python data/make_crystal_dataset.py --quick --budget 12 --systems ice:Ih   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.io import read, write
+
+from deltaml.active import ActiveLearner
+from deltaml.crystals import ICE_PHASES, ice_polymorph
+from deltaml.dataset import export_labelled
+from deltaml.files import atomic_path
+from deltaml.labelling import label_structures
+from deltaml.store import LabelStore
+
+HERE = Path(__file__).resolve().parent
+STARTS = HERE / "structures" / "crystal_starts.extxyz"
+OUTPUT = HERE / "labelled" / "crystals.extxyz"
+
+#: The periodic reference: CP2K's defaults (revPBE, DZVP-MOLOPT-SR-GTH, 600 Ry).
+REFERENCE: dict = {"code": "cp2k"}
+#: A cheap stand-in for smoke tests of the pipeline (another method record).
+QUICK = {"code": "cp2k", "basis": "SZV-MOLOPT-SR-GTH", "cutoff_ry": 200, "rel_cutoff_ry": 40}
+
+#: The model of the loop: molecular decomposition, SparseGPR defaults otherwise.
+MODEL = {"uncertainty": "forces"}
+
+
+def starting_cells(seed: int = 0) -> list[Atoms]:
+    """The starting cell of every system, ``info["system"]`` naming it."""
+    cells = []
+    for name in ICE_PHASES:
+        atoms = ice_polymorph(name, seed=seed)
+        atoms.info = {"system": f"ice:{name}"}
+        cells.append(atoms)
+    for name in ("co2_pa3", "co2_cmca"):
+        atoms = read(HERE / "crystals" / f"{name}.extxyz")
+        atoms.info = {"system": name}
+        cells.append(atoms)
+    return cells
+
+
+def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
+    """Each start and ``copies`` rattled (0.03 Å) and strained (±3 %) copies of it."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in starts:
+        out.append(start.copy())
+        for _ in range(copies):
+            atoms = start.copy()
+            strain = rng.uniform(-0.03, 0.03, size=(3, 3))
+            atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)),
+                           scale_atoms=True)  # fmt: skip
+            atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+            out.append(atoms)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=("all", "structures", "seed", "active", "export"),
+                        default="all")  # fmt: skip
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated systems (default all), e.g. ice:Ih")  # fmt: skip
+    parser.add_argument("--copies", type=int, default=2, help="seed copies per start")
+    parser.add_argument("--budget", type=int, default=300, help="labels in the store at most")
+    parser.add_argument("--batch", type=int, default=6, help="labels per iteration")
+    parser.add_argument("--md-steps", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=1, help="labelling processes")
+    parser.add_argument("--threads", type=int, default=2, help="OpenMP threads per label")
+    parser.add_argument("--quick", action="store_true", help="SZV basis, 200 Ry (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    reference = QUICK if args.quick else REFERENCE
+    suffix = "_quick" if args.quick else ""
+    store_path = HERE / "work" / f"crystals{suffix}.db"
+    store_path.parent.mkdir(exist_ok=True)
+
+    if not STARTS.exists():
+        with atomic_path(STARTS) as partial:
+            write(partial, starting_cells(args.seed), format="extxyz")
+    starts = read(STARTS, index=":")
+    if args.systems:
+        wanted = set(args.systems.split(","))
+        starts = [a for a in starts if a.info["system"] in wanted]
+        if not starts:
+            print(f"no starting cell among {sorted(wanted)}", file=sys.stderr)
+            return 2
+    print(f"{len(starts)} starting cells: {', '.join(a.info['system'] for a in starts)}")
+    if args.stage == "structures":
+        return 0
+
+    store = LabelStore(store_path)
+    if args.stage in ("all", "seed"):
+        frames = seed_cells(starts, args.copies, args.seed)
+        for atoms in frames:
+            atoms.info = {}
+        report = label_structures(frames, store, reference=reference, workers=args.workers,
+                                  threads_per_worker=args.threads)  # fmt: skip
+        print(f"seed: {report.computed} computed, {report.failed} failed, "
+              f"{report.already_done} already done")  # fmt: skip
+    if args.stage in ("all", "active"):
+        learner = ActiveLearner(
+            HERE / "work" / f"crystal_al{suffix}", store, starts, reference=reference,
+            model=MODEL, temperatures=(100.0, 300.0), md_steps=args.md_steps, md_interval=20,
+            batch=args.batch, pool=4 * args.batch, strained=2, max_strain=0.05,
+            seed=args.seed, workers=args.workers,
+        )  # fmt: skip
+        history = learner.run(iterations=10**6, budget=args.budget, progress=True)
+        print(f"active: {history[-1]['n_labels']} labels after {len(history) - 1} iterations")
+    if args.stage in ("all", "export"):
+        output = OUTPUT.with_suffix(".quick.extxyz") if args.quick else OUTPUT
+        count = export_labelled(store, output)  # written atomically
+        print(f"export: {count} labels to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
