@@ -2,7 +2,8 @@
 
 A minimal, reproducible statement of the discrepancy recorded in issue 14, for an
 upstream report. It uses :class:`tblite.interface.Calculator` directly (deltaml
-is used only for the JSON/machine bookkeeping of ``_common``).
+only for cell widths and, through ``bench_periodic_consistency``, the cluster-limit
+fits; the README's snippet needs neither).
 
 **The cell.** The 12-molecule (36-atom) hexagonal ice Ih cell of the CP2K
 manual's tblite example (``ice_Ih_GFN2_k333``, section "Extended Tight Binding",
@@ -67,8 +68,10 @@ from typing import Any
 
 import numpy as np
 from _common import RESULTS_DIR, machine_info, markdown_table, warn_if_threads_unset, write_json
+from bench_periodic_consistency import extrapolate
 from scipy.optimize import minimize
-from scipy.stats import linregress
+
+from deltaml.structures import perpendicular_widths
 
 #: Å per Bohr (CODATA 2018, as tblite and ASE use it).
 BOHR_A = 0.529177210903
@@ -136,8 +139,6 @@ O  0.999974  0.664306  0.94229901
 
 #: Two oxygen distances belong to different coordination shells if they differ by more, Å.
 _SHELL_GAP_A = 0.1
-_FIT_MIN_MOLECULES = 18
-_FIT_MIN_MOLECULES_LARGE = 39
 #: Smallest perpendicular width of a periodic cell, Å (the project's ``min_cell_width``).
 MIN_WIDTH_A = 7.0
 #: Part 3: distances of the water pair, Å.
@@ -154,17 +155,6 @@ def ice_cell() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     numbers = np.array([{"H": 1, "O": 8}[row[0]] for row in rows])
     scaled = np.array([[float(x) for x in row[1:]] for row in rows])
     return numbers, scaled @ LATTICE_A, LATTICE_A.copy()
-
-
-def perpendicular_widths(lattice: np.ndarray) -> np.ndarray:
-    """Distances between opposite faces of the cell, Å."""
-    volume = abs(np.linalg.det(lattice))
-    return np.array(
-        [
-            volume / np.linalg.norm(np.cross(lattice[(i + 1) % 3], lattice[(i + 2) % 3]))
-            for i in range(3)
-        ]
-    )
 
 
 def supercell(
@@ -321,31 +311,6 @@ def spherical_clusters(molecules: np.ndarray, lattice: np.ndarray, max_molecules
     return clusters
 
 
-def extrapolate(sizes: list[int], values: list[float]) -> dict[str, Any]:
-    """Linear fits in N^(-1/3) (N ≥ 18 and N ≥ 39) and in 1/N (N ≥ 18) to N → ∞."""
-    n = np.array(sizes, dtype=float)
-    y = np.array(values)
-    fits: dict[str, Any] = {}
-    for name, n_min, power in (
-        ("primary", _FIT_MIN_MOLECULES, 1.0 / 3.0),
-        ("large", _FIT_MIN_MOLECULES_LARGE, 1.0 / 3.0),
-        ("inverse_n", _FIT_MIN_MOLECULES, 1.0),
-    ):
-        used = n >= n_min
-        if used.sum() < 3:
-            fits[name] = None
-            continue
-        fit = linregress(n[used] ** -power, y[used])
-        fits[name] = {
-            "variable": "N^(-1/3)" if power < 1 else "1/N",
-            "n_min": n_min,
-            "intercept_kj_mol": float(fit.intercept),
-            "intercept_stderr_kj_mol": float(fit.intercept_stderr),
-            "slope_kj_mol": float(fit.slope),
-        }
-    return fits
-
-
 # -- the two parts -------------------------------------------------------------------
 
 
@@ -460,9 +425,7 @@ def consistency_run(
             f"({t_cluster:.1f} s)",
             flush=True,
         )
-    limit = extrapolate(
-        [r["n_molecules"] for r in rows], [r["energy_per_molecule_kj_mol"] for r in rows]
-    )
+    limit = extrapolate(rows)
     return {
         "label": label,
         "monomer": monomer,
