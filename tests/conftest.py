@@ -163,6 +163,46 @@ def stand_in_labels() -> Callable[[int, int], list[Atoms]]:
 
 
 @pytest.fixture(scope="session")
+def dimer_scan() -> Callable[..., list[Atoms]]:
+    """Builder of a dimer's rigid scan and its two monomers at one geometry.
+
+    ``dimer_scan(first, second, seed, factors)`` returns the complexes at
+    ``factors`` × the distance of the first closest contact of 2.2 Å along a
+    random direction (monomer B moved rigidly), then monomer A and monomer B as
+    placed at factor 1: every interaction energy is a difference of these frames.
+    """
+
+    def build(
+        first: str, second: str, seed: int, factors: tuple[float, ...] = (1.0, 1.2, 1.5)
+    ) -> list[Atoms]:
+        rng = np.random.default_rng(seed)
+        a, b = molecule(first), molecule(second)
+        for mol in (a, b):
+            mol.positions += rng.normal(scale=0.04, size=mol.positions.shape)
+            mol.positions -= mol.get_center_of_mass()
+        b.rotate(float(rng.uniform(0, 360)), rng.normal(size=3))
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        shift = 2.0
+        while True:  # closest contact 2.2 Å
+            gap = np.linalg.norm(
+                a.positions[:, None] - (b.positions + shift * direction)[None], axis=-1
+            )
+            if gap.min() >= 2.2:
+                break
+            shift += 0.05
+        b.positions += shift * direction
+        frames = []
+        for factor in factors:
+            moved = b.copy()
+            moved.positions += (factor - 1.0) * shift * direction
+            frames.append(a + moved)
+        return [*frames, a, b]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def gfn_delta() -> Callable[[list[Atoms]], list[Atoms]]:
     """Labeller of cheap, physical Δ targets: GFN1-xTB − GFN2-xTB energy (eV) and forces (eV/Å).
 

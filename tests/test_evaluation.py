@@ -166,37 +166,15 @@ def test_stability_reports_errors_against_the_reference_along_the_run(fitted):
     assert report["calibration"]["forces"]["n"] == 4 * len(atoms)
 
 
-def _labelled_dimer_system(first: str, second: str, seed: int) -> list:
-    """Scan (3 points) of a dimer and its monomers at the same geometry; Δ = GFN1 − GFN2,
-    ``info["reference_energy"]`` = GFN1 (the "terms" are GFN2)."""
-    from ase.build import molecule
+def _labelled(frames: list) -> list:
+    """Δ = GFN1 − GFN2 with ``info["reference_energy"]`` = GFN1 (the "terms" are GFN2)."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     from deltaml.baseline import XTBBaseline
 
-    rng = np.random.default_rng(seed)
-    a, b = molecule(first), molecule(second)
-    for mol in (a, b):
-        mol.positions += rng.normal(scale=0.04, size=mol.positions.shape)
-        mol.positions -= mol.get_center_of_mass()
-    b.rotate(float(rng.uniform(0, 360)), rng.normal(size=3))
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    shift = 2.0
-    while (
-        np.linalg.norm(a.positions[:, None] - (b.positions + shift * direction), axis=-1).min()
-        < 2.2
-    ):
-        shift += 0.05
-    frames = []
-    for factor in (1.0, 1.15, 1.3):
-        moved = b.copy()
-        moved.positions += factor * shift * direction
-        frames.append(a + moved)
-    b.positions += shift * direction
     gfn1, gfn2 = XTBBaseline(method="GFN1-xTB"), XTBBaseline(method="GFN2-xTB")
     out = []
-    for atoms in [*frames, a, b]:
+    for atoms in frames:
         energies = []
         for calc in (gfn1, gfn2):
             probe = atoms.copy()
@@ -209,15 +187,19 @@ def _labelled_dimer_system(first: str, second: str, seed: int) -> list:
     return out
 
 
-def test_interaction_sigmas_follow_the_calibrated_inter_factor():
+#: Scan of each dimer: 1, 1.15 and 1.3 × the contact distance.
+_SCAN = (1.0, 1.15, 1.3)
+
+
+def test_interaction_sigmas_follow_the_calibrated_inter_factor(dimer_scan):
     from ase.units import kcal, mol
 
     from deltaml.dataset import interaction_groups
     from deltaml.evaluation import interaction_coverage, interaction_energies
 
     pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
-    train = [f for k, p in enumerate(pairs * 2) for f in _labelled_dimer_system(*p, 10 + k)]
-    held = [f for k, p in enumerate(pairs) for f in _labelled_dimer_system(*p, 30 + k)]
+    train = _labelled([f for k, p in enumerate(pairs * 2) for f in dimer_scan(*p, 10 + k, _SCAN)])
+    held = _labelled([f for k, p in enumerate(pairs) for f in dimer_scan(*p, 30 + k, _SCAN)])
     model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, uncertainty="energy")
     model.fit(train)
     before = interaction_energies(model, held)
@@ -235,12 +217,12 @@ def test_interaction_sigmas_follow_the_calibrated_inter_factor():
     assert found["rms_z"] == pytest.approx(1.0, rel=1e-6)
 
 
-def test_a_cross_calibrated_fit_keeps_all_data_and_calibrates_interactions():
+def test_a_cross_calibrated_fit_keeps_all_data_and_calibrates_interactions(dimer_scan):
     from deltaml.errors import ParameterError
     from deltaml.evaluation import cross_calibrated_fit
 
     pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
-    frames = [f for k, p in enumerate(pairs * 2) for f in _labelled_dimer_system(*p, 50 + k)]
+    frames = _labelled([f for k, p in enumerate(pairs * 2) for f in dimer_scan(*p, 50 + k, _SCAN)])
     template = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20)
     model = cross_calibrated_fit(template, frames, folds=3, seed=1)
     assert not hasattr(template, "alpha_")  # the template is not fitted

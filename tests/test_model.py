@@ -341,38 +341,11 @@ def test_the_fitting_rows_and_the_fast_prediction_path_agree(model, co2_crystal)
 # -- calibration of the σ of interaction energies (molecular decomposition) ----------
 
 
-def _dimer_system(first: str, second: str, seed: int) -> list[Atoms]:
-    """A rigid-monomer scan of a dimer (3 points) and its two monomers, at one geometry."""
-    rng = np.random.default_rng(seed)
-    a, b = molecule(first), molecule(second)
-    for mol in (a, b):
-        mol.positions += rng.normal(scale=0.04, size=mol.positions.shape)
-        mol.positions -= mol.get_center_of_mass()
-    b.rotate(float(rng.uniform(0, 360)), rng.normal(size=3))
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction)
-    shift = 2.0
-    while True:  # closest contact 2.2 Å
-        gap = np.linalg.norm(
-            a.positions[:, None] - (b.positions + shift * direction)[None], axis=-1
-        )
-        if gap.min() >= 2.2:
-            break
-        shift += 0.05
-    b.positions += shift * direction
-    frames = []
-    for factor in (1.0, 1.2, 1.5):
-        moved = b.copy()
-        moved.positions += (factor - 1.0) * shift * direction
-        frames.append(a + moved)
-    return [*frames, a, b]
-
-
 @pytest.fixture(scope="module")
-def interaction_data(gfn_delta) -> dict[str, list[Atoms]]:
+def interaction_data(gfn_delta, dimer_scan) -> dict[str, list[Atoms]]:
     pairs = [("H2O", "H2O"), ("CH3OH", "H2O"), ("H2O", "CH3OH"), ("CH3OH", "CH3OH")]
-    train = [f for k, p in enumerate(pairs * 2) for f in _dimer_system(*p, seed=10 + k)]
-    held = [f for k, p in enumerate(pairs) for f in _dimer_system(*p, seed=30 + k)]
+    train = [f for k, p in enumerate(pairs * 2) for f in dimer_scan(*p, seed=10 + k)]
+    held = [f for k, p in enumerate(pairs) for f in dimer_scan(*p, seed=30 + k)]
     return {
         "train": gfn_delta(_rattled(10, seed=3) + train),
         "held": gfn_delta(held),
