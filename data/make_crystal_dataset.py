@@ -43,7 +43,7 @@ from ase import Atoms
 from ase.io import read, write
 
 from deltaml.active import ActiveLearner
-from deltaml.crystals import ICE_PHASES, ice_polymorph
+from deltaml.crystals import ICE_PHASES, ice_polymorph, strained_cell
 from deltaml.dataset import export_labelled
 from deltaml.files import atomic_path
 from deltaml.labelling import label_structures
@@ -83,10 +83,7 @@ def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
     for start in starts:
         out.append(start.copy())
         for _ in range(copies):
-            atoms = start.copy()
-            strain = rng.uniform(-0.03, 0.03, size=(3, 3))
-            atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (strain + strain.T)),
-                           scale_atoms=True)  # fmt: skip
+            atoms = strained_cell(start, 0.03, rng)
             atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
             out.append(atoms)
     return out

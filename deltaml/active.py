@@ -44,6 +44,7 @@ from ase.io import read, write
 from numpy.typing import NDArray
 
 from deltaml.calculator import DeltaCalculator
+from deltaml.crystals import strained_cell
 from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
@@ -323,11 +324,9 @@ class ActiveLearner:
         for s, start in enumerate(self.starting):
             if not start.pbc.all():
                 continue
+            bare = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
             for j in range(self.strained):
-                strain = rng.uniform(-self.max_strain, self.max_strain, size=(3, 3))
-                strain = 0.5 * (strain + strain.T)
-                atoms = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
-                atoms.set_cell(start.cell.array @ (np.eye(3) + strain), scale_atoms=True)
+                atoms = strained_cell(bare, self.max_strain, rng)
                 atoms.calc = calc
                 atoms.get_potential_energy()
                 frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)

@@ -290,6 +290,19 @@ def density_g_cm3(atoms: Atoms) -> float:
     return float(atoms.get_masses().sum() * _amu * 1e3 / (atoms.get_volume() * 1e-24))
 
 
+def strained_cell(atoms: Atoms, max_strain: float, rng: np.random.Generator) -> Atoms:
+    """A copy of a cell under a random homogeneous strain (atoms follow the cell).
+
+    The cell becomes ``cell @ (I + ε)`` with ε symmetric, ``(U + Uᵀ)/2`` for U
+    uniform in ±``max_strain`` per component (one draw of ``rng``): the compressed,
+    stretched and sheared cells that a cell relaxation or a pressure scan visits.
+    """
+    out = atoms.copy()
+    draw = rng.uniform(-max_strain, max_strain, size=(3, 3))
+    out.set_cell(atoms.cell.array @ (np.eye(3) + 0.5 * (draw + draw.T)), scale_atoms=True)
+    return out
+
+
 def wide_cell_matrix(
     cell: NDArray[np.float64], min_width: float, *, max_entry: int = 2
 ) -> NDArray[np.int64]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -72,15 +73,27 @@ class Expansion:
         """Indices of the neighbour species that occur (the others' terms are zero)."""
         return np.flatnonzero(np.any(self.coefficients != 0.0, axis=(0, 2, 3)))
 
+    @cached_property
+    def _pairs(self) -> tuple[NDArray, NDArray, NDArray, NDArray]:
+        """Present species, their pairs ``(a <= b)`` and those pairs' column blocks.
+
+        Species absent from every environment have zero coefficients: their
+        products are left out of both passes. ``here[a], here[b]`` come in the
+        order of the stored pairs, whose blocks are ``pairs``.
+        """
+        first, second = np.triu_indices(self.coefficients.shape[1])
+        here = self.present()
+        a, b = np.triu_indices(len(here))
+        pairs = np.flatnonzero(np.isin(first, here) & np.isin(second, here))
+        return here, a, b, pairs
+
     def power_spectrum(self) -> NDArray[np.float64]:
         """Raw power-spectrum rows (featomic's columns of :class:`SOAPDescriptor`)."""
         c = self.coefficients
         n_rows, n_species, _, n_max = c.shape
-        first, second = np.triu_indices(n_species)
-        out = np.zeros((n_rows, len(first), self.l_max + 1, n_max, n_max))
-        here = self.present()
-        a, b = np.triu_indices(len(here))
-        pairs = np.flatnonzero(np.isin(first, here) & np.isin(second, here))  # same order
+        n_pairs = n_species * (n_species + 1) // 2
+        out = np.zeros((n_rows, n_pairs, self.l_max + 1, n_max, n_max))
+        here, a, b, pairs = self._pairs
         cs = c[:, here]
         for ang in range(self.l_max + 1):
             cl = cs[:, :, _lm(ang)]
@@ -118,13 +131,10 @@ class Expansion:
         """G = dE/dc from dE/dp (the chain rule through the quadratic form)."""
         c = self.coefficients
         n_rows, n_species, _, n_max = c.shape
-        first, second = np.triu_indices(n_species)
-        w = weights.reshape(n_rows, len(first), self.l_max + 1, n_max, n_max)
+        n_pairs = n_species * (n_species + 1) // 2
+        w = weights.reshape(n_rows, n_pairs, self.l_max + 1, n_max, n_max)
         out = np.zeros_like(c)
-        # Species absent from every environment have zero coefficients: leave them out.
-        here = self.present()
-        a, b = np.triu_indices(len(here))
-        pairs = np.flatnonzero(np.isin(first, here) & np.isin(second, here))
+        here, a, b, pairs = self._pairs
         cs = c[:, here]
         for ang in range(self.l_max + 1):
             wl = w[:, pairs, ang] * _factors(ang, here[a], here[b])[:, None, None]
