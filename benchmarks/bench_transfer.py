@@ -77,6 +77,8 @@ MODELS = {
     "atomic-exp": {"decomposition": "atomic", "kernel": "exp", "zeta": 20.0},
     "atomic-small-prior": {"decomposition": "atomic", "delta": 0.02},
     "molecular-zeta2": {"decomposition": "molecular", "inter_zeta": 2},
+    "molecular-small-prior": {"decomposition": "molecular", "inter_delta": 0.02},
+    "molecular-cv": {"decomposition": "molecular", "inter_delta": "cv"},
 }
 
 
@@ -413,11 +415,19 @@ def main() -> None:
             for name, m in models.items()
         }
         print(f"fold {k}: σ factors {scales}")
+        chosen = {name: m.terms_[1].delta for name, m in models.items() if m.molecular}
+        print(f"fold {k}: intermolecular δ (eV) {chosen}")
         for part, picked in held_out(groups, targets, unseen, held).items():
             rows = score(models, targets, picked, gfn2)
             all_rows[part] += rows
             report["per_fold"].append(
-                {"fold": k, "part": part, "summary": summary(rows, methods), "scales": scales}
+                {
+                    "fold": k,
+                    "part": part,
+                    "summary": summary(rows, methods),
+                    "scales": scales,
+                    "inter_delta": chosen,
+                }
             )
         probe = [targets[g[0]] for g in groups if targets[g[0]].info["family"] in unseen][:4]
         costs.append(call_cost({k: models[k] for k in ("atomic", "molecular")}, probe))

@@ -11,10 +11,11 @@ Four stages, each resumable (run the script again after an interruption):
    strained copies of it) with the periodic reference into
    ``data/work/crystals.db``.
 3. ``active``: :class:`deltaml.active.ActiveLearner` on all the starts at once
-   (one crystal model): MD at 100 and 300 K and strained copies (±5 %) as
-   candidates, the batch that most lowers the posterior variance, labelled with
-   the reference, refitted; until ``--budget`` labels. Its folder is
-   ``data/work/crystal_al``.
+   (one crystal model): MD at 100 and 300 K, strained copies (±5 %) and frames
+   of a cell relaxation (``--relax-steps``) as candidates, scored by the σ of
+   the energy per molecule and of the stress (``score="crystal"``), the most
+   uncertain spread by diversity, labelled with the reference, refitted; until
+   ``--budget`` labels. Its folder is ``data/work/crystal_al``.
 4. ``export``: every label of the store to ``data/labelled/crystals.extxyz``
    (method record, Δ-target terms), with counts and cost.
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=300, help="labels in the store at most")
     parser.add_argument("--batch", type=int, default=6, help="labels per iteration")
     parser.add_argument("--md-steps", type=int, default=200)
+    parser.add_argument(
+        "--relax-steps", type=int, default=30, help="cell-relaxation steps per start and iteration"
+    )
     parser.add_argument("--workers", type=int, default=1, help="labelling processes")
     parser.add_argument("--threads", type=int, default=2, help="OpenMP threads per label")
     parser.add_argument("--quick", action="store_true", help="SZV basis, 200 Ry (smoke test)")
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             HERE / "work" / f"crystal_al{suffix}", store, starts, reference=reference,
             model=MODEL, temperatures=(100.0, 300.0), md_steps=args.md_steps, md_interval=20,
             batch=args.batch, pool=4 * args.batch, strained=2, max_strain=0.05,
+            relax_steps=args.relax_steps, score="crystal", selection="uncertainty",
             seed=args.seed, workers=args.workers,
         )  # fmt: skip
         history = learner.run(iterations=10**6, budget=args.budget, progress=True)

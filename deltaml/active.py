@@ -39,12 +39,12 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-from ase import Atoms
+from ase import Atoms, units
 from ase.io import read, write
 from numpy.typing import NDArray
 
 from deltaml.calculator import DeltaCalculator
-from deltaml.crystals import strained_cell
+from deltaml.crystals import identify_molecules, strained_cell
 from deltaml.dataset import delta_targets
 from deltaml.errors import MissingLabelError, ParameterError
 from deltaml.evaluation import errors, predict_all
@@ -52,21 +52,31 @@ from deltaml.files import atomic_path, write_text_atomic
 from deltaml.labelling import label_structures, reference_calculator
 from deltaml.model import SparseGPR, kernel_values
 from deltaml.sampling import farthest_points
-from deltaml.simulation import run_md
+from deltaml.simulation import relax, run_md
 from deltaml.store import LabelStore
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CRYSTAL_RESOLUTION",
+    "SCORES",
     "SELECTIONS",
     "STAGES",
     "ActiveLearner",
+    "crystal_uncertainty",
     "on_the_fly",
     "select_batch",
     "variance_reduction_batch",
 ]
 
 STAGES = ("explore", "select", "label", "fit")
+#: How a candidate's uncertainty is scored: the largest force σ (eV/Å), or, for
+#: crystals, the per-molecule energy σ and the largest stress σ in units of
+#: :data:`CRYSTAL_RESOLUTION` (dimensionless).
+SCORES = ("forces", "crystal")
+#: What a crystal label should resolve (the accuracy a polymorph ranking needs):
+#: 1 kJ/mol per molecule (eV) and 0.1 GPa of stress (eV/Å³).
+CRYSTAL_RESOLUTION = {"energy_per_molecule": units.kJ / units.mol, "stress": 0.1 * units.GPa}
 
 
 class ActiveLearner:
@@ -114,6 +124,16 @@ class ActiveLearner:
         Crystals: homogeneously strained copies of each periodic start added to the
         candidates of every iteration (with the MD frames), within ``max_strain``
         (default ±5 % per strain component).
+    relax_steps : int, default=0
+        Crystals: each periodic start is also relaxed (positions and cell) with the
+        current composite for this many steps, and five frames spread over the
+        path join the candidates: the cells a relax-and-rank run visits.
+    score : {"forces", "crystal"}, default="forces"
+        The uncertainty of a candidate: its largest force σ (eV/Å), or, for
+        crystals, the larger of its per-molecule energy σ and largest stress σ in
+        units of :data:`CRYSTAL_RESOLUTION` (:func:`crystal_uncertainty`), i.e. what a
+        polymorph ranking needs. Used by ``selection="uncertainty"`` (then spread
+        by diversity) and ``target_uncertainty``.
     """
 
     def __init__(
@@ -136,6 +156,8 @@ class ActiveLearner:
         workers: int = 1,
         strained: int = 0,
         max_strain: float = 0.05,
+        relax_steps: int = 0,
+        score: str = "forces",
     ) -> None:
         if selection not in SELECTIONS:
             raise ParameterError(f"selection must be one of {SELECTIONS}, got {selection!r}")
@@ -154,6 +176,11 @@ class ActiveLearner:
         # PySCF's (molecules) or, with "code": "cp2k", CP2K's (cells too, with stress).
         self.record = reference_calculator(dict(self.reference)).record()
         self.strained, self.max_strain = int(strained), float(max_strain)
+        if relax_steps < 0:
+            raise ParameterError(f"relax_steps must be >= 0, got {relax_steps}")
+        if score not in SCORES:
+            raise ParameterError(f"score must be one of {SCORES}, got {score!r}")
+        self.relax_steps, self.score = int(relax_steps), score
         self.model_params = {"seed": seed, **(model or {})}
         self.validation = list(validation or [])
         self.temperatures = tuple(float(t) for t in temperatures)
@@ -276,7 +303,8 @@ class ActiveLearner:
     # -- stages ---------------------------------------------------------------------
 
     def _explore(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
-        calc = DeltaCalculator.from_model(self.model(k - 1), force_uncertainty=True)
+        model = self.model(k - 1)
+        calc = DeltaCalculator.from_model(model, force_uncertainty=self.score == "forces")
         candidates: list[Atoms] = []
         for s, start in enumerate(self.starting):
             for t, temperature in enumerate(self.temperatures):
@@ -286,9 +314,10 @@ class ActiveLearner:
                 def keep(step: int, current: Atoms, s: int = s, temperature: float = temperature):
                     frame = Atoms(current.numbers, current.positions, cell=current.cell,
                                   pbc=current.pbc)  # fmt: skip
-                    frame.info["uncertainty"] = float(
-                        np.max(current.calc.results["forces_uncertainty"])
-                    )
+                    if self.score == "forces":
+                        frame.info["uncertainty"] = float(
+                            np.max(current.calc.results["forces_uncertainty"])
+                        )
                     frame.info["source"] = f"iteration {k}, start {s}, {temperature:g} K"
                     candidates.append(frame)
 
@@ -301,6 +330,15 @@ class ActiveLearner:
                 except Exception:  # an unstable run: its frames so far are candidates
                     pass
         candidates += self._strained_cells(k, calc)
+        candidates += self._relaxation_frames(k, calc, progress)
+        if self.score == "crystal":
+            for frame in candidates:
+                sigma = crystal_uncertainty(model, frame)
+                frame.info["uncertainty"] = max(
+                    sigma[key] / CRYSTAL_RESOLUTION[key]
+                    for key in CRYSTAL_RESOLUTION
+                    if key in sigma
+                )
         path = self._folder(k) / "candidates.extxyz"
         with atomic_path(path) as partial:
             write(partial, candidates, format="extxyz")
@@ -327,11 +365,40 @@ class ActiveLearner:
             bare = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
             for j in range(self.strained):
                 atoms = strained_cell(bare, self.max_strain, rng)
-                atoms.calc = calc
-                atoms.get_potential_energy()
                 frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
-                frame.info["uncertainty"] = float(np.max(calc.results["forces_uncertainty"]))
+                if self.score == "forces":
+                    frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
                 frame.info["source"] = f"iteration {k}, start {s}, strain {j}"
+                out.append(frame)
+        return out
+
+    def _relaxation_frames(self, k: int, calc: DeltaCalculator, progress: bool) -> list[Atoms]:
+        """Five frames spread over a ``relax_steps`` cell relaxation of each periodic start."""
+        if not self.relax_steps:
+            return []
+        out: list[Atoms] = []
+        for s, start in enumerate(self.starting):
+            if not start.pbc.all():
+                continue
+            atoms = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
+            atoms.info.update(start.info)
+            atoms.calc = calc
+            path = self._folder(k) / f"relax_{s}.extxyz"
+            try:
+                relax(atoms, fmax=0.01, steps=self.relax_steps, cell=True, trajectory=path,
+                      progress=progress)  # fmt: skip
+            except Exception:  # an unstable relaxation: its frames so far are candidates
+                pass
+            if not path.exists():
+                continue
+            path_frames = read(path, index=":")[1:]  # not the start itself
+            picks = np.unique(np.linspace(0, len(path_frames) - 1, 5).round().astype(int))
+            for j in picks if path_frames else []:
+                seen = path_frames[j]
+                frame = Atoms(seen.numbers, seen.positions, cell=seen.cell, pbc=True)
+                if self.score == "forces":
+                    frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
+                frame.info["source"] = f"iteration {k}, start {s}, relaxation step {j + 1}"
                 out.append(frame)
         return out
 
@@ -377,6 +444,39 @@ class ActiveLearner:
 
 
 SELECTIONS = ("uncertainty", "variance_reduction", "random")
+
+
+def _largest_force_sigma(frame: Atoms, calc: DeltaCalculator) -> float:
+    """The composite's largest force σ on a structure (eV/Å); the structure keeps no calculator."""
+    atoms = frame.copy()
+    atoms.calc = calc
+    atoms.get_forces()
+    return float(np.max(calc.results["forces_uncertainty"]))
+
+
+def crystal_uncertainty(model: SparseGPR, atoms: Atoms) -> dict[str, float]:
+    """The σ a polymorph ranking cares about: energy per molecule and stress.
+
+    Parameters
+    ----------
+    model : SparseGPR
+        Fitted model (with ``uncertainty`` not None).
+    atoms : ase.Atoms
+        A structure; periodic in all three directions for the stress.
+
+    Returns
+    -------
+    dict
+        ``energy_per_molecule``: σ of the correction energy over the number of
+        molecules (eV); ``stress``: the largest σ of a stress component
+        (eV/Å³, :meth:`~deltaml.model.SparseGPR.stress_uncertainty`), cells only.
+    """
+    found = identify_molecules(atoms)
+    predicted = model.predict(atoms, forces=False, force_uncertainty=False)
+    out = {"energy_per_molecule": float(predicted.energy_uncertainty) / len(found.formulas)}
+    if atoms.pbc.all():
+        out["stress"] = float(np.max(model.stress_uncertainty(atoms)))
+    return out
 
 
 def select_batch(

@@ -991,6 +991,13 @@ def stability_command(
               help="crystals: strained copies of each periodic start as candidates")  # fmt: skip
 @click.option("--max-strain", default=0.05, show_default=True,
               help="crystals: largest strain component of those copies")  # fmt: skip
+@click.option("--relax-steps", default=0, show_default=True,
+              help="crystals: cell-relaxation steps of each periodic start; 5 frames become "
+                   "candidates")  # fmt: skip
+@click.option("--score", default="forces", show_default=True,
+              type=click.Choice(["forces", "crystal"]),
+              help="a candidate's uncertainty: largest force σ, or (crystals) per-molecule "
+                   "energy and stress σ in units of 1 kJ/mol and 0.1 GPa")  # fmt: skip
 @_charge_option
 @_multiplicity_option
 @click.option("--workers", default=1)
@@ -1000,12 +1007,15 @@ def active_learn_command(
     budget: int | None, target_uncertainty: float | None, batch: int, selection: str,
     temperatures: tuple[float, ...], md_steps: int, reference: str, xc: str | None,
     basis: str | None, cp2k_cutoff: float | None, strained: int, max_strain: float,
-    charge: int | None, multiplicity: int | None, workers: int, seed: int,
+    relax_steps: int, score: str, charge: int | None, multiplicity: int | None, workers: int,
+    seed: int,
 ) -> None:  # fmt: skip
     """Grow the store where the composite is uncertain (resumes from --workdir).
 
-    Crystals: --reference cp2k labels periodic cells (with stress) and --strained N
-    adds N strained copies of every periodic start to each iteration's candidates.
+    Crystals: --reference cp2k labels periodic cells (with stress), --strained N
+    adds N strained copies of every periodic start to each iteration's candidates,
+    --relax-steps frames of a cell relaxation, and --score crystal ranks them by
+    the σ of the energy per molecule and of the stress.
     """
     if reference not in ("dft", "cp2k"):
         raise click.UsageError(
@@ -1014,6 +1024,8 @@ def active_learn_command(
         )
     if strained < 0 or not 0 <= max_strain < 0.5:
         raise click.UsageError("--strained must be >= 0 and --max-strain in [0, 0.5)")
+    if relax_steps < 0:
+        raise click.UsageError(f"--relax-steps must be >= 0, got {relax_steps}")
     if reference == "cp2k":
         settings: dict[str, Any] = _cp2k_settings(xc, basis, False, cp2k_cutoff, None)
     elif cp2k_cutoff is not None:
@@ -1040,7 +1052,7 @@ def active_learn_command(
             validation=_read_labelled(validation) if validation else None,
             temperatures=temperatures, md_steps=md_steps, batch=batch,
             pool=max(4 * batch, 20), selection=selection, seed=seed, workers=workers,
-            strained=strained, max_strain=max_strain,
+            strained=strained, max_strain=max_strain, relax_steps=relax_steps, score=score,
         )  # fmt: skip
         history = learner.run(
             iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,
@@ -1051,7 +1063,12 @@ def active_learn_command(
         if "validation" in record:
             line += f", validation force MAE {record['validation']['force_mae']:.4f} eV/Å"
         if record.get("candidate_uncertainty_median") is not None:
-            line += f", median candidate σ_F {record['candidate_uncertainty_median']:.3f} eV/Å"
+            median = record["candidate_uncertainty_median"]
+            line += (
+                f", median candidate σ_F {median:.3f} eV/Å"
+                if score == "forces"
+                else f", median candidate σ {median:.2f} × (1 kJ/mol per molecule, 0.1 GPa)"
+            )
         click.echo(line)
     click.echo(f"history: {learner.history_path}")
 

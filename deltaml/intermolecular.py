@@ -147,21 +147,23 @@ def split_by_molecule(
     shared = {"numbers": full.numbers, "offsets": full.offsets, "n_atoms": full.n_atoms}
     intra = DescriptorBatch(values=own_values, **shared)
     inter = DescriptorBatch(values=full.values - own_values, **shared)
-    if "positions" in gradients:
+    if gradients:
+        # The own rows' position pairs, sorted by row (the strain needs them too).
         rows, moved = row_of[owner[own.position_rows]], owner[own.position_atoms]
         order = np.lexsort((moved, rows))
-        intra.position_rows, intra.position_atoms = rows[order], moved[order]
-        intra.position_gradients = own.position_gradients[order]
+        own_rows, own_atoms = rows[order], moved[order]
+        own_gradients_sorted = own.position_gradients[order]
+    if "positions" in gradients:
+        intra.position_rows, intra.position_atoms = own_rows, own_atoms
+        intra.position_gradients = own_gradients_sorted
         inter.position_rows, inter.position_atoms, inter.position_gradients = _difference_pairs(
             full, intra, n_atoms
         )
     if "strain" in gradients:
         # r -> r @ (I + eps): d x_i / d eps[a, c] = sum_j r_j[a] d x_i / d r_j[c].
         # Pairs are sorted by row and every row has its self pair: sum by segments.
-        contribution = np.einsum(
-            "pa,pcf->pacf", unwrapped[intra.position_atoms], intra.position_gradients
-        )
-        starts = np.searchsorted(intra.position_rows, np.arange(n_rows))
+        contribution = np.einsum("pa,pcf->pacf", unwrapped[own_atoms], own_gradients_sorted)
+        starts = np.searchsorted(own_rows, np.arange(n_rows))
         own_strain = np.add.reduceat(contribution, starts, axis=0)
         intra.strain_gradients = own_strain
         inter.strain_gradients = full.strain_gradients - own_strain

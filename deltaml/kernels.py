@@ -315,6 +315,27 @@ class KernelTerm:
         total = sum(np.einsum("jaf,jaf->ja", g, g) for g in sums.values())
         return self.delta**2 * np.asarray(total).ravel()
 
+    def prior_virial_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
+        """Prior variance of the six virial components dE/dε (eV², Voigt order), one frame.
+
+        Var(dE/dε_c) = δ² Σ_ij [k'(x_i·x_j) g_i·g_j + k''(x_i·x_j)(g_i·x_j)(g_j·x_i)]
+        over rows i, j of one element, with g_i = dx_i/dε_c (the batch's strain
+        gradients): every row of a cell moves under a homogeneous strain, so
+        the sum runs over all pairs (fine for cells of a few hundred atoms).
+        """
+        values, numbers = batch.values, batch.numbers
+        strain = batch.strain_gradients[:, VOIGT[0], VOIGT[1], :]  # (r, 6, F)
+        out = np.zeros(6)
+        for z in np.unique(numbers):
+            mine = numbers == z
+            x = values[mine]
+            _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
+            for c in range(6):
+                g = strain[mine, c, :]
+                gx = g @ x.T  # (g_i · x_j)
+                out[c] += np.sum(k1 * (g @ g.T) + k2 * gx * gx.T)
+        return self.delta**2 * out
+
     def prior_force_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each force component (eV²/Å²), exactly, pair by pair.
 

@@ -12,7 +12,7 @@ from ase.build import molecule
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read
 
-from deltaml.active import ActiveLearner, on_the_fly
+from deltaml.active import CRYSTAL_RESOLUTION, ActiveLearner, crystal_uncertainty, on_the_fly
 from deltaml.labelling import label_structures
 from deltaml.reference import PySCFReference
 from deltaml.store import LabelStore
@@ -277,7 +277,8 @@ def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path
         return ActiveLearner(
             tmp_path / "crystal", store, _water_cells(1, seed=2, scale=0.0),
             reference=CP2K_QUICK, model=MODEL, md_steps=20, md_interval=5, batch=2, pool=4,
-            strained=3, max_strain=0.05, seed=0,
+            strained=3, max_strain=0.05, relax_steps=4, score="crystal",
+            selection="uncertainty", seed=0,
         )  # fmt: skip
 
     first = learner()
@@ -285,9 +286,20 @@ def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path
     selected = first.history[-1]["selected"]
     candidates = read(tmp_path / "crystal" / "iteration_1" / "candidates.extxyz", index=":")
     strained = [a for a in candidates if "strain" in a.info["source"]]
-    assert len(strained) == 3 and len(candidates) > 3
+    relaxed = [a for a in candidates if "relaxation" in a.info["source"]]
+    assert len(strained) == 3 and 1 <= len(relaxed) <= 5 and len(candidates) > 8
     volumes = {round(a.get_volume(), 3) for a in strained}
     assert len(volumes) == 3 and all(abs(v / (5.0 * 5.2 * 5.4) - 1) < 0.16 for v in volumes)
+    assert relaxed[-1].get_volume() != pytest.approx(5.0 * 5.2 * 5.4, abs=1e-6)  # the cell moved
+    # Scored by the per-molecule energy σ and the stress σ of the model that explored.
+    explorer = first.model(0)
+    for atoms in (strained[0], relaxed[-1], candidates[0]):
+        sigma = crystal_uncertainty(explorer, atoms)
+        assert sigma["stress"] > 0 and sigma["energy_per_molecule"] > 0
+        expected = max(sigma[key] / CRYSTAL_RESOLUTION[key] for key in CRYSTAL_RESOLUTION)
+        assert atoms.info["uncertainty"] == pytest.approx(expected, rel=1e-6)
+    scores = [a.info["uncertainty"] for a in candidates]
+    assert int(np.argmax(scores)) in selected  # the most uncertain first, then diversity
     resumed = learner()  # a new process would do the same
     history = resumed.run(iterations=1)
     assert [h["n_labels"] for h in history] == [3, 5]

@@ -18,7 +18,7 @@ from deltaml.calculator import DeltaCalculator
 from deltaml.correction import ZeroCorrection
 from deltaml.crystals import whole_molecules
 from deltaml.dataset import interaction_groups
-from deltaml.errors import ModelFileError, TopologyChangedError, TopologyError
+from deltaml.errors import ModelFileError, ParameterError, TopologyChangedError, TopologyError
 from deltaml.model import SparseGPR
 from deltaml.model_files import write_model_file
 
@@ -236,6 +236,29 @@ def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_c
     np.testing.assert_allclose(
         result.forces, _finite_difference_forces(co2_model, atoms), atol=2e-7
     )
+
+
+def test_the_stress_uncertainty_is_that_of_the_strain_derivative(co2_model, co2_crystal_strained):
+    """σ of each stress component equals the finite-difference variance of dE/dε / V,
+    from the energies' posterior covariance at ±h (both parts, intra and inter)."""
+    atoms = co2_crystal_strained
+    sigma = co2_model.stress_uncertainty(atoms)
+    assert np.all(sigma > 0)
+    h = 1e-3
+    volume = atoms.get_volume()
+    for k, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
+        probes = []
+        for sign in (1, -1):
+            eps = np.zeros((3, 3))
+            eps[a, b] = eps[b, a] = sign * h / (1 if a == b else 2)
+            probe = atoms.copy()
+            probe.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+            probes.append(probe)
+        c = co2_model.energy_covariance(probes)
+        variance = (c[0, 0] + c[1, 1] - 2 * c[0, 1]) / (2 * h) ** 2
+        assert sigma[k] == pytest.approx(np.sqrt(variance) / volume, rel=2e-3)
+    with pytest.raises(ParameterError, match="periodic"):
+        co2_model.stress_uncertainty(molecule("CO2"))
 
 
 def test_energy_is_invariant_and_size_extensive(co2_model, co2_crystal_strained, rotation):
@@ -543,7 +566,7 @@ def test_the_intermolecular_prior_by_evidence_maximises_the_marginal_likelihood(
     record = model.inter_evidence_
     assert model.terms_[1].delta == pytest.approx(record["delta"])
     best = int(np.argmax(record["log_evidence"]))
-    design, target, sigma = model._design(frames, False)  # at the chosen δ
+    design, target, sigma, _ = model._design(frames, False)  # at the chosen δ
     inter = model._columns()[1]
 
     def direct(factor: float) -> float:
@@ -570,11 +593,68 @@ def test_the_intermolecular_prior_by_evidence_maximises_the_marginal_likelihood(
             assert expected <= 0.0
 
 
+def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(data):
+    """inter_delta="cv": each trial's error is that of a GP fitted without the fold."""
+    frames = data["monomers"] + data["interactions"]
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta="cv")
+    model.fit(frames, trained_with=TERMS)
+    record = model.inter_cv_
+    assert record["folds"] == 4  # four dimers, no families: one group each
+    assert record["interactions"] == 16
+    best = int(np.argmin(record["mae_ev"]))
+    assert model.terms_[1].delta == pytest.approx(record["delta"])
+    assert record["delta"] == pytest.approx(record["rule_delta"] * record["factors"][best])
+    assert max(record["mae_ev"]) > 1.2 * min(record["mae_ev"])  # the choice matters
+
+    design, target, sigma, owners = model._design(frames, False)  # at the chosen δ
+    energies = np.array([a.calc.results["energy"] for a in frames])
+    folds = model._interaction_folds(frames)
+    kmm = model._kmm()
+    kmm[np.diag_indices(len(kmm))] += model.jitter * np.concatenate(
+        [np.full(t.size, t.delta**2) for t in model.terms_]
+    )
+    first = {int(o): r for r, o in reversed(list(enumerate(owners)))}
+    total = 0.0
+    for fold in folds:  # the projected-process GP solved directly, the fold left out
+        keep = ~np.isin(owners, sorted(fold))
+        a = design[keep] / sigma[keep, None]
+        weights = np.linalg.solve(kmm + a.T @ a, a.T @ (target[keep] / sigma[keep]))
+        for index, parts in model.groups_:
+            if index in fold:
+                row = design[first[index]] - design[[first[j] for j in parts]].sum(axis=0)
+                total += abs(row @ weights - (energies[index] - energies[parts].sum()))
+    assert total / 16 == pytest.approx(record["mae_ev"][best], rel=1e-6)
+
+
+def test_the_folds_of_the_intermolecular_prior_follow_families(data):
+    """Complexes of one family stay in one fold, with their molecules."""
+    frames = [a.copy() for a in data["monomers"] + data["interactions"]]
+    for atoms, source in zip(frames, data["monomers"] + data["interactions"], strict=True):
+        atoms.calc = source.calc
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20)
+    model.groups_ = interaction_groups(frames)
+    for k, (index, _) in enumerate(model.groups_):
+        frames[index].info["family"] = "water" if k < 8 else "alcohol"
+    folds = model._interaction_folds(frames)
+    assert len(folds) == 2
+    for fold in folds:
+        members = [(i, p) for i, p in model.groups_ if i in fold]
+        assert len(members) == 8
+        assert all(set(p) <= fold for _, p in members)
+    with pytest.warns(UserWarning, match="at least two families"):
+        for atoms in frames:
+            atoms.info["family"] = "water"
+        lone = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta="cv")
+        lone.fit(frames, trained_with=TERMS)
+    assert lone.terms_[1].delta == pytest.approx(lone.inter_cv_["rule_delta"])
+
+
 def test_inter_delta_takes_a_positive_width_or_evidence():
-    from deltaml.errors import ParameterError
 
     with pytest.raises(ParameterError, match="inter_delta"):
         SparseGPR(inter_delta="likelihood").fit([])
+    with pytest.raises(ParameterError, match="inter_delta"):
+        SparseGPR(inter_delta=-0.1).fit([])
 
 
 @pytest.mark.slow
