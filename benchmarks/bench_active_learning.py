@@ -23,11 +23,24 @@ Target of the issue: active selection reaches the random selection's error at
 the smallest budget at which its mean error is at or below the mean random
 error at the largest budget.
 
+Crystal mode (``--crystals FILE``, issue 14): the pool is a file of periodic
+reference labels with ``info["system"]`` and ``info["source"]``
+(``data/make_crystal_dataset.py`` exports them). Every system's starting cell
+(``source == "start"``) is held out to score relative polymorph energies, and a
+seeded 25 % of the rest to score lattice energies per molecule (kJ/mol) and stress
+(GPa); strategies are ``crystal`` (the most uncertain candidates by
+:func:`deltaml.active.crystal_score`: per-molecule energy and stress σ in
+units of 1 kJ/mol and 0.1 GPa, spread by farthest-point sampling),
+``variance_reduction`` and ``random``; the criterion is the per-molecule energy
+MAE of held-out frames, and the relative energies are reported beside it.
+
 Usage::
 
     python benchmarks/bench_active_learning.py --seeds 0,1,2
     python benchmarks/bench_active_learning.py --seeds 0 --budgets 25,50 \\
         --strategies variance_reduction       # quick screening (random is added)
+    python benchmarks/bench_active_learning.py --crystals data/labelled/crystals.extxyz \\
+        --strategies crystal --budgets 20,40,80 --start 9
 
 Writes ``benchmarks/results/bench_active_learning.json`` (``--out`` to change).
 """
@@ -40,10 +53,14 @@ from pathlib import Path
 
 import numpy as np
 from _common import RESULTS_DIR, machine_info, markdown_table, write_json
+from ase import units
 from bench_learning_curve import DATASET, metrics
 
 from deltaml import SparseGPR, delta_targets, read_labelled
-from deltaml.active import select_batch
+from deltaml.active import crystal_score, select_batch
+from deltaml.crystals import identify_molecules
+
+KJ_MOL = units.kJ / units.mol
 
 
 def run(
@@ -94,6 +111,69 @@ def run(
         chosen += [int(left[i]) for i in picked]
 
 
+def crystal_metrics(model: SparseGPR, validation: list, starts: list) -> dict[str, float]:
+    """Lattice-energy (kJ/mol per molecule) and stress (GPa) MAE on held-out cells, and
+    the MAE of relative energies per molecule between the starts of one composition."""
+
+    def per_molecule(atoms) -> float:
+        return len(identify_molecules(atoms).formulas)
+
+    e_err, s_err = [], []
+    for atoms in validation:
+        predicted = model.predict(atoms, forces=False, stress=True)
+        e_err.append((predicted.energy - atoms.calc.results["energy"]) / per_molecule(atoms))
+        s_err.append(predicted.stress - atoms.calc.results["stress"])
+    groups: dict[str, list[float]] = {}
+    for atoms in starts:
+        error = model.predict(atoms, forces=False).energy - atoms.calc.results["energy"]
+        groups.setdefault(atoms.get_chemical_formula(empirical=True), []).append(
+            error / per_molecule(atoms)
+        )
+    relative = [abs(a - b) for g in groups.values() for i, a in enumerate(g) for b in g[i + 1 :]]
+    return {
+        "energy_mae_kj_mol": float(np.mean(np.abs(e_err))) / KJ_MOL,
+        "stress_mae_gpa": float(np.mean(np.abs(s_err))) / units.GPa,
+        "relative_mae_kj_mol": float(np.mean(relative)) / KJ_MOL if relative else float("nan"),
+    }
+
+
+def run_crystals(
+    targets: list, pool: np.ndarray, validation: list, starts: list, *, selection: str,
+    seed: int, start: int, batch: int, budget: int, pool_size: int, noise: float,
+) -> tuple[dict[int, dict[str, float]], dict[int, int]]:  # fmt: skip
+    """:func:`run` on periodic labels: metrics of :func:`crystal_metrics` per label count.
+
+    The start holds one cell of every system (then random ones), so that each
+    system's molecules and densities are known from the first fit.
+    """
+    rng = np.random.default_rng(seed)
+    by_system: dict[str, list[int]] = {}
+    for i in pool:
+        by_system.setdefault(targets[i].info["system"], []).append(int(i))
+    chosen = [int(rng.choice(members)) for members in by_system.values()]
+    rest = [int(i) for i in pool if int(i) not in set(chosen)]
+    chosen += [int(i) for i in rng.choice(rest, size=max(start - len(chosen), 0), replace=False)]
+    curve, atoms = {}, {}
+    while True:
+        model = SparseGPR(seed=seed, uncertainty="energy")
+        model.fit([targets[i] for i in chosen])
+        curve[len(chosen)] = crystal_metrics(model, validation, starts)
+        atoms[len(chosen)] = int(sum(len(targets[i]) for i in chosen))
+        if len(chosen) >= budget:
+            return curve, atoms
+        left = [i for i in pool if i not in set(chosen)]
+        frames = [targets[i] for i in left]
+        sigma = None
+        if selection == "crystal":
+            sigma = np.array([crystal_score(model, a) for a in frames])
+        picked = select_batch(
+            model, frames, sigma, batch=min(batch, budget - len(chosen)), pool=pool_size,
+            selection="uncertainty" if selection == "crystal" else selection,
+            seed=seed + len(chosen), labelled=[targets[i] for i in chosen], noise=noise,
+        )  # fmt: skip
+        chosen += [int(left[i]) for i in picked]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
@@ -105,11 +185,18 @@ def main() -> None:
     parser.add_argument(
         "--strategies",
         default="variance_reduction,uncertainty,random",
-        help="comma-separated: variance_reduction, uncertainty, random (random is always run)",
+        help="comma-separated: variance_reduction, uncertainty, random (random is always run); "
+        "crystal mode: crystal, variance_reduction, random",
     )
     parser.add_argument("--noise", type=float, default=0.1, help="variance_reduction noise")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_active_learning.json")
+    parser.add_argument(
+        "--crystals", type=Path, default=None, help="crystal mode: periodic labels (extxyz)"
+    )
     args = parser.parse_args()
+    if args.crystals is not None:
+        main_crystals(args)
+        return
     budgets = [int(b) for b in args.budgets.split(",")]
     labelled = read_labelled(DATASET, check_magnitudes=False)
     targets, _ = delta_targets(labelled)
@@ -166,6 +253,70 @@ def main() -> None:
                 k: [{str(n): v for n, v in c.items()} for c in runs] for k, runs in counts.items()
             },
             "mean_force_mae": {k: {str(n): v for n, v in m.items()} for k, m in mean.items()},
+            "active_reaches_random_at": reached,
+            "wall_time_s": time.perf_counter() - start_time,
+        },
+    )
+
+
+def main_crystals(args: argparse.Namespace) -> None:
+    """Crystal mode: active vs random on periodic labels (see the module docstring)."""
+    budgets = [int(b) for b in args.budgets.split(",")]
+    targets, _ = delta_targets(read_labelled(args.crystals, check_magnitudes=False))
+    starts = [a for a in targets if a.info.get("source") == "start"]
+    others = [i for i, a in enumerate(targets) if a.info.get("source") != "start"]
+    order = np.random.default_rng(12345).permutation(others)
+    n_val = round(0.25 * len(order))
+    validation = [targets[i] for i in order[:n_val]]
+    pool = np.sort(order[n_val:])
+    strategies = [s for s in args.strategies.split(",") if s != "random"] + ["random"]
+    print(f"{len(targets)} periodic labels: {len(starts)} starts, {len(validation)} held out, "
+          f"{len(pool)} in the pool")  # fmt: skip
+    curves: dict[str, list[dict[int, dict[str, float]]]] = {s: [] for s in strategies}
+    start_time = time.perf_counter()
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for selection in strategies:
+            curve, _ = run_crystals(
+                targets, pool, validation, starts, selection=selection, seed=seed,
+                start=args.start, batch=args.batch, budget=max(budgets), pool_size=args.pool,
+                noise=args.noise,
+            )  # fmt: skip
+            curves[selection].append(curve)
+            print(f"seed {seed} {selection}: " + ", ".join(
+                f"{n}: {curve[n]['energy_mae_kj_mol']:.2f}" for n in budgets if n in curve
+            ), flush=True)  # fmt: skip
+    sizes = sorted(set.intersection(*(set(c) for runs in curves.values() for c in runs)))
+    keys = ("energy_mae_kj_mol", "relative_mae_kj_mol", "stress_mae_gpa")
+    mean = {
+        name: {n: {k: float(np.mean([c[n][k] for c in runs])) for k in keys} for n in sizes}
+        for name, runs in curves.items()
+    }
+    rows = [
+        [n] + [" / ".join(f"{mean[s][n][k]:.3g}" for k in keys) for s in strategies]
+        for n in sizes
+        if n in budgets
+    ]
+    print("mean held-out lattice energy MAE kJ/mol per molecule / relative-energy MAE kJ/mol / "
+          "stress MAE GPa:")  # fmt: skip
+    print(markdown_table(["labels", *strategies], rows))
+    goal = mean["random"][max(budgets)]["energy_mae_kj_mol"]
+    reached = {
+        s: next((n for n in sizes if mean[s][n]["energy_mae_kj_mol"] <= goal), None)
+        for s in strategies
+    }
+    print(f"random at {max(budgets)} labels: {goal:.3f} kJ/mol per molecule (target: reached "
+          f"with at most {max(budgets) // 2} labels)")  # fmt: skip
+    for s in strategies[:-1]:
+        print(f"  {s} reaches it at {reached[s]} labels")
+    write_json(
+        args.out,
+        {
+            "machine": machine_info(),
+            "settings": {**vars(args), "out": str(args.out), "crystals": str(args.crystals)},
+            "curves": {
+                k: [{str(n): v for n, v in c.items()} for c in runs] for k, runs in curves.items()
+            },
+            "mean": {k: {str(n): v for n, v in m.items()} for k, m in mean.items()},
             "active_reaches_random_at": reached,
             "wall_time_s": time.perf_counter() - start_time,
         },

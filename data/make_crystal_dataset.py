@@ -47,7 +47,7 @@ from deltaml.active import ActiveLearner
 from deltaml.crystals import ICE_PHASES, ice_polymorph, strained_cell
 from deltaml.dataset import export_labelled
 from deltaml.files import atomic_path
-from deltaml.labelling import label_structures
+from deltaml.labelling import label_structures, reference_calculator
 from deltaml.store import LabelStore
 
 HERE = Path(__file__).resolve().parent
@@ -78,14 +78,18 @@ def starting_cells(seed: int = 0) -> list[Atoms]:
 
 
 def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
-    """Each start and ``copies`` rattled (0.03 Å) and strained (±3 %) copies of it."""
+    """Each start and ``copies`` rattled (0.03 Å) and strained (±3 %) copies of it,
+    ``info`` naming the system and the source."""
     rng = np.random.default_rng(seed)
     out = []
     for start in starts:
-        out.append(start.copy())
-        for _ in range(copies):
+        first = start.copy()
+        first.info = {"system": start.info["system"], "source": "start"}
+        out.append(first)
+        for j in range(copies):
             atoms = strained_cell(start, 0.03, rng)
             atoms.positions += rng.normal(scale=0.03, size=atoms.positions.shape)
+            atoms.info = {"system": start.info["system"], "source": f"seed copy {j}"}
             out.append(atoms)
     return out
 
@@ -128,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     store = LabelStore(store_path)
+    workdir = HERE / "work" / f"crystal_al{suffix}"
     if args.stage in ("all", "seed"):
         frames = seed_cells(starts, args.copies, args.seed)
         for atoms in frames:
@@ -136,20 +141,34 @@ def main(argv: list[str] | None = None) -> int:
                                   threads_per_worker=args.threads)  # fmt: skip
         print(f"seed: {report.computed} computed, {report.failed} failed, "
               f"{report.already_done} already done")  # fmt: skip
+    learner = ActiveLearner(
+        workdir, store, starts, reference=reference, model=MODEL, temperatures=(100.0, 300.0),
+        md_steps=args.md_steps, md_interval=20, batch=args.batch, pool=4 * args.batch,
+        strained=2, max_strain=0.05, relax_steps=args.relax_steps, score="crystal",
+        selection="uncertainty", seed=args.seed, workers=args.workers,
+    )  # fmt: skip
     if args.stage in ("all", "active"):
-        learner = ActiveLearner(
-            HERE / "work" / f"crystal_al{suffix}", store, starts, reference=reference,
-            model=MODEL, temperatures=(100.0, 300.0), md_steps=args.md_steps, md_interval=20,
-            batch=args.batch, pool=4 * args.batch, strained=2, max_strain=0.05,
-            relax_steps=args.relax_steps, score="crystal", selection="uncertainty",
-            seed=args.seed, workers=args.workers,
-        )  # fmt: skip
         history = learner.run(iterations=10**6, budget=args.budget, progress=True)
         print(f"active: {history[-1]['n_labels']} labels after {len(history) - 1} iterations")
     if args.stage in ("all", "export"):
         output = OUTPUT.with_suffix(".quick.extxyz") if args.quick else OUTPUT
-        count = export_labelled(store, output)  # written atomically
+        # Seed cells and selected candidates, with their system and source.
+        known = seed_cells(starts, args.copies, args.seed)
+        for atoms in learner.selected_structures():
+            source = atoms.info["source"]  # "iteration k, start s, ..."
+            system = (
+                atoms.info.get("system") or starts[int(source.split(", ")[1][6:])].info["system"]
+            )
+            info = {"system": system, "source": source}
+            known.append(
+                Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True, info=info)
+            )
+        record = reference_calculator(dict(reference)).record()
+        count = export_labelled(store, output, known, record=record)  # written atomically
         print(f"export: {count} labels to {output}")
+        missing = len(store.labelled()) - count
+        if missing > 0:
+            print(f"export: {missing} labels of the store have no known provenance: not exported")
     return 0
 
 

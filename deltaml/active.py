@@ -63,6 +63,7 @@ __all__ = [
     "SELECTIONS",
     "STAGES",
     "ActiveLearner",
+    "crystal_score",
     "crystal_uncertainty",
     "on_the_fly",
     "select_batch",
@@ -207,6 +208,21 @@ class ActiveLearner:
             self.history_path, json.dumps({"iterations": self.history}, indent=1, sort_keys=True)
         )
 
+    def selected_structures(self) -> list[Atoms]:
+        """Every candidate the loop has selected for labelling, in order, with its ``info``.
+
+        ``info`` keeps ``source`` (iteration, start, and MD temperature, strain or
+        relaxation step), ``system`` (the start's, if it had one) and
+        ``uncertainty``: the provenance of each label the loop added.
+        """
+        out = []
+        for record in self.history:
+            path = self.workdir / f"iteration_{record['iteration']}" / "candidates.extxyz"
+            if record.get("selected") and path.exists():
+                candidates = read(path, index=":")
+                out += [candidates[i] for i in record["selected"]]
+        return out
+
     def _folder(self, iteration: int) -> Path:
         folder = self.workdir / f"iteration_{iteration}"
         folder.mkdir(exist_ok=True)
@@ -311,14 +327,20 @@ class ActiveLearner:
                 atoms = start.copy()
                 atoms.calc = calc
 
-                def keep(step: int, current: Atoms, s: int = s, temperature: float = temperature):
+                def keep(
+                    step: int,
+                    current: Atoms,
+                    s: int = s,
+                    start: Atoms = start,
+                    temperature: float = temperature,
+                ) -> None:
                     frame = Atoms(current.numbers, current.positions, cell=current.cell,
                                   pbc=current.pbc)  # fmt: skip
                     if self.score == "forces":
                         frame.info["uncertainty"] = float(
                             np.max(current.calc.results["forces_uncertainty"])
                         )
-                    frame.info["source"] = f"iteration {k}, start {s}, {temperature:g} K"
+                    _provenance(frame, start, f"iteration {k}, start {s}, {temperature:g} K")
                     candidates.append(frame)
 
                 try:
@@ -333,12 +355,7 @@ class ActiveLearner:
         candidates += self._relaxation_frames(k, calc, progress)
         if self.score == "crystal":
             for frame in candidates:
-                sigma = crystal_uncertainty(model, frame)
-                frame.info["uncertainty"] = max(
-                    sigma[key] / CRYSTAL_RESOLUTION[key]
-                    for key in CRYSTAL_RESOLUTION
-                    if key in sigma
-                )
+                frame.info["uncertainty"] = crystal_score(model, frame)
         path = self._folder(k) / "candidates.extxyz"
         with atomic_path(path) as partial:
             write(partial, candidates, format="extxyz")
@@ -368,7 +385,7 @@ class ActiveLearner:
                 frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
                 if self.score == "forces":
                     frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
-                frame.info["source"] = f"iteration {k}, start {s}, strain {j}"
+                _provenance(frame, start, f"iteration {k}, start {s}, strain {j}")
                 out.append(frame)
         return out
 
@@ -398,7 +415,7 @@ class ActiveLearner:
                 frame = Atoms(seen.numbers, seen.positions, cell=seen.cell, pbc=True)
                 if self.score == "forces":
                     frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
-                frame.info["source"] = f"iteration {k}, start {s}, relaxation step {j + 1}"
+                _provenance(frame, start, f"iteration {k}, start {s}, relaxation step {j + 1}")
                 out.append(frame)
         return out
 
@@ -444,6 +461,22 @@ class ActiveLearner:
 
 
 SELECTIONS = ("uncertainty", "variance_reduction", "random")
+
+
+def crystal_score(model: SparseGPR, atoms: Atoms) -> float:
+    """The larger of :func:`crystal_uncertainty`'s σ in units of :data:`CRYSTAL_RESOLUTION`.
+
+    Dimensionless: 1 means a σ of 1 kJ/mol per molecule or 0.1 GPa, whichever is larger.
+    """
+    sigma = crystal_uncertainty(model, atoms)
+    return max(sigma[key] / CRYSTAL_RESOLUTION[key] for key in sigma)
+
+
+def _provenance(frame: Atoms, start: Atoms, source: str) -> None:
+    """Where a candidate came from: ``source``, and the start's ``system`` name if it has one."""
+    frame.info["source"] = source
+    if "system" in start.info:
+        frame.info["system"] = start.info["system"]
 
 
 def _largest_force_sigma(frame: Atoms, calc: DeltaCalculator) -> float:

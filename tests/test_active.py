@@ -273,9 +273,12 @@ def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path
     label_structures(_water_cells(3, seed=1), store, reference=CP2K_QUICK, workers=1,
                      progress=False)  # fmt: skip
 
+    start = _water_cells(1, seed=2, scale=0.0)[0]
+    start.info["system"] = "water cell"
+
     def learner() -> ActiveLearner:
         return ActiveLearner(
-            tmp_path / "crystal", store, _water_cells(1, seed=2, scale=0.0),
+            tmp_path / "crystal", store, [start],
             reference=CP2K_QUICK, model=MODEL, md_steps=20, md_interval=5, batch=2, pool=4,
             strained=3, max_strain=0.05, relax_steps=4, score="crystal",
             selection="uncertainty", seed=0,
@@ -288,6 +291,7 @@ def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path
     strained = [a for a in candidates if "strain" in a.info["source"]]
     relaxed = [a for a in candidates if "relaxation" in a.info["source"]]
     assert len(strained) == 3 and 1 <= len(relaxed) <= 5 and len(candidates) > 8
+    assert {a.info["system"] for a in candidates} == {"water cell"}  # provenance kept
     volumes = {round(a.get_volume(), 3) for a in strained}
     assert len(volumes) == 3 and all(abs(v / (5.0 * 5.2 * 5.4) - 1) < 0.16 for v in volumes)
     assert relaxed[-1].get_volume() != pytest.approx(5.0 * 5.2 * 5.4, abs=1e-6)  # the cell moved
