@@ -79,6 +79,7 @@ MODELS = {
     "molecular-zeta2": {"decomposition": "molecular", "inter_zeta": 2},
     "molecular-small-prior": {"decomposition": "molecular", "inter_delta": 0.02},
     "molecular-cv": {"decomposition": "molecular", "inter_delta": "cv"},
+    "molecular-cv-interactions": {"decomposition": "molecular", "inter_delta": "cv-interactions"},
 }
 
 

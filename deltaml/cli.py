@@ -59,7 +59,7 @@ from deltaml.evaluation import (
 )
 from deltaml.files import write_text_atomic
 from deltaml.labelling import DEFAULT_BASELINE, label_structures
-from deltaml.model import SparseGPR
+from deltaml.model import INTER_DELTA_SEARCHES, SparseGPR
 from deltaml.ranking import rank_polymorphs, read_candidates
 from deltaml.reference import PySCFReference
 from deltaml.reference_cp2k import CP2K_FUNCTIONALS, CP2KReference, cp2k_available
@@ -612,6 +612,22 @@ def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[
     return [i for i in range(count) if i not in held_set], sorted(held)
 
 
+def _inter_delta(text: str) -> float | str | None:
+    """``--inter-delta``: a search name, ``rule`` (None), or a positive width in eV."""
+    if text in INTER_DELTA_SEARCHES:
+        return text
+    if text == "rule":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        choices = ", ".join([*INTER_DELTA_SEARCHES, "rule"])
+        raise click.UsageError(f"--inter-delta must be one of {choices} or a width in eV > 0")
+    return value
+
+
 @main.command("fit")
 @click.option("--store", "store_url", default=None, help="label store to train on")
 @click.option(
@@ -647,6 +663,13 @@ def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[
               help="eV/atom")  # fmt: skip
 @click.option("--force-sigma", type=float, default=None, show_default="SparseGPR's",
               help="eV/Å")  # fmt: skip
+@click.option(
+    "--inter-delta",
+    default="cv",
+    show_default=True,
+    help="molecular: prior width of the intermolecular part: cv (chosen by cross-validation "
+    "over families), cv-interactions, evidence, rule, or a width in eV",
+)
 @_no_progress_option
 def fit_command(
     store_url: str | None,
@@ -664,11 +687,13 @@ def fit_command(
     backend: str | None,
     energy_sigma: float | None,
     force_sigma: float | None,
+    inter_delta: str,
     no_progress: bool,
 ) -> None:
     """Fit the Δ-model on labelled data; print train and validation errors."""
     if (store_url is None) == (not data):
         raise click.UsageError("give exactly one of --store and --data")
+    inter_width = _inter_delta(inter_delta)
     if not 0 <= validation < 1:
         raise click.UsageError("--validation must be in [0, 1)")
     _check_output(output, "-o/--output")
@@ -704,6 +729,7 @@ def fit_command(
         model = SparseGPR(
             decomposition=decomposition,
             seed=seed,
+            inter_delta=inter_width,
             **{k: v for k, v in given.items() if v is not None},
         )
         model.fit(train + anchors, trained_with=trained_with, progress=not no_progress)
@@ -711,6 +737,13 @@ def fit_command(
             scales = model.calibrate(held_out)
         model.save(output)
     click.echo(f"fitted on {len(train)} structures; model written to {output}")
+    if model.molecular:
+        search = model.inter_cv_ or model.inter_evidence_
+        how = f"{inter_delta}, rule {search['rule_delta']:.4g} eV" if search else inter_delta
+        click.echo(
+            f"intermolecular prior width δ = {model.terms_[1].delta:.4g} eV ({how}); "
+            f"{model.n_interactions_} interaction energies in the training set"
+        )
     unanchored = [
         chemical_symbols[z] for z in model.species_ if z not in model.offset_fit_.anchored
     ]

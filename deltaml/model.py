@@ -92,6 +92,15 @@ from deltaml.offsets import (
     fixed_offsets,
     split_isolated_atoms,
 )
+from deltaml.prior_width import (
+    CV_FACTORS,
+    EVIDENCE_FACTORS,
+    cv_errors,
+    interaction_folds,
+    least_regret,
+    log_evidence,
+    whitened_normal_equations,
+)
 from deltaml.sampling import SELECTIONS, select_rows
 from deltaml.structures import (
     charge_and_multiplicity,
@@ -118,9 +127,12 @@ PULLBACK_ATOMS = 16
 #: about 0.5 kcal/mol on a hydrogen-bonded dimer, i.e. small.
 INTER_DELTA_FALLBACK = 0.005
 #: Ways to choose the intermolecular δ from the data instead of the rule.
-INTER_DELTA_SEARCHES = ("evidence", "cv")
+INTER_DELTA_SEARCHES = ("evidence", "cv", "cv-interactions")
 #: Most folds (groups of families) of ``inter_delta="cv"``.
 INTER_CV_FOLDS = 5
+#: Without interaction energies, ``inter_delta="cv"`` over systems of clusters or
+#: cells searches δ around this width (eV; the grid spans 0.0015 … 0.5 eV).
+_CV_CLUSTER_SCALE = 0.05
 #: Intermolecular rows shorter than this fraction of the element's typical row are
 #: not taken as sparse points (contacts at the edge of the cut-off).
 _INTER_MIN_NORM = 0.05
@@ -155,13 +167,15 @@ class SparseGPR(BaseEstimator):
      inter_zeta       1                 -       exponent of the intermolecular kernel
                                                 (x·y)^ζ on unnormalised rows (integer)
      inter_delta      "cv"              eV      prior std of an atom's intermolecular
-                                                energy at a typical contact; "cv": the
-                                                width that best predicts interaction
-                                                energies of held-out families (see
-                                                below); None: from the spread of the
-                                                training interaction energies (the
-                                                rule); "evidence": at the maximum of
-                                                the marginal likelihood
+                                                energy at a typical contact; "cv":
+                                                cross-validated on held-out families'
+                                                interaction energies and held-out
+                                                clusters (least regret, see below);
+                                                "cv-interactions": on the families
+                                                alone (best transfer); None: from the
+                                                spread of the training interaction
+                                                energies (the rule); "evidence": at
+                                                the maximum of the marginal likelihood
      energy_sigma     0.002             eV/atom energy noise (× √N per structure)
      force_sigma      0.05              eV/Å    force-component noise
      virial_sigma     0.05              eV/atom virial noise (× √N per structure)
@@ -199,11 +213,13 @@ class SparseGPR(BaseEstimator):
     ``delta_``, ``sparse_values_`` and ``sparse_numbers_`` are those of the first
     term.
 
-    Why ``inter_delta="cv"`` by default: on the transfer benchmark (42 interaction
-    systems, 14 families, three family folds) it predicted the interaction energies
-    of families the model never saw best: MAE 0.51 kcal/mol against 0.68 with the
-    rule and 0.60 with a fixed 0.02 eV (terms alone 1.00), choosing δ ≈ 0.009–0.016 eV,
-    a quarter of the rule's; see ``benchmarks/README.md``.
+    Why ``inter_delta="cv"`` by default (``benchmarks/README.md``, 42 interaction
+    systems, 14 families, three family folds; MAE of interaction energies, kcal/mol):
+    unseen families 0.65 and seen 0.71 against the rule's 0.68 and 0.75, with the
+    demo's held-out clusters 0.40 kcal/mol and 0.045 eV/Å (rule 0.37, 0.044).
+    ``"cv-interactions"`` transfers best (0.51 and 0.64; δ ≈ 0.009–0.016 eV, a
+    quarter of the rule's) but fits the clusters of the training chemistry worse
+    (0.44 kcal/mol, 0.048 eV/Å): the choice for interactions of new molecules.
 
     The model is a :class:`~deltaml.correction.Correction`: ``name``,
     ``trained_with`` and ``predict(atoms, forces=, stress=)``.
@@ -413,7 +429,7 @@ class SparseGPR(BaseEstimator):
         self.inter_cv_ = None
         if self.molecular and self.inter_delta == "evidence":
             design = self._inter_delta_by_evidence(design, target, sigma)
-        elif self.molecular and self.inter_delta == "cv":
+        elif self.molecular and self.inter_delta in ("cv", "cv-interactions"):
             design = self._inter_delta_by_cv(design, target, sigma, owners, frames)
         self._solve(design, target, sigma)
         self.trained_with_ = trained_with
@@ -665,42 +681,11 @@ class SparseGPR(BaseEstimator):
     def _kmm(self) -> NDArray[np.float64]:
         return scipy.linalg.block_diag(*[term.kmm() for term in self.terms_])
 
-    def _projected(
-        self,
-        design: NDArray,
-        target: NDArray,
-        sigma: NDArray,
-        masks: Sequence[NDArray[np.bool_]] = (),
-    ) -> tuple[NDArray, NDArray, NDArray, list[tuple[NDArray, NDArray]]]:
-        """The fit's normal equations in whitened coordinates, without the n × m copy.
-
-        With L Lᵀ = K_mm (jittered) and B = (K_nm / σ) L⁻ᵀ, returns L, BᵀB and
-        Bᵀ(y / σ), and the same two sums over the rows of each boolean mask (a
-        fold's rows, whose sums are then subtracted to leave the fold out).
-        Computed in chunks of rows so that memory stays that of K_nm.
-        """
+    def _jittered_kmm(self) -> NDArray[np.float64]:
         kmm = self._kmm()
-        m = len(kmm)
         scale = np.concatenate([np.full(t.size, t.delta**2) for t in self.terms_])
-        kmm[np.diag_indices(m)] += self.jitter * scale
-        lower = np.linalg.cholesky(kmm)
-        gram, c0 = np.zeros((m, m)), np.zeros(m)
-        parts = [(np.zeros((m, m)), np.zeros(m)) for _ in masks]
-        chunk = 4096
-        for begin in range(0, len(design), chunk):
-            rows = slice(begin, begin + chunk)
-            b = scipy.linalg.solve_triangular(
-                lower, (design[rows] / sigma[rows, None]).T, lower=True, check_finite=False
-            )
-            y = target[rows] / sigma[rows]
-            gram += b @ b.T
-            c0 += b @ y
-            for (g, c), mask in zip(parts, masks, strict=True):
-                mine = mask[rows]
-                if mine.any():
-                    g += b[:, mine] @ b[:, mine].T
-                    c += b[:, mine] @ y[mine]
-        return lower, gram, c0, parts
+        kmm[np.diag_indices(len(kmm))] += self.jitter * scale
+        return kmm
 
     def _rescaled_inter(self, design: NDArray, factor: float) -> NDArray[np.float64]:
         """Set the intermolecular δ to ``factor`` × itself; the design to match."""
@@ -717,26 +702,42 @@ class SparseGPR(BaseEstimator):
         owners: NDArray[np.int64],
         frames: list[Atoms],
     ) -> NDArray[np.float64]:
-        """δ of the intermolecular part that best predicts interaction energies of unseen families.
+        """δ of the intermolecular part by cross-validation (``"cv"``, ``"cv-interactions"``).
 
         The training interaction systems are grouped into folds by the complex's
         ``info["family"]`` (systems without one: complexes that share molecules
-        form one group), at most :data:`INTER_CV_FOLDS` folds. For each trial factor t on
-        the rule's δ (a log grid from 0.03 to 10) and each fold, the model fitted
-        without the fold's complexes and molecules (all their rows) predicts the
-        fold's interaction energies; the factor with the smallest mean absolute
-        error over all folds wins. Unlike the marginal likelihood, which rewards
-        fitting the training families (it picks δ 5–6 × the rule and transfers
-        badly), this scores what a user relies on: interaction energies of
-        molecules the model has not seen. With the same whitened normal equations
-        as :meth:`_inter_delta_by_evidence`, each trial costs m × m work per fold.
-        One group: the rule's δ, with a warning; none: the rule's fallback. Sets the term's δ,
-        records the grid in ``inter_cv_`` and returns the rescaled design.
+        form one group), at most :data:`INTER_CV_FOLDS` folds; with ``"cv"`` the
+        other structures of several molecules (clusters, cells) are dealt into
+        the folds too. For each trial factor on the rule's δ
+        (:data:`deltaml.prior_width.CV_FACTORS`) and each fold, the model fitted
+        without the fold's structures (all their rows) predicts the fold's
+        interaction energies (families it has not seen) and cluster energies (the
+        training chemistry). ``"cv-interactions"`` takes the factor with the
+        smallest interaction-energy error: the best transfer to new molecules.
+        ``"cv"`` takes the factor of least regret
+        (:func:`deltaml.prior_width.least_regret`): neither kind loses more, in
+        proportion to its own best, than it must. The two pull apart (new families
+        want a narrow prior, the well-sampled clusters a wide one; measured in
+        ``benchmarks/README.md``). Without interaction energies but with clusters
+        or cells of at least two named systems (``info["system"]``, e.g. the
+        polymorphs of a crystal set), whole systems are left out instead, on an
+        absolute grid (0.0015 … 0.5 eV). One family: the rule's δ, with a warning;
+        nothing to leave out: the rule's fallback. Sets the term's δ, records the
+        grids in ``inter_cv_`` and returns the rescaled design.
         """
-        folds = self._interaction_folds(frames)
+        families = [frames[i].info.get("family") for i, _ in self.groups_]
+        folds = interaction_folds(self.groups_, families, INTER_CV_FOLDS, self.seed)
         term = self.terms_[1]
+        clusters = self._cv_clusters(frames) if self.inter_delta == "cv" else []
+        factors = CV_FACTORS
+        if not self.groups_ and clusters:
+            # No interaction energy, but clusters or cells of named systems (e.g. the
+            # polymorphs of a crystal set): leave systems out. The rule's δ is then
+            # only its fallback, so the grid is absolute: 0.0015 … 0.5 eV.
+            folds = _system_folds(frames, clusters, self.seed)
+            factors = CV_FACTORS * (_CV_CLUSTER_SCALE / term.delta)
         if len(folds) < 2:
-            if folds:  # without any interaction energy the rule's fallback is the answer
+            if self.groups_:  # no interaction energy: the rule's fallback is the answer
                 warnings.warn(
                     "inter_delta='cv' needs interaction systems of at least two families "
                     f"(found {len(folds)}): using the rule's δ = {term.delta:.4g} eV",
@@ -744,112 +745,83 @@ class SparseGPR(BaseEstimator):
                 )
             self.inter_cv_ = {"rule_delta": term.delta, "delta": term.delta, "folds": len(folds)}
             return design
+        if self.groups_:
+            for n, k in enumerate(clusters):
+                folds[n % len(folds)].add(k)
         masks = [np.isin(owners, sorted(f)) for f in folds]
-        lower, gram, c0, parts = self._projected(design, target, sigma, masks)
+        lower, gram, c0, sums = whitened_normal_equations(
+            self._jittered_kmm(), design, target, sigma, masks
+        )
         first_row = {int(o): int(r) for r, o in reversed(list(enumerate(owners)))}
         energies = np.array([float(a.calc.results["energy"]) for a in frames])
-        inter = self._columns()[1]
-        m = len(gram)
-        factors = np.geomspace(0.03, 10.0, 31)
-        errors = np.zeros(len(factors))
-        count = 0
-        for fold, (g_out, c_out) in zip(folds, parts, strict=True):
-            held = [(i, parts_) for i, parts_ in self.groups_ if i in fold]
+        held_out = []
+        for fold, (g_out, c_out) in zip(folds, sums, strict=True):
+            held = [(i, js) for i, js in self.groups_ if i in fold]
+            loose = [first_row[k] for k in clusters if k in fold]
             rows = np.array(
                 [design[first_row[i]] - design[[first_row[j] for j in js]].sum(axis=0)
-                 for i, js in held]
+                 for i, js in held] + [design[r] for r in loose]
             )  # fmt: skip
-            probe = scipy.linalg.solve_triangular(lower, rows.T, lower=True)
-            truth = np.array([energies[i] - energies[js].sum() for i, js in held])
-            g_in, c_in = gram - g_out, c0 - c_out
-            for k, factor in enumerate(factors):
-                d = np.ones(m)
-                d[inter] = factor
-                matrix = np.eye(m) + d[:, None] * g_in * d[None, :]
-                w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(matrix), d * c_in)
-                errors[k] += np.abs((d[:, None] * probe).T @ w - truth).sum()
-            count += len(held)
-        errors /= count
-        best = float(factors[int(np.argmin(errors))])
+            probes = scipy.linalg.solve_triangular(lower, rows.T, lower=True)
+            truths = np.array(
+                [energies[i] - energies[js].sum() for i, js in held] + [target[r] for r in loose]
+            )
+            kinds = [(probes[:, : len(held)], truths[: len(held)])]
+            if clusters:
+                kinds.append((probes[:, len(held) :], truths[len(held) :]))
+            held_out.append((g_out, c_out, kinds))
+        errors = cv_errors(gram, c0, held_out, self._columns()[1], factors)
+        best = least_regret(errors)
         self.inter_cv_ = {
             "rule_delta": term.delta,
             "factors": factors.tolist(),
-            "mae_ev": errors.tolist(),
+            "mae_ev": errors[0].tolist(),
+            "cluster_mae_ev": errors[1].tolist() if clusters else None,
             "folds": len(folds),
-            "interactions": count,
-            "delta": term.delta * best,
+            "interactions": sum(len(h[2][0][1]) for h in held_out),
+            "clusters": len(clusters),
+            "delta": term.delta * float(factors[best]),
         }
-        return self._rescaled_inter(design, best)
+        return self._rescaled_inter(design, float(factors[best]))
 
-    def _interaction_folds(self, frames: list[Atoms]) -> list[set[int]]:
-        """Structures (complexes and their molecules) of each cross-validation fold."""
-        # Complexes that share a molecule's structure belong together.
-        parent = list(range(len(self.groups_)))
+    def _cv_clusters(self, frames: list[Atoms]) -> list[int]:
+        """Structures of several molecules (or cells) outside the interaction systems,
+        in a seeded order: held out too by ``inter_delta="cv"``, because their energies
+        are what the intermolecular part must get right in the training chemistry."""
+        from deltaml.crystals import whole_molecules
 
-        def root(k: int) -> int:
-            while parent[k] != k:
-                parent[k] = parent[parent[k]]
-                k = parent[k]
-            return k
-
-        seen: dict[int, int] = {}
-        for k, (_, parts) in enumerate(self.groups_):
-            for j in parts:
-                parent[root(k)] = root(seen.setdefault(j, k))
-        keys: dict[str, set[int]] = {}
-        for k, (index, parts) in enumerate(self.groups_):
-            family = frames[index].info.get("family")
-            key = f"family:{family}" if family is not None else f"system:{root(k)}"
-            keys.setdefault(key, set()).update([index, *parts])
-        groups = [keys[key] for key in sorted(keys)]
-        count = min(INTER_CV_FOLDS, len(groups))
-        rng = np.random.default_rng(self.seed)
-        folds: list[set[int]] = [set() for _ in range(count)]
-        for k, g in enumerate(rng.permutation(len(groups))):
-            folds[k % count].update(groups[g])
-        return folds
+        in_systems = {k for i, js in self.groups_ for k in (i, *js)}
+        clusters = [
+            k
+            for k, atoms in enumerate(frames)
+            if k not in in_systems
+            and (atoms.pbc.any() or len(whole_molecules(atoms)[0].formulas) > 1)
+        ]
+        rng = np.random.default_rng([self.seed, 1])
+        return [clusters[i] for i in rng.permutation(len(clusters))]
 
     def _inter_delta_by_evidence(
         self, design: NDArray, target: NDArray, sigma: NDArray
     ) -> NDArray[np.float64]:
-        """δ of the intermolecular part at the maximum of the marginal likelihood.
-
-        The design's intermolecular columns and K_mm's block scale as δ², so with
-        B = (K_nm / σ) L⁻ᵀ (L Lᵀ = K_mm) its columns scale as δ: the log evidence
-        of the projected process, −½ yᵀ(Σ + BBᵀ)⁻¹y − ½ log|Σ + BBᵀ|, is then, up
-        to constants, ½ cᵀM⁻¹c − ½ log|M| with M = I + D BᵀΣ⁻¹B D, c = D BᵀΣ⁻¹y and
-        D = diag(1, …, t, …) on the intermolecular columns: one product of the
-        size of a fit, then m × m work per trial factor t (a log grid from 0.01
-        to 100 × the rule of :meth:`_inter_delta`). Sets the term's δ, records
-        the grid in ``inter_evidence_`` and returns the rescaled design.
-        """
-        _, gram, c0, _ = self._projected(design, target, sigma)
-        m = len(gram)
-        inter = self._columns()[1]
-        factors = np.geomspace(0.01, 100.0, 41)
-        evidence = []
-        for factor in factors:
-            d = np.ones(m)
-            d[inter] = factor
-            matrix = np.eye(m) + d[:, None] * gram * d[None, :]
-            chol = np.linalg.cholesky(matrix)
-            y = scipy.linalg.solve_triangular(chol, d * c0, lower=True)
-            evidence.append(0.5 * float(y @ y) - float(np.sum(np.log(np.diag(chol)))))
-        best = float(factors[int(np.argmax(evidence))])
+        """δ of the intermolecular part at the maximum of the marginal likelihood
+        (:func:`deltaml.prior_width.log_evidence`, factors 0.01 … 100 × the rule).
+        Sets the term's δ, records the grid in ``inter_evidence_`` and returns the
+        rescaled design."""
+        _, gram, c0, _ = whitened_normal_equations(self._jittered_kmm(), design, target, sigma)
+        evidence = log_evidence(gram, c0, self._columns()[1])
+        best = float(EVIDENCE_FACTORS[int(np.argmax(evidence))])
         term = self.terms_[1]
         self.inter_evidence_ = {
             "rule_delta": term.delta,
-            "factors": factors.tolist(),
+            "factors": EVIDENCE_FACTORS.tolist(),
             "log_evidence": evidence,
             "delta": term.delta * best,
         }
         return self._rescaled_inter(design, best)
 
     def _solve(self, design: NDArray, target: NDArray, sigma: NDArray) -> None:
-        kmm = self._kmm()
+        kmm = self._jittered_kmm()
         m = len(kmm)
-        scale = np.concatenate([np.full(t.size, t.delta**2) for t in self.terms_])
-        kmm[np.diag_indices(m)] += self.jitter * scale
         self.chol_mm_ = np.linalg.cholesky(kmm)
         stacked = np.vstack([design / sigma[:, None], self.chol_mm_.T])
         rhs = np.concatenate([target / sigma, np.zeros(m)])
@@ -1513,6 +1485,25 @@ def _energy_factor(errors: NDArray, parts: NDArray, scale: dict[str, float]) -> 
     if excess(low) > 0 > excess(high):
         return float(np.exp(scipy.optimize.brentq(excess, low, high, xtol=1e-6)))
     return scale["energy"]  # the inter part alone explains the errors: keep the plain one
+
+
+def _system_folds(frames: list[Atoms], members: list[int], seed: int) -> list[set[int]]:
+    """Folds of whole systems (``info["system"]``) of ``members``; none unless every
+    member names its system and there are at least two."""
+    systems: dict[str, set[int]] = {}
+    for k in members:
+        name = frames[k].info.get("system")
+        if name is None:
+            return []
+        systems.setdefault(str(name), set()).add(k)
+    if len(systems) < 2:
+        return []
+    names = sorted(systems)
+    count = min(INTER_CV_FOLDS, len(names))
+    folds: list[set[int]] = [set() for _ in range(count)]
+    for n, g in enumerate(np.random.default_rng([seed, 2]).permutation(len(names))):
+        folds[n % count].update(systems[names[g]])
+    return folds
 
 
 def _stacked(batches: Iterable[DescriptorBatch]) -> DescriptorBatch:

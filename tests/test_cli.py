@@ -301,6 +301,26 @@ def test_fit_takes_several_files_and_the_decomposition(stand_in_labels, tmp_path
     assert result.exit_code == 2 and "quantum" in result.output
 
 
+def test_fit_takes_the_intermolecular_prior_width(stand_in_labels, tmp_path):
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    write_labelled(tmp_path / "a.extxyz", stand_in_labels(8, seed=3))
+    model = tmp_path / "model.npz"
+    base = ["fit", "--data", str(tmp_path / "a.extxyz"), "-o", str(model), "--validation", "0",
+            "--n-sparse", "10", "--cutoff", "3.5", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, [*base, "--inter-delta", "0.03"])
+    assert result.exit_code == 0, result.output
+    assert "intermolecular prior width δ = 0.03 eV (0.03)" in result.output
+    assert SparseGPR.load(model).terms_[1].delta == pytest.approx(0.03)
+    result = CliRunner().invoke(main, [*base, "--inter-delta", "rule"])
+    assert result.exit_code == 0, result.output
+    assert SparseGPR.load(model).inter_delta is None
+    for bad in ("-1", "wide"):
+        result = CliRunner().invoke(main, [*base, "--inter-delta", bad])
+        assert result.exit_code == 2 and "--inter-delta must be one of" in result.output
+
+
 def test_fit_needs_exactly_one_source(tmp_path):
     result = CliRunner().invoke(main, ["fit", "-o", str(tmp_path / "m.npz")])
     assert result.exit_code == 2 and "exactly one of --store and --data" in result.output

@@ -21,6 +21,7 @@ from deltaml.dataset import interaction_groups
 from deltaml.errors import ModelFileError, ParameterError, TopologyChangedError, TopologyError
 from deltaml.model import SparseGPR
 from deltaml.model_files import write_model_file
+from deltaml.prior_width import interaction_folds
 
 DESCRIPTOR = {"cutoff": 4.0, "n_max": 4, "l_max": 3}
 CUTOFF = DESCRIPTOR["cutoff"]
@@ -593,28 +594,47 @@ def test_the_intermolecular_prior_by_evidence_maximises_the_marginal_likelihood(
             assert expected <= 0.0
 
 
-def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(data):
-    """inter_delta="cv": each trial's error is that of a GP fitted without the fold."""
-    frames = data["monomers"] + data["interactions"]
-    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta="cv")
+@pytest.mark.parametrize("search", ["cv", "cv-interactions"])
+def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(
+    data, gfn_delta, search
+):
+    """inter_delta="cv": each trial's error is that of a GP fitted without the fold, on
+    the fold's interaction energies and (not with "cv-interactions") its clusters."""
+    rng = np.random.default_rng(4)
+    trimers = []
+    for _ in range(3):  # clusters without their molecules: energies only, not interactions
+        atoms = _hydrogen_bonded("H2O", "H2O", 1.95, seed=int(rng.integers(100)))
+        third = molecule("H2O")
+        third.positions += atoms.positions.mean(axis=0) + np.array([0.0, 3.2, 0.0])
+        trimers.append(atoms + third)
+    frames = data["monomers"] + data["interactions"] + gfn_delta(trimers)
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta=search)
     model.fit(frames, trained_with=TERMS)
     record = model.inter_cv_
     assert record["folds"] == 4  # four dimers, no families: one group each
     assert record["interactions"] == 16
-    best = int(np.argmin(record["mae_ev"]))
+    assert record["clusters"] == (3 if search == "cv" else 0)
+    best = int(
+        np.argmin(np.abs(np.array(record["factors"]) - record["delta"] / record["rule_delta"]))
+    )
     assert model.terms_[1].delta == pytest.approx(record["delta"])
     assert record["delta"] == pytest.approx(record["rule_delta"] * record["factors"][best])
     assert max(record["mae_ev"]) > 1.2 * min(record["mae_ev"])  # the choice matters
+    if search == "cv-interactions":
+        assert best == int(np.argmin(record["mae_ev"])) and record["cluster_mae_ev"] is None
 
     design, target, sigma, owners = model._design(frames, False)  # at the chosen δ
     energies = np.array([a.calc.results["energy"] for a in frames])
-    folds = model._interaction_folds(frames)
-    kmm = model._kmm()
-    kmm[np.diag_indices(len(kmm))] += model.jitter * np.concatenate(
-        [np.full(t.size, t.delta**2) for t in model.terms_]
+    folds = interaction_folds(model.groups_, [None] * len(model.groups_), 5, model.seed)
+    clusters = model._cv_clusters(frames) if search == "cv" else []
+    assert sorted(clusters) == (
+        [len(frames) - 3, len(frames) - 2, len(frames) - 1] if clusters else []
     )
+    for n, k in enumerate(clusters):
+        folds[n % len(folds)].add(k)
+    kmm = model._jittered_kmm()
     first = {int(o): r for r, o in reversed(list(enumerate(owners)))}
-    total = 0.0
+    interactions, loose = 0.0, 0.0
     for fold in folds:  # the projected-process GP solved directly, the fold left out
         keep = ~np.isin(owners, sorted(fold))
         a = design[keep] / sigma[keep, None]
@@ -622,8 +642,55 @@ def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(da
         for index, parts in model.groups_:
             if index in fold:
                 row = design[first[index]] - design[[first[j] for j in parts]].sum(axis=0)
-                total += abs(row @ weights - (energies[index] - energies[parts].sum()))
-    assert total / 16 == pytest.approx(record["mae_ev"][best], rel=1e-6)
+                interactions += abs(row @ weights - (energies[index] - energies[parts].sum()))
+        for k in set(clusters) & fold:
+            loose += abs(design[first[k]] @ weights - target[first[k]])
+    assert interactions / 16 == pytest.approx(record["mae_ev"][best], rel=1e-6)
+    if clusters:
+        assert loose / 3 == pytest.approx(
+            record["cluster_mae_ev"][best], rel=1e-5
+        )  # totals: more round-off
+
+
+def test_without_interaction_energies_cv_leaves_whole_systems_of_cells_out(
+    gfn_delta, co2_crystal_strained
+):
+    """Periodic labels of two named systems (polymorphs): δ by leaving a system out."""
+    rng = np.random.default_rng(12)
+    cells = []
+    for k in range(6):
+        cell = co2_crystal_strained.copy()
+        strain = np.eye(3) + rng.uniform(-0.04, 0.04, size=(3, 3))
+        cell.set_cell(cell.cell.array @ strain, scale_atoms=True)
+        cell.positions += rng.normal(scale=0.03, size=cell.positions.shape)
+        cell.info["system"] = "compressed" if k % 2 else "expanded"
+        if k % 2:
+            cell.set_cell(cell.cell.array * 0.97, scale_atoms=True)
+        cells.append(cell)
+    frames = gfn_delta([*cells, molecule("CO2")])
+    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=20, inter_n_sparse=20, inter_delta="cv")
+    model.fit(frames, trained_with=TERMS)
+    record = model.inter_cv_
+    assert model.n_interactions_ == 0 and record["folds"] == 2 and record["clusters"] == 6
+    assert np.all(np.isnan(record["mae_ev"]))  # no interaction energy to score
+    errors = np.array(record["cluster_mae_ev"])
+    best = int(np.argmin(errors))
+    assert record["delta"] == pytest.approx(record["factors"][best] * record["rule_delta"])
+    assert 0.0015 <= record["delta"] <= 0.5 and errors.max() > errors.min()
+    # Without system names there is nothing to leave out: the rule's fallback, silently.
+    for atoms in frames:
+        atoms.info.pop("system", None)
+    plain = SparseGPR(descriptor=DESCRIPTOR, n_sparse=20, inter_n_sparse=20).fit(frames)
+    assert plain.terms_[1].delta == pytest.approx(plain.inter_cv_["rule_delta"])
+
+
+def test_the_least_regret_trial_balances_two_kinds_of_error():
+    from deltaml.prior_width import least_regret
+
+    errors = np.array([[1.0, 1.1, 1.5, 3.0], [4.0, 2.0, 1.2, 1.0]])
+    assert least_regret(errors) == 2  # worst relative errors 4, 2, 1.5, 3
+    assert least_regret(errors[:1]) == 0
+    assert least_regret(np.array([[np.nan, np.nan], [2.0, 1.0]])) == 1  # a kind without data
 
 
 def test_the_folds_of_the_intermolecular_prior_follow_families(data):
@@ -631,19 +698,20 @@ def test_the_folds_of_the_intermolecular_prior_follow_families(data):
     frames = [a.copy() for a in data["monomers"] + data["interactions"]]
     for atoms, source in zip(frames, data["monomers"] + data["interactions"], strict=True):
         atoms.calc = source.calc
-    model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20)
-    model.groups_ = interaction_groups(frames)
-    for k, (index, _) in enumerate(model.groups_):
-        frames[index].info["family"] = "water" if k < 8 else "alcohol"
-    folds = model._interaction_folds(frames)
+    groups = interaction_groups(frames)
+    families = ["water" if k < 8 else "alcohol" for k in range(len(groups))]
+    folds = interaction_folds(groups, families, 5, seed=0)
     assert len(folds) == 2
     for fold in folds:
-        members = [(i, p) for i, p in model.groups_ if i in fold]
+        members = [(i, p) for i, p in groups if i in fold]
         assert len(members) == 8
         assert all(set(p) <= fold for _, p in members)
+    # Without families, complexes that share molecules (a dimer's scan) stay together.
+    alone = interaction_folds(groups, [None] * len(groups), 5, seed=0)
+    assert sorted(len([i for i, _ in groups if i in f]) for f in alone) == [4, 4, 4, 4]
     with pytest.warns(UserWarning, match="at least two families"):
         for atoms in frames:
-            atoms.info["family"] = "water"
+            atoms.info["family"] = "water"  # one family: nothing to cross-validate
         lone = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=20, inter_delta="cv")
         lone.fit(frames, trained_with=TERMS)
     assert lone.terms_[1].delta == pytest.approx(lone.inter_cv_["rule_delta"])
