@@ -652,21 +652,29 @@ def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(
         )  # totals: more round-off
 
 
+def _deformed_cells(cell: Atoms, count: int, strain: float, rattle: float, seed: int) -> list:
+    """Copies of a cell, each deformed by I + ε (components uniform in ±``strain``) and
+    rattled (normal, ``rattle`` Å)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        copy = cell.copy()
+        copy.set_cell(cell.cell.array @ (np.eye(3) + rng.uniform(-strain, strain, (3, 3))),
+                      scale_atoms=True)  # fmt: skip
+        copy.positions += rng.normal(scale=rattle, size=copy.positions.shape)
+        out.append(copy)
+    return out
+
+
 def test_without_interaction_energies_cv_leaves_whole_systems_of_cells_out(
     gfn_delta, co2_crystal_strained
 ):
     """Periodic labels of two named systems (polymorphs): δ by leaving a system out."""
-    rng = np.random.default_rng(12)
-    cells = []
-    for k in range(6):
-        cell = co2_crystal_strained.copy()
-        strain = np.eye(3) + rng.uniform(-0.04, 0.04, size=(3, 3))
-        cell.set_cell(cell.cell.array @ strain, scale_atoms=True)
-        cell.positions += rng.normal(scale=0.03, size=cell.positions.shape)
+    cells = _deformed_cells(co2_crystal_strained, 6, 0.04, 0.03, seed=12)
+    for k, cell in enumerate(cells):
         cell.info["system"] = "compressed" if k % 2 else "expanded"
         if k % 2:
             cell.set_cell(cell.cell.array * 0.97, scale_atoms=True)
-        cells.append(cell)
     frames = gfn_delta([*cells, molecule("CO2")])
     model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=20, inter_n_sparse=20, inter_delta="cv")
     model.fit(frames, trained_with=TERMS)
@@ -735,14 +743,7 @@ def test_a_lattice_energy_of_a_crystal_model_is_invariant_to_cell_choice_and_ato
 
     from deltaml.crystals import identify_molecules
 
-    rng = np.random.default_rng(8)
-    cells = []
-    for _ in range(4):
-        cell = co2_crystal_strained.copy()
-        strain = np.eye(3) + rng.uniform(-0.03, 0.03, size=(3, 3))
-        cell.set_cell(cell.cell.array @ strain, scale_atoms=True)
-        cell.positions += rng.normal(scale=0.02, size=cell.positions.shape)
-        cells.append(cell)
+    cells = _deformed_cells(co2_crystal_strained, 4, 0.03, 0.02, seed=8)
     gas = molecule("CO2")
     model = SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(
         gfn_delta([*cells, gas])
