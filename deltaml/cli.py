@@ -1002,7 +1002,12 @@ def stability_command(
               help="labelled extxyz never trained on")  # fmt: skip
 @click.option("--iterations", default=5)
 @click.option("--budget", type=int, default=None, help="stop at this many labels")
-@click.option("--target-uncertainty", type=float, default=None, help="eV/Å")
+@click.option(
+    "--target-uncertainty",
+    type=float,
+    default=None,
+    help="stop below it: eV/Å (--score forces) or × (1 kJ/mol, 0.1 GPa) (--score crystal)",
+)
 @click.option("--batch", default=5, help="labels per iteration")
 @click.option("--selection", default="variance_reduction",
               type=click.Choice(["uncertainty", "variance_reduction", "random"]),
