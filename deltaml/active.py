@@ -382,11 +382,11 @@ class ActiveLearner:
             bare = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
             for j in range(self.strained):
                 atoms = strained_cell(bare, self.max_strain, rng)
-                frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
-                if self.score == "forces":
-                    frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
-                _provenance(frame, start, f"iteration {k}, start {s}, strain {j}")
-                out.append(frame)
+                out.append(
+                    self._cell_candidate(
+                        atoms, start, calc, f"iteration {k}, start {s}, strain {j}"
+                    )
+                )
         return out
 
     def _relaxation_frames(self, k: int, calc: DeltaCalculator, progress: bool) -> list[Atoms]:
@@ -411,13 +411,19 @@ class ActiveLearner:
             path_frames = read(path, index=":")[1:]  # not the start itself
             picks = np.unique(np.linspace(0, len(path_frames) - 1, 5).round().astype(int))
             for j in picks if path_frames else []:
-                seen = path_frames[j]
-                frame = Atoms(seen.numbers, seen.positions, cell=seen.cell, pbc=True)
-                if self.score == "forces":
-                    frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
-                _provenance(frame, start, f"iteration {k}, start {s}, relaxation step {j + 1}")
-                out.append(frame)
+                source = f"iteration {k}, start {s}, relaxation step {j + 1}"
+                out.append(self._cell_candidate(path_frames[j], start, calc, source))
         return out
+
+    def _cell_candidate(
+        self, atoms: Atoms, start: Atoms, calc: DeltaCalculator, source: str
+    ) -> Atoms:
+        """A bare periodic copy of ``atoms`` with its provenance (and force σ, if scored so)."""
+        frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+        if self.score == "forces":
+            frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
+        _provenance(frame, start, source)
+        return frame
 
     def _select(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         candidates = read(self._folder(k) / "candidates.extxyz", index=":")

@@ -216,6 +216,19 @@ def co2_model(gfn_delta) -> SparseGPR:
     return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(gfn_delta(frames))
 
 
+def _strained_pair(atoms: Atoms, a: int, b: int, h: float) -> list[Atoms]:
+    """The cell under a symmetric strain +h and −h of component (a, b) (Voigt: the
+    off-diagonal element split between ε_ab and ε_ba), atoms following the cell."""
+    out = []
+    for sign in (1, -1):
+        eps = np.zeros((3, 3))
+        eps[a, b] = eps[b, a] = sign * h / (1 if a == b else 2)
+        probe = atoms.copy()
+        probe.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+        out.append(probe)
+    return out
+
+
 def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_crystal_strained):
     atoms = co2_crystal_strained
     result = co2_model.predict(atoms, stress=True)
@@ -224,13 +237,9 @@ def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_c
     volume = atoms.get_volume()
     voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
     for k, (a, b) in enumerate(voigt):
-        energies = []
-        for sign in (1, -1):
-            eps = np.zeros((3, 3))
-            eps[a, b] = eps[b, a] = sign * h / (1 if a == b else 2)
-            probe = atoms.copy()
-            probe.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-            energies.append(co2_model.predict(probe, forces=False).energy)
+        energies = [
+            co2_model.predict(p, forces=False).energy for p in _strained_pair(atoms, a, b, h)
+        ]
         assert result.stress[k] == pytest.approx(
             (energies[0] - energies[1]) / (2 * h * volume), abs=1e-8
         )
@@ -248,14 +257,7 @@ def test_the_stress_uncertainty_is_that_of_the_strain_derivative(co2_model, co2_
     h = 1e-3
     volume = atoms.get_volume()
     for k, (a, b) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
-        probes = []
-        for sign in (1, -1):
-            eps = np.zeros((3, 3))
-            eps[a, b] = eps[b, a] = sign * h / (1 if a == b else 2)
-            probe = atoms.copy()
-            probe.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
-            probes.append(probe)
-        c = co2_model.energy_covariance(probes)
+        c = co2_model.energy_covariance(_strained_pair(atoms, a, b, h))
         variance = (c[0, 0] + c[1, 1] - 2 * c[0, 1]) / (2 * h) ** 2
         assert sigma[k] == pytest.approx(np.sqrt(variance) / volume, rel=2e-3)
     with pytest.raises(ParameterError, match="periodic"):
