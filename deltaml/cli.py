@@ -591,17 +591,10 @@ def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[
     structure is a unit of its own. Units are drawn in a seeded order until
     about ``validation`` of the structures are held out.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    from deltaml.dataset import interaction_groups
+    from deltaml.dataset import interaction_groups, interaction_systems
 
     count = len(frames)
-    pairs = [(c, m) for c, parts in interaction_groups(frames) for m in parts]
-    graph = coo_matrix(
-        (np.ones(len(pairs)), ([c for c, _ in pairs], [m for _, m in pairs])), shape=(count, count)
-    )
-    _, unit = connected_components(graph, directed=False)
+    unit = interaction_systems(interaction_groups(frames), count)
     target = round(validation * count)
     held: list[int] = []
     for u in np.random.default_rng(seed).permutation(unit.max() + 1 if count else 0):

@@ -53,6 +53,7 @@ __all__ = [
     "export_labelled",
     "import_labelled",
     "interaction_groups",
+    "interaction_systems",
     "read_labelled",
     "write_labelled",
 ]
@@ -655,3 +656,38 @@ def interaction_groups(structures: Sequence[Atoms]) -> list[tuple[int, list[int]
         if all(m is not None for m in found):
             groups.append((index, found))
     return groups
+
+
+def interaction_systems(groups: Sequence[tuple[int, Sequence[int]]], count: int) -> np.ndarray:
+    """Label of the interaction system each structure belongs to.
+
+    An interaction system is a connected set of complexes and molecules: a complex,
+    its molecules, and every other complex sharing one of them (a rigid scan and its
+    minimum share a monomer). Such a unit must not be split between training and
+    held-out data, or an interaction energy would be half seen. Every structure in
+    no group is a system of its own.
+
+    Parameters
+    ----------
+    groups : sequence of (int, sequence of int)
+        Complexes and their molecules (:func:`interaction_groups`).
+    count : int
+        Number of structures (every index in ``groups`` is below it).
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (count,)
+        System label of each structure, 0 … n_systems − 1, numbered in order of
+        each system's first structure.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = [index for index, parts in groups for _ in parts]
+    cols = [k for _, parts in groups for k in parts]
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(count, count))
+    _, labels = connected_components(graph, directed=False)
+    # connected_components numbers systems in order of its search; renumber them by
+    # their first structure so that the labels do not depend on its traversal.
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    return np.argsort(np.argsort(first))[inverse]

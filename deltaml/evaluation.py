@@ -239,7 +239,7 @@ def cross_calibrated_fit(
     """
     from sklearn.base import clone
 
-    from deltaml.dataset import interaction_groups
+    from deltaml.dataset import interaction_groups, interaction_systems
     from deltaml.errors import ParameterError
     from deltaml.offsets import split_isolated_atoms
 
@@ -248,21 +248,11 @@ def cross_calibrated_fit(
     frames = list(frames)
     anchors = {k for k, a in enumerate(frames) if not split_isolated_atoms([a])[1]}
     # Units that must not be split: connected components of complexes and molecules.
-    parent = list(range(len(frames)))
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    for index, parts in interaction_groups(frames):
-        for k in parts:
-            parent[root(k)] = root(index)
+    system = interaction_systems(interaction_groups(frames), len(frames))
     units: dict[int, list[int]] = {}
     for k in range(len(frames)):
         if k not in anchors:
-            units.setdefault(root(k), []).append(k)
+            units.setdefault(int(system[k]), []).append(k)
     order = [list(units.values())[i] for i in np.random.default_rng(seed).permutation(len(units))]
     statistics = []
     for fold in range(folds):

@@ -27,6 +27,8 @@ import numpy as np
 import scipy.linalg
 from numpy.typing import NDArray
 
+from deltaml.dataset import interaction_systems
+
 __all__ = [
     "CV_FACTORS",
     "EVIDENCE_FACTORS",
@@ -203,21 +205,11 @@ def interaction_folds(
     list of set of int
         Structure indices of each fold (fewer than two when there are fewer groups).
     """
-    parent = list(range(len(groups)))
-
-    def root(k: int) -> int:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    seen: dict[int, int] = {}
-    for k, (_, parts) in enumerate(groups):
-        for j in parts:
-            parent[root(k)] = root(seen.setdefault(j, k))
+    n_structures = 1 + max((max(index, *parts) for index, parts in groups), default=-1)
+    system = interaction_systems(groups, n_structures)
     keyed: dict[str, set[int]] = {}
-    for k, ((index, parts), family) in enumerate(zip(groups, families, strict=True)):
-        key = f"family:{family}" if family is not None else f"system:{root(k)}"
+    for (index, parts), family in zip(groups, families, strict=True):
+        key = f"family:{family}" if family is not None else f"system:{system[index]:06d}"
         keyed.setdefault(key, set()).update([index, *parts])
     members = [keyed[key] for key in sorted(keyed)]
     n_folds = min(count, len(members))

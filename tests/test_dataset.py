@@ -275,3 +275,15 @@ def test_interaction_groups_match_geometries_across_rounding_boundaries():
     other_moved.positions = complex_.positions[3:]
     groups = interaction_groups([water, other_moved, complex_])
     assert groups == [(2, [0, 1])]
+
+
+def test_interaction_systems_join_complexes_that_share_a_molecule():
+    from deltaml.dataset import interaction_systems
+
+    # Structure 0 stands alone; 1 and 2 are monomers of the complexes 3 (minimum)
+    # and 5 (a scan point sharing monomer 1 but with its own monomer 4); 6 and 7
+    # are another dimer's monomer and complex.
+    groups = [(3, [1, 2]), (5, [1, 4]), (7, [6, 6])]
+    labels = interaction_systems(groups, 9)
+    assert labels.tolist() == [0, 1, 1, 1, 1, 1, 2, 2, 3]
+    assert interaction_systems([], 3).tolist() == [0, 1, 2]
