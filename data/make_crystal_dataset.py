@@ -3,10 +3,13 @@
 Four stages, each resumable (run the script again after an interruption):
 
 1. ``structures``: the starting cells, seeded: seven ice phases from GenIce2
-   (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII, each at
-   least 7 Å wide) and CO2 I (Pa-3) and III (Cmca) from ``data/crystals``, written
-   once to ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never
-   changes the keys of a half-done store).
+   (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII), CO2 I
+   (Pa-3) and III (Cmca), α- and β-oxalic acid, urea I and benzene I from
+   ``data/crystals`` (the organic ones from the CSD, ``make_organic_crystals.py``),
+   each the smallest supercell at least 7 Å wide (:func:`deltaml.crystals.wide_cell`:
+   CP2K's Γ point and the baseline then see the same cell), written once to
+   ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never changes
+   the keys of a half-done store).
 2. ``seed``: a handful of labelled cells per system (each start, and rattled and
    strained copies of it) with the periodic reference into
    ``data/work/crystals.db``.
@@ -44,7 +47,13 @@ from ase import Atoms
 from ase.io import read, write
 
 from deltaml.active import ActiveLearner
-from deltaml.crystals import ICE_PHASES, ice_polymorph, strained_cell
+from deltaml.crystals import (
+    ICE_PHASES,
+    ice_polymorph,
+    strained_cell,
+    whole_molecules,
+    wide_cell,
+)
 from deltaml.dataset import export_labelled
 from deltaml.files import atomic_path
 from deltaml.labelling import label_structures, reference_calculator
@@ -63,15 +72,30 @@ QUICK = {"code": "cp2k", "basis": "SZV-MOLOPT-SR-GTH", "cutoff_ry": 200, "rel_cu
 MODEL = {"uncertainty": "forces"}
 
 
+#: Crystals read from ``data/crystals`` (besides the ice phases GenIce2 builds).
+CRYSTAL_FILES = (
+    "co2_pa3",
+    "co2_cmca",
+    "oxalic_acid_alpha",
+    "oxalic_acid_beta",
+    "urea_i",
+    "benzene_i",
+)
+#: Every starting cell is at least this wide (Å): MD in it and a Γ-point label.
+MIN_WIDTH_A = 7.0
+
+
 def starting_cells(seed: int = 0) -> list[Atoms]:
     """The starting cell of every system, ``info["system"]`` naming it."""
     cells = []
     for name in ICE_PHASES:
-        atoms = ice_polymorph(name, seed=seed)
+        atoms = ice_polymorph(name, min_width=MIN_WIDTH_A, seed=seed)
         atoms.info = {"system": f"ice:{name}"}
         cells.append(atoms)
-    for name in ("co2_pa3", "co2_cmca"):
-        atoms = read(HERE / "crystals" / f"{name}.extxyz")
+    for name in CRYSTAL_FILES:
+        unit = read(HERE / "crystals" / f"{name}.extxyz")
+        unit.positions = whole_molecules(unit)[1]  # stored whole, so copies stay whole
+        atoms = wide_cell(unit, MIN_WIDTH_A)
         atoms.info = {"system": name}
         cells.append(atoms)
     return cells

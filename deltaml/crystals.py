@@ -370,6 +370,36 @@ def wide_cell_matrix(
     return best[2].astype(np.int64)
 
 
+def wide_cell(atoms: Atoms, min_width: float = 7.0) -> Atoms:
+    """The smallest supercell of ``atoms`` that is ``min_width`` wide in every direction.
+
+    A Γ-point calculation (tblite, CP2K's default) of a narrow cell misses the
+    dispersion of its bands; labels and baseline on the same wide cell keep a
+    Δ-target free of that error. Atoms are not wrapped, so whole molecules stay
+    whole; ``info`` is kept.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Periodic cell.
+    min_width : float, default=7.0
+        Smallest perpendicular width, Å (:func:`wide_cell_matrix`).
+
+    Returns
+    -------
+    ase.Atoms
+        The supercell (a copy of ``atoms`` when it is wide enough already).
+    """
+    from ase.build import make_supercell
+
+    matrix = wide_cell_matrix(atoms.cell.array, min_width)
+    if (matrix == np.eye(3, dtype=np.int64)).all():
+        return atoms.copy()
+    out = make_supercell(atoms, matrix, wrap=False, order="cell-major")
+    out.info = dict(atoms.info)
+    return out
+
+
 @dataclass(frozen=True)
 class IcePhase:
     """How GenIce2 builds one ice phase."""
@@ -430,10 +460,8 @@ def ice_polymorph(name: str, *, min_width: float = 7.0, seed: int = 0) -> Atoms:
     phase = ICE_PHASES[name]
     cell = _genice_cell(phase.lattice, tuple(sorted(phase.options)), seed)
     unit = repeat_unit(cell, phase.reduce)
-    from ase.build import make_supercell
 
-    matrix = wide_cell_matrix(unit.cell.array, min_width) if min_width > 0 else np.eye(3)
-    atoms = make_supercell(unit, matrix, wrap=False, order="cell-major")
+    atoms = wide_cell(unit, min_width) if min_width > 0 else unit
     from importlib.metadata import version
 
     atoms.info["ice_phase"] = name

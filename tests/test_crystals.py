@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ase.build import molecule
@@ -82,6 +84,26 @@ def test_wide_cell_matrix_is_the_smallest_wide_supercell(cellpar, copies):
     # No single copy of a cubic 6.38 Å cell is 7 Å wide, so 2 is the minimum.
     if copies == 2:
         assert perpendicular_widths(cell).min() < 7.0
+
+
+def test_wide_cell_enlarges_narrow_cells_and_keeps_molecules_whole():
+    from ase.io import read
+
+    from deltaml.crystals import wide_cell
+
+    data = Path(__file__).resolve().parents[1] / "data" / "crystals"
+    dry_ice = read(data / "co2_pa3.extxyz")
+    dry_ice.info["system"] = "co2_pa3"
+    wide = wide_cell(dry_ice, 7.0)
+    copies = round(wide.get_volume() / dry_ice.get_volume())
+    assert copies > 1 and len(wide) == copies * len(dry_ice)
+    assert perpendicular_widths(wide.cell.array).min() >= 7.0
+    assert identify_molecules(wide).count == {"CO2": 4 * copies}
+    assert wide.info["system"] == "co2_pa3"
+    # Already wide: an equal copy.
+    again = wide_cell(wide, 7.0)
+    assert again is not wide
+    np.testing.assert_array_equal(again.positions, wide.positions)
 
 
 @pytest.mark.parametrize("name", sorted(ICE_PHASES))

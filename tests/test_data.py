@@ -14,7 +14,19 @@ from deltaml.structures import validate_structure
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
-@pytest.mark.parametrize("name", ["molecules/benzene.xyz", "crystals/co2_pa3.extxyz"])
+ORGANIC = {
+    "oxalic_acid_alpha": ("OXALAC02", "C2H2O4", 4),
+    "oxalic_acid_beta": ("OXALAC11", "C2H2O4", 2),
+    "urea_i": ("UREAXX02", "CH4N2O", 2),
+    "benzene_i": ("BENZEN", "C6H6", 4),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["molecules/benzene.xyz", "crystals/co2_pa3.extxyz"]
+    + [f"crystals/{name}.extxyz" for name in ORGANIC],
+)
 def test_shipped_structures_are_valid(name):
     atoms = read(DATA / name)
     validate_structure(atoms, charge=0)
@@ -29,6 +41,50 @@ def test_dry_ice_matches_its_published_structure():
     d = neighbor_list("d", atoms, 1.3)
     assert len(d) == 16  # two C=O bonds per CO2, each counted from both ends
     np.testing.assert_allclose(d, np.sqrt(3) * 0.1185 * 5.624, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(ORGANIC))
+def test_organic_crystals_are_whole_molecules_with_neutron_hydrogens(name):
+    """CSD cells: the documented molecules, whole; X–H at the neutron lengths."""
+    from deltaml.crystals import identify_molecules
+
+    refcode, formula, count = ORGANIC[name]
+    atoms = read(DATA / "crystals" / f"{name}.extxyz")
+    assert refcode in atoms.info["source"]
+    assert identify_molecules(atoms).count == {formula: count}
+    first, second, d = neighbor_list("ijd", atoms, 1.2)
+    hydrogen = atoms.numbers[first] == 1
+    partners = {6: 1.083, 7: 1.009, 8: 0.983}
+    for j, length in zip(second[hydrogen], d[hydrogen], strict=True):
+        assert length == pytest.approx(partners[atoms.numbers[j]], abs=1e-6)
+    assert np.count_nonzero(hydrogen) == np.count_nonzero(atoms.numbers == 1)
+
+
+def test_alpha_oxalic_acid_hydrogens_donate_hydrogen_bonds():
+    """The H added to α-oxalic acid each point at an O of another molecule."""
+    from deltaml.crystals import identify_molecules
+
+    atoms = read(DATA / "crystals" / "oxalic_acid_alpha.extxyz")
+    labels = identify_molecules(atoms).labels
+    oxygens = np.flatnonzero(atoms.numbers == 8)
+    for h in np.flatnonzero(atoms.numbers == 1):
+        others = [o for o in oxygens if labels[o] != labels[h]]
+        assert atoms.get_distances(h, others, mic=True).min() < 2.0
+
+
+def test_crystal_starts_are_wide_cells_of_whole_molecules():
+    """Every starting cell of the periodic reference set is ≥ 7 Å wide (Γ-point labels)."""
+    from deltaml.crystals import whole_molecules
+    from deltaml.structures import perpendicular_widths
+
+    starts = read(DATA / "structures" / "crystal_starts.extxyz", ":")
+    systems = [a.info["system"] for a in starts]
+    assert len(set(systems)) == len(systems) == 13
+    assert {"co2_pa3", "co2_cmca", *ORGANIC} <= set(systems)
+    for atoms in starts:
+        assert perpendicular_widths(atoms.cell.array).min() >= 7.0
+        _, positions = whole_molecules(atoms)
+        np.testing.assert_allclose(positions, atoms.positions, atol=1e-8)  # stored whole
 
 
 def test_structures_are_reproduced_by_their_script(tmp_path, monkeypatch):
