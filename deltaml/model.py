@@ -58,13 +58,13 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
-import scipy.optimize
 import scipy.sparse
 from ase import Atoms
 from ase.data import atomic_numbers, chemical_symbols
 from numpy.typing import NDArray
 from sklearn.base import BaseEstimator
 
+from deltaml.calibration import calibrate_from, calibration_statistics
 from deltaml.correction import CorrectionResult
 from deltaml.dataset import interaction_groups
 from deltaml.descriptors import DescriptorBatch, SOAPDescriptor
@@ -136,13 +136,6 @@ _CV_CLUSTER_SCALE = 0.05
 #: Intermolecular rows shorter than this fraction of the element's typical row are
 #: not taken as sparse points (contacts at the edge of the cut-off).
 _INTER_MIN_NORM = 0.05
-#: An interaction energy whose uncalibrated variance is below this fraction of
-#: δ_inter² has no intermolecular part (no contact within the cut-off): it cannot
-#: calibrate the intermolecular factor.
-_NO_CONTACT = 1e-10
-#: Fewest held-out interaction energies that fit the intermolecular factor: the RMS
-#: of fewer z-scores is too noisy to trust (one z-score can be anything).
-MIN_CALIBRATION_INTERACTIONS = 5
 
 
 class SparseGPR(BaseEstimator):
@@ -1232,7 +1225,8 @@ class SparseGPR(BaseEstimator):
         when the held-out frames hold interaction systems: complexes with every
         one of their molecules at the same geometry, as
         :func:`~deltaml.dataset.interaction_groups` finds them, at least
-        :data:`MIN_CALIBRATION_INTERACTIONS` with a contact within the cut-off):
+        :data:`~deltaml.calibration.MIN_CALIBRATION_INTERACTIONS` with a contact
+        within the cut-off):
         the factor of the intermolecular part's standard deviation, and
         ``"inter_floor"`` (eV), an error added in quadrature to every structure of
         more than one molecule (the terms' error beyond the cut-off, noise),
@@ -1288,39 +1282,7 @@ class SparseGPR(BaseEstimator):
             energy found among ``frames`` (molecular decomposition).
         """
         self._check_fitted()
-        frames = split_isolated_atoms(list(frames))[1]
-        if not frames:
-            raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
-        saved = dict(self.uncertainty_scale_)
-        self.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
-        errors, predicted, parts, z_forces = [], [], [], []
-        try:
-            for atoms in frames:
-                with_forces = "forces" in atoms.calc.results and self.uncertainty == "forces"
-                result = self.predict(atoms, forces=with_forces)
-                predicted.append(result.energy)
-                errors.append(atoms.calc.results["energy"] - result.energy)
-                if self.molecular:
-                    a = self._energy_covariance([atoms], [1.0, 0.0], 1.0)[0, 0]
-                    b = self._energy_covariance([atoms], [0.0, 1.0], 0.0)[0, 0]
-                    c = (result.energy_uncertainty**2 - a - b) / 2.0
-                    parts.append((a, b, c, float(self._has_contacts(atoms))))
-                else:
-                    parts.append((result.energy_uncertainty**2, 0.0, 0.0, 0.0))
-                if with_forces:
-                    err = atoms.calc.results["forces"] - result.forces
-                    std = np.maximum(result.forces_uncertainty, 1e-12)[:, None]
-                    z_forces.append((err / std).ravel())
-            groups = interaction_groups(frames) if self.molecular else []
-            interactions = self._interaction_statistics(frames, groups, np.array(predicted))
-        finally:
-            self.uncertainty_scale_ = saved
-        return {
-            "energy_error": np.array(errors),
-            "energy_parts": np.array(parts).reshape(-1, 4),
-            "force_z": np.concatenate(z_forces) if z_forces else np.zeros(0),
-            **interactions,
-        }
+        return calibration_statistics(self, frames)
 
     def calibrate_from(self, statistics: Sequence[dict[str, NDArray]]) -> dict[str, float]:
         """Set the factors of :meth:`calibrate` from pooled :meth:`calibration_statistics`.
@@ -1335,52 +1297,7 @@ class SparseGPR(BaseEstimator):
             The factors now in ``uncertainty_scale_``.
         """
         self._check_fitted()
-        pooled = {k: np.concatenate([s[k] for s in statistics]) for k in statistics[0]}
-        errors, parts = pooled["energy_error"], pooled["energy_parts"]
-        if not len(errors):
-            raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
-        total = np.maximum(parts[:, 0] + parts[:, 1] + 2 * parts[:, 2], 1e-24)
-        scale = {"energy": float(np.sqrt(np.mean(errors**2 / total)))}
-        z_forces = pooled["force_z"]
-        scale["forces"] = float(np.sqrt(np.mean(z_forces**2))) if len(z_forces) else 1.0
-        inter = None
-        if self.molecular:
-            inter = _inter_factor(
-                pooled["interaction_error"],
-                pooled["interaction_variance"],
-                pooled["interaction_contact"].astype(bool),
-            )
-        if inter is not None:
-            scale["inter"], scale["inter_floor"] = inter
-            scale["energy"] = _energy_factor(errors, parts, scale)
-        self.uncertainty_scale_ = scale
-        self.content_sha256_ = None  # the model changed
-        return dict(scale)
-
-    def _interaction_statistics(
-        self, frames: list[Atoms], groups: list[tuple[int, list[int]]], predicted: NDArray
-    ) -> dict[str, NDArray]:
-        """Error and uncalibrated intermolecular variance of each interaction energy."""
-        inter_only = [1.0 if t.name == "inter" else 0.0 for t in self.terms_]
-        errors, variances = [], []
-        for index, parts in groups:
-            members = [index, *parts]
-            weights = np.array([1.0] + [-1.0] * len(parts))
-            covariance = self._energy_covariance([frames[k] for k in members], inter_only, 0.0)
-            target = weights @ [frames[k].calc.results["energy"] for k in members]
-            errors.append(float(target - weights @ predicted[members]))
-            variances.append(max(float(weights @ covariance @ weights), 0.0))
-        variances = np.array(variances)
-        contact = (
-            variances > _NO_CONTACT * self.terms_[1].delta ** 2
-            if self.molecular
-            else np.zeros(len(variances), dtype=bool)
-        )
-        return {
-            "interaction_error": np.array(errors),
-            "interaction_variance": np.where(contact, variances, 0.0),
-            "interaction_contact": contact,
-        }
+        return calibrate_from(self, statistics)
 
     # -- files --------------------------------------------------------------------
 
@@ -1432,59 +1349,6 @@ class SparseGPR(BaseEstimator):
             damaged file (the message says what).
         """
         return model_from_file(cls, path)
-
-
-def _inter_factor(
-    errors: NDArray, variances: NDArray, contact: NDArray
-) -> tuple[float, float] | None:
-    """Factor s_I and floor τ (eV) of the σ of held-out interaction energies.
-
-    The σ of an interaction energy is modelled as √(s_I² v + τ²), v its
-    uncalibrated intermolecular variance (0 without a contact within the
-    cut-off): τ is the error that the intermolecular part cannot describe (the
-    terms' error beyond the cut-off, noise of the labels). Both maximise the
-    Gaussian likelihood of the held-out errors, then are scaled together so
-    that the z-scores have RMS exactly 1 (which the optimum satisfies already
-    unless a bound stopped it). None if fewer than
-    :data:`MIN_CALIBRATION_INTERACTIONS` have a contact: too few to set s_I.
-    """
-    if contact.sum() < MIN_CALIBRATION_INTERACTIONS:
-        return None
-    start = float(np.sqrt(np.mean(errors[contact] ** 2 / variances[contact])))
-    largest = max(float(np.abs(errors).max()), 1e-6)
-
-    def nll(x: NDArray) -> float:
-        total = np.exp(2 * x[0]) * variances + np.exp(2 * x[1])
-        return float(np.sum(np.log(total) + errors**2 / total))
-
-    x0 = np.array([np.log(start), np.log(0.1 * largest)])
-    bounds = [(x0[0] - 12.0, x0[0] + 12.0), (np.log(1e-8), np.log(largest) + 1.0)]
-    found = scipy.optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds).x
-    s_inter, floor = np.exp(found)
-    rms = np.sqrt(np.mean(errors**2 / (s_inter**2 * variances + floor**2)))
-    return float(rms * s_inter), float(rms * floor)
-
-
-def _energy_factor(errors: NDArray, parts: NDArray, scale: dict[str, float]) -> float:
-    """Energy factor s_E giving unit RMS z-score of total energies, inter factor fixed.
-
-    The variance of a total energy is s_E² a + s_I² b + 2 s_E s_I c + τ² d (a:
-    offsets and first term, b: intermolecular part, c: their covariance, d: 1
-    for a structure with an intermolecular part).
-    """
-    a, b, c, d = parts.T
-    inter, floor = scale["inter"], scale["inter_floor"]
-
-    def excess(log_s: float) -> float:
-        s = np.exp(log_s)
-        variance = np.maximum(s**2 * a + inter**2 * b + 2 * s * inter * c + floor**2 * d, 1e-24)
-        return float(np.log(np.mean(errors**2 / variance)))
-
-    guess = np.log(scale["energy"])
-    low, high = guess - np.log(1e3), guess + np.log(1e3)
-    if excess(low) > 0 > excess(high):
-        return float(np.exp(scipy.optimize.brentq(excess, low, high, xtol=1e-6)))
-    return scale["energy"]  # the inter part alone explains the errors: keep the plain one
 
 
 def _system_folds(frames: list[Atoms], members: list[int], seed: int) -> list[set[int]]:

@@ -34,6 +34,7 @@ LAYERS: list[list[str]] = [
         "model_io",
         "sampling",
         "prior_width",
+        "calibration",
         "model",
         "selection",
     ],
