@@ -10,9 +10,14 @@ Four stages, each resumable (run the script again after an interruption):
    CP2K's Γ point and the baseline then see the same cell), written once to
    ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never changes
    the keys of a half-done store).
+   Beside them, ``data/structures/crystal_molecules.extxyz``: each distinct
+   molecule in the gas phase, as cut from the first start that holds it and
+   relaxed with GFN2-xTB, the gas-phase end of a lattice energy
+   E_latt = E_crystal / N − E_molecule at fixed geometries.
 2. ``seed``: a handful of labelled cells per system (each start, and rattled and
-   strained copies of it) with the periodic reference into
-   ``data/work/crystals.db``.
+   strained copies of it) and the gas-phase molecules, with the periodic
+   reference (molecules in a box with the non-periodic Poisson solver, same
+   settings) into ``data/work/crystals.db``.
 3. ``active``: :class:`deltaml.active.ActiveLearner` on all the starts at once
    (one crystal model): MD at 100 and 300 K, strained copies (±5 %) and frames
    of a cell relaxation (``--relax-steps``) as candidates, scored by the σ of
@@ -61,6 +66,7 @@ from deltaml.store import LabelStore
 
 HERE = Path(__file__).resolve().parent
 STARTS = HERE / "structures" / "crystal_starts.extxyz"
+MOLECULES = HERE / "structures" / "crystal_molecules.extxyz"
 OUTPUT = HERE / "labelled" / "crystals.extxyz"
 
 #: The periodic reference: CP2K's defaults (revPBE, DZVP-MOLOPT-SR-GTH, 600 Ry).
@@ -99,6 +105,39 @@ def starting_cells(seed: int = 0) -> list[Atoms]:
         atoms.info = {"system": name}
         cells.append(atoms)
     return cells
+
+
+def gas_molecules(starts: list[Atoms]) -> list[Atoms]:
+    """Each distinct molecule of ``starts`` alone: as cut from the first start that
+    holds it, and relaxed with GFN2-xTB (tblite, its own D4; BFGS, fmax 0.01 eV/Å).
+
+    ``info["system"]`` is ``"gas:<formula>"``, ``info["source"]`` says which.
+    """
+    from ase.optimize import BFGS
+
+    from deltaml.baseline import XTBBaseline
+
+    out, seen = [], set()
+    for start in starts:
+        molecules, positions = whole_molecules(start)
+        for label, formula in enumerate(molecules.formulas):
+            if formula in seen:
+                continue
+            seen.add(formula)
+            mask = molecules.labels == label
+            cut = Atoms(start.numbers[mask], positions[mask] - positions[mask].mean(axis=0))
+            relaxed = cut.copy()
+            relaxed.calc = XTBBaseline(method="GFN2-xTB")
+            BFGS(relaxed, logfile=None).run(fmax=0.01, steps=500)
+            relaxed.calc = None
+            origin = start.info["system"]
+            cut.info = {"system": f"gas:{formula}", "source": f"cut from {origin}"}
+            relaxed.info = {
+                "system": f"gas:{formula}",
+                "source": f"cut from {origin}, relaxed with GFN2-xTB",
+            }
+            out += [cut, relaxed]
+    return out
 
 
 def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
@@ -145,20 +184,27 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(STARTS) as partial:
             write(partial, starting_cells(args.seed), format="extxyz")
     starts = read(STARTS, index=":")
+    if not MOLECULES.exists():
+        with atomic_path(MOLECULES) as partial:
+            write(partial, gas_molecules(starts), format="extxyz")
+    molecules = read(MOLECULES, index=":")
     if args.systems:
         wanted = set(args.systems.split(","))
         starts = [a for a in starts if a.info["system"] in wanted]
         if not starts:
             print(f"no starting cell among {sorted(wanted)}", file=sys.stderr)
             return 2
-    print(f"{len(starts)} starting cells: {', '.join(a.info['system'] for a in starts)}")
+        formulas = {f for a in starts for f in whole_molecules(a)[0].formulas}
+        molecules = [m for m in molecules if m.info["system"][4:] in formulas]
+    print(f"{len(starts)} starting cells: {', '.join(a.info['system'] for a in starts)}; "
+          f"{len(molecules)} gas-phase molecules")  # fmt: skip
     if args.stage == "structures":
         return 0
 
     store = LabelStore(store_path)
     workdir = HERE / "work" / f"crystal_al{suffix}"
     if args.stage in ("all", "seed"):
-        frames = seed_cells(starts, args.copies, args.seed)
+        frames = seed_cells(starts, args.copies, args.seed) + [m.copy() for m in molecules]
         for atoms in frames:
             atoms.info = {}
         report = label_structures(frames, store, reference=reference, workers=args.workers,
@@ -176,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"active: {history[-1]['n_labels']} labels after {len(history) - 1} iterations")
     if args.stage in ("all", "export"):
         output = OUTPUT.with_suffix(".quick.extxyz") if args.quick else OUTPUT
-        # Seed cells and selected candidates, with their system and source.
-        known = seed_cells(starts, args.copies, args.seed)
+        # Seed cells, molecules and selected candidates, with their system and source.
+        known = seed_cells(starts, args.copies, args.seed) + molecules
         for atoms in learner.selected_structures():
             source = atoms.info["source"]  # "iteration k, start s, ..."
             system = (

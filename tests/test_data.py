@@ -87,6 +87,25 @@ def test_crystal_starts_are_wide_cells_of_whole_molecules():
         np.testing.assert_allclose(positions, atoms.positions, atol=1e-8)  # stored whole
 
 
+def test_crystal_molecules_are_each_starts_molecule_cut_and_relaxed():
+    """The gas-phase ends of the lattice energies: every molecule of the starts, twice."""
+    from deltaml.baseline import XTBBaseline
+    from deltaml.crystals import whole_molecules
+
+    starts = read(DATA / "structures" / "crystal_starts.extxyz", ":")
+    molecules = read(DATA / "structures" / "crystal_molecules.extxyz", ":")
+    formulas = {f for a in starts for f in whole_molecules(a)[0].formulas}
+    assert sorted(m.info["system"] for m in molecules) == sorted(
+        f"gas:{f}" for f in formulas for _ in range(2)
+    )
+    for atoms in molecules:
+        assert not atoms.pbc.any()
+        assert whole_molecules(atoms)[0].formulas == [atoms.info["system"][4:]]
+        if "relaxed" in atoms.info["source"]:
+            atoms.calc = XTBBaseline(method="GFN2-xTB")
+            assert np.abs(atoms.get_forces()).max() < 0.01
+
+
 def test_structures_are_reproduced_by_their_script(tmp_path, monkeypatch):
     """data/make_structures.py regenerates exactly what is shipped."""
     import importlib.util
