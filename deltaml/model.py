@@ -73,6 +73,7 @@ from deltaml.errors import (
     NotFittedError,
     OutOfDomainWarning,
     ParameterError,
+    UnsupportedCapabilityError,
 )
 from deltaml.expansion import expand
 from deltaml.intermolecular import split_by_molecule
@@ -848,6 +849,11 @@ class SparseGPR(BaseEstimator):
         :class:`~deltaml.calculator.DeltaCalculator`).
         """
         self._check_fitted()
+        if stress and not atoms.pbc.all():
+            raise UnsupportedCapabilityError(
+                "stress needs a cell periodic in all three directions; "
+                f"got pbc={atoms.pbc.tolist()}"
+            )
         want_var = self.uncertainty is not None
         if force_uncertainty is None:
             want_force_var = self.uncertainty == "forces" and forces

@@ -100,6 +100,13 @@ def test_forces_are_minus_the_gradient_of_the_energy(model, data):
             assert forces[i, a] == pytest.approx(numeric, abs=1e-6)
 
 
+def test_stress_of_a_molecule_is_refused_with_a_clear_error(model, water):
+    from deltaml.errors import UnsupportedCapabilityError
+
+    with pytest.raises(UnsupportedCapabilityError, match="periodic in all three"):
+        model.predict(water, stress=True)
+
+
 def test_stress_is_the_strain_derivative_of_the_energy(model, co2_crystal):
     atoms = co2_crystal.copy()
     atoms.positions += np.random.default_rng(0).normal(scale=0.03, size=atoms.positions.shape)
