@@ -23,7 +23,10 @@ Side by side, in kcal/mol, on the complexes of the held-out systems:
 * alternatives, with ``--models``: ``atomic-exp`` (a kernel that decays out of
   domain, exp(ζ(x̂·ŷ − 1)) with ζ = 20, so the correction returns to its offsets
   far from the data), ``atomic-small-prior`` (δ = 0.02 eV instead of the
-  automatic width), ``molecular-zeta2`` (a quadratic intermolecular kernel).
+  automatic width), ``molecular-zeta2`` (a quadratic intermolecular kernel),
+  ``molecular-local2``, ``molecular-local8`` (the local intermolecular kernel
+  (x·y) exp(ζ(x̂·ŷ − 1)), ζ = 2 and 8: it returns to zero correction, the terms,
+  for contacts unlike the data).
 
 Reported: MAE of interaction energies (minima, scans, all) and of the scan
 energies relative to their minimum (the shape of each curve); the difference of
@@ -80,6 +83,8 @@ MODELS = {
     "molecular-small-prior": {"decomposition": "molecular", "inter_delta": 0.02},
     "molecular-cv": {"decomposition": "molecular", "inter_delta": "cv"},
     "molecular-cv-interactions": {"decomposition": "molecular", "inter_delta": "cv-interactions"},
+    "molecular-local2": {"decomposition": "molecular", "inter_kernel": "local", "inter_zeta": 2},
+    "molecular-local8": {"decomposition": "molecular", "inter_kernel": "local", "inter_zeta": 8},
 }
 
 

@@ -5,8 +5,16 @@ A term is a sum of atomic energies, each a GP on the atom's descriptor row
 
 .. math::
 
-    E = \sum_i \sum_{m \in Z_i} \alpha_m\, \delta^2 k(x_i \cdot x_m),
-    \qquad k(c) = c^\zeta \ \text{(dot)} \quad\text{or}\quad e^{\zeta (c - 1)} \ \text{(exp)}.
+    E = \sum_i \sum_{m \in Z_i} \alpha_m\, \delta^2 k(x_i, x_m),
+    \qquad k = c^\zeta \ \text{(dot)}, \quad e^{\zeta (c - 1)} \ \text{(exp)}
+    \quad\text{or}\quad c\, e^{\zeta (\hat c - 1)} \ \text{(local)},
+
+with :math:`c = x_i \cdot x_m` and :math:`\hat c = \hat x_i \cdot \hat x_m` the cosine.
+The *local* kernel is meant for unnormalised rows that vanish with what they
+describe (the intermolecular rows): its prior variance is :math:`|x|^2`, as the
+linear kernel's, and it vanishes with :math:`x`, but two rows of different
+directions are decorrelated, so that far from the data the term returns to zero
+instead of extrapolating one linear functional of the rows everywhere.
 
 :class:`~deltaml.model.SparseGPR` fits one term (the atomic decomposition) or
 two independent ones (intramolecular + intermolecular) on the same targets.
@@ -32,10 +40,10 @@ from numpy.typing import NDArray
 from deltaml.descriptors import DescriptorBatch, _column_span
 from deltaml.structures import VOIGT_INDICES
 
-__all__ = ["KERNELS", "VOIGT", "KernelTerm", "kernel_values"]
+__all__ = ["KERNELS", "VOIGT", "KernelTerm", "kernel_values", "local_kernel"]
 
-#: Kernel functions of c = x·y.
-KERNELS = ("dot", "exp")
+#: Kernels: functions of c = x·y ("dot", "exp"), and of c and the cosine ("local").
+KERNELS = ("dot", "exp", "local")
 
 #: Voigt order of ASE: xx, yy, zz, yz, xz, xy, as index pairs into a 3×3 tensor.
 VOIGT = VOIGT_INDICES  # one definition, in deltaml.structures
@@ -53,11 +61,79 @@ def kernel_values(c: NDArray, kind: str, zeta: float) -> tuple[NDArray, NDArray,
 
 #: Rows per block of a kernel sum between two sets of rows (bounds its memory).
 BLOCK_ROWS = 2048
+#: Rows shorter than this are taken as zero by the local kernel (no contact).
+_ZERO_NORM = 1e-12
+
+
+def _unit_rows(x: NDArray) -> tuple[NDArray, NDArray]:
+    """Norms of rows and the rows normalised (zero rows stay zero)."""
+    norms = np.linalg.norm(x, axis=1)
+    safe = np.where(norms > _ZERO_NORM, norms, 1.0)
+    return norms, np.where((norms > _ZERO_NORM)[:, None], x / safe[:, None], 0.0)
+
+
+def local_kernel(x: NDArray, y: NDArray, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
+    r"""The local kernel k = c·exp(ζ(ĉ − 1)) of rows ``x`` with rows ``y``, and dk/dx.
+
+    dk/dx_i = A_im y_m + B_im x_i with A = e(1 + ζĉ) and B = −ζ e ĉ² |y_m| / |x_i|
+    (e = exp(ζ(ĉ − 1))); both are set to zero for a zero row (no contact: its
+    gradient is zero too).
+
+    Returns
+    -------
+    k, A, B : ndarray of shape (len(x), len(y))
+    """
+    nx, ux = _unit_rows(x)
+    ny, uy = _unit_rows(y)
+    cosine = ux @ uy.T
+    e = np.exp(zeta * (cosine - 1.0))
+    k = (nx[:, None] * ny[None, :]) * cosine * e
+    a = e * (1.0 + zeta * cosine)
+    b = -zeta * e * cosine**2 * ny[None, :] / np.where(nx > _ZERO_NORM, nx, 1.0)[:, None]
+    zero = (nx <= _ZERO_NORM)[:, None] | (ny <= _ZERO_NORM)[None, :]
+    return np.where(zero, 0.0, k), np.where(zero, 0.0, a), np.where(zero, 0.0, b)
+
+
+def local_gradient_covariance(x: NDArray, g: NDArray, zeta: float) -> NDArray:
+    r"""g_iᵀ (∂²k(x_i, x_j)/∂x_i∂x_j) g_j of the local kernel, for all pairs i, j.
+
+    With u = x̂_i·x̂_j and e = exp(ζ(u − 1)), the mixed second derivative is
+    e(1+ζu) I + ζe(2+ζu) x̂_j ⊗ (x̂_i − u x̂_j) − ζe x̂_i ⊗ [(ζu² + 2u)(x̂_i − u x̂_j) + u² x̂_j]
+    (first index along x_i, second along x_j); ζ = 0 gives the linear kernel's I.
+    The prior covariance of the derivatives of two atomic energies along g.
+
+    Parameters
+    ----------
+    x : ndarray of shape (r, F)
+        Rows (one element).
+    g : ndarray of shape (r, F)
+        Derivative of each row along one direction (a position component, a strain).
+    """
+    _, ux = _unit_rows(x)
+    u = ux @ ux.T
+    e = np.exp(zeta * (u - 1.0))
+    p = g @ ux.T  # p[i, j] = g_i · x̂_j
+    d = np.diag(p)  # g_i · x̂_i
+    across = p.T - u * d[None, :]  # (x̂_i − u x̂_j) · g_j
+    out = e * (1.0 + zeta * u) * (g @ g.T)
+    out += zeta * e * (2.0 + zeta * u) * p * across
+    out -= zeta * e * d[:, None] * ((zeta * u**2 + 2.0 * u) * across + u**2 * d[None, :])
+    zero = np.linalg.norm(x, axis=1) <= _ZERO_NORM
+    out[zero, :] = 0.0
+    out[:, zero] = 0.0
+    return out
 
 
 def _kernel_sum(x: NDArray, y: NDArray, kind: str, zeta: float) -> float:
     """Σ_ij k(x_i·y_j) in memory linear in the rows (and time, where the kernel allows)."""
     n_features = x.shape[1]
+    if kind == "local":
+        return float(
+            sum(
+                np.sum(local_kernel(x[start : start + BLOCK_ROWS], y, zeta)[0])
+                for start in range(0, len(x), BLOCK_ROWS)
+            )
+        )
     if kind == "dot" and zeta == 1:
         return float(x.sum(axis=0) @ y.sum(axis=0))
     if kind == "dot" and zeta == 2 and min(len(x), len(y)) > n_features:
@@ -110,17 +186,23 @@ class KernelTerm:
     def kmm(self) -> NDArray[np.float64]:
         """δ² k(x_m, x_m') between sparse points (zero across elements)."""
         same = self.sparse_numbers[:, None] == self.sparse_numbers[None, :]
-        k, _, _ = kernel_values(self.sparse_values @ self.sparse_values.T, self.kernel, self.zeta)
+        k = self._kernel(self.sparse_values, self.sparse_values)[0]
         return self.delta**2 * np.where(same, k, 0.0)
+
+    def _kernel(self, x: NDArray, y: NDArray) -> tuple[NDArray, NDArray, NDArray | None]:
+        """k(x_i, y_m) and its derivative: (k, k'(c), None) for kernels of c = x·y,
+        (k, A, B) with dk/dx_i = A y_m + B x_i for the local kernel."""
+        if self.kernel == "local":
+            return local_kernel(x, y, self.zeta)
+        k, dk, _ = kernel_values(x @ y.T, self.kernel, self.zeta)
+        return k, dk, None
 
     def atom_rows(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """δ² k(x_i, x_m) of every atom i with every sparse point m."""
         out = np.zeros((len(batch.values), self.size))
         for z, cols in self.columns().items():
             mine = batch.numbers == z
-            k, _, _ = kernel_values(
-                batch.values[mine] @ self.sparse_values[cols].T, self.kernel, self.zeta
-            )
+            k = self._kernel(batch.values[mine], self.sparse_values[cols])[0]
             out[np.ix_(mine, cols)] = self.delta**2 * k
         return out
 
@@ -145,7 +227,7 @@ class KernelTerm:
             if not len(rows):
                 continue
             sparse = self.sparse_values[cols]
-            k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
+            k, dk, across = self._kernel(batch.values[rows], sparse)
             block = np.zeros((n_frames, len(cols)))
             np.add.at(block, frame_of_row[rows], d2 * k)
             out["energy"][:, cols] = block
@@ -157,7 +239,12 @@ class KernelTerm:
                 proj = (grad.reshape(-1, grad.shape[-1]) @ sparse.T).reshape(
                     len(pairs), 3, len(cols)
                 )  # explicit sizes: a molecule alone has no intermolecular pairs
-                proj *= d2 * dk[local[batch.position_rows[pairs]]][:, None, :]
+                mine = local[batch.position_rows[pairs]]
+                proj *= dk[mine][:, None, :]
+                if across is not None:  # the local kernel's B x_i part
+                    along = np.einsum("paf,pf->pa", grad, batch.values[rows][mine])
+                    proj += along[:, :, None] * across[mine][:, None, :]
+                proj *= d2
                 target = (3 * batch.position_atoms[pairs][:, None] + np.arange(3)).ravel()
                 gather = scipy.sparse.csr_matrix(
                     (np.ones(len(target)), (target, np.arange(len(target)))),
@@ -167,7 +254,11 @@ class KernelTerm:
             if virial:
                 strain = batch.strain_gradients[rows][:, VOIGT[0], VOIGT[1], :]  # (r, 6, F)
                 proj = (strain.reshape(-1, strain.shape[-1]) @ sparse.T).reshape(len(rows), 6, -1)
-                proj *= d2 * dk[:, None, :]
+                proj *= dk[:, None, :]
+                if across is not None:
+                    along = np.einsum("rcf,rf->rc", strain, batch.values[rows])
+                    proj += along[:, :, None] * across[:, None, :]
+                proj *= d2
                 block = np.zeros((n_frames, 6, len(cols)))
                 np.add.at(block, frame_of_row[rows], proj)
                 out["virial"][:, :, cols] = block
@@ -247,19 +338,22 @@ class KernelTerm:
             # A view, not a copy: copying the sparse rows (MB) was most of a small call.
             cols = _column_span(cols) or cols
             sparse, a = self.sparse_values[cols], alpha[cols]
-            k, dk, _ = kernel_values(batch.values[rows] @ sparse.T, self.kernel, self.zeta)
+            k, dk, across = self._kernel(batch.values[rows], sparse)
             energy += d2 * float(np.sum(k @ a))
             if weights:
                 out[rows] = d2 * (dk * a) @ sparse
+                if across is not None:
+                    out[rows] += d2 * (across @ a)[:, None] * batch.values[rows]
             if atom_rows:
                 rows_out[rows if isinstance(cols, slice) else rows[:, None], cols] = d2 * k
         return energy, out, rows_out
 
     def prior_atom_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each atomic energy, δ² k(x_i·x_i) (eV²)."""
-        k, _, _ = kernel_values(
-            np.einsum("if,if->i", batch.values, batch.values), self.kernel, self.zeta
-        )
+        squares = np.einsum("if,if->i", batch.values, batch.values)
+        if self.kernel == "local":  # k(x, x) = |x|²
+            return self.delta**2 * squares
+        k, _, _ = kernel_values(squares, self.kernel, self.zeta)
         return self.delta**2 * k
 
     def prior_energy_covariance(self, first: DescriptorBatch, second: DescriptorBatch) -> float:
@@ -329,6 +423,10 @@ class KernelTerm:
         for z in np.unique(numbers):
             mine = numbers == z
             x = values[mine]
+            if self.kernel == "local":
+                for c in range(6):
+                    out[c] += np.sum(local_gradient_covariance(x, strain[mine, c, :], self.zeta))
+                continue
             _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
             for c in range(6):
                 g = strain[mine, c, :]
@@ -354,10 +452,14 @@ class KernelTerm:
             rows = batch.position_rows[pairs]
             x = values[rows]
             same = numbers[rows][:, None] == numbers[rows][None, :]
-            _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
+            if self.kernel != "local":
+                _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
             for a in range(3):
                 g = batch.position_gradients[pairs, a, :]
-                gx = g @ x.T  # (g_i · x_i')
-                cov = k1 * (g @ g.T) + k2 * gx * gx.T
+                if self.kernel == "local":
+                    cov = local_gradient_covariance(x, g, self.zeta)
+                else:
+                    gx = g @ x.T  # (g_i · x_i')
+                    cov = k1 * (g @ g.T) + k2 * gx * gx.T
                 prior[3 * j + a] = d2 * np.sum(np.where(same, cov, 0.0))
         return prior

@@ -116,6 +116,8 @@ __all__ = ["DECOMPOSITIONS", "MODEL_FORMAT", "MODEL_FORMAT_VERSION", "SparseGPR"
 #: (atomic decomposition only) is still read.
 
 _KERNELS = ("dot", "exp")
+#: Kernels of the intermolecular part: both vanish with their (unnormalised) rows.
+_INTER_KERNELS = ("dot", "local")
 _UNCERTAINTY = ("forces", "energy", None)
 
 #: From this many atoms, :meth:`SparseGPR.predict` takes forces and stress through
@@ -158,8 +160,12 @@ class SparseGPR(BaseEstimator):
      delta            None              eV      prior std of an atomic energy; None:
                                                 from the spread of the training energies
      inter_n_sparse   100               -       intermolecular sparse points per element
-     inter_zeta       1                 -       exponent of the intermolecular kernel
-                                                (x·y)^ζ on unnormalised rows (integer)
+     inter_zeta       1                 -       exponent ζ of the intermolecular kernel
+     inter_kernel     "dot"             -       dot: (x·y)^ζ on unnormalised rows
+                                                (integer ζ); local: (x·y) exp(ζ(x̂·ŷ − 1)),
+                                                which decorrelates contacts of other
+                                                directions, so that it returns to zero
+                                                (the terms) far from the data
      inter_delta      "cv"              eV      prior std of an atom's intermolecular
                                                 energy at a typical contact; "cv":
                                                 cross-validated on held-out families'
@@ -238,7 +244,8 @@ class SparseGPR(BaseEstimator):
         zeta: float = 2,
         delta: float | None = None,
         inter_n_sparse: int = 100,
-        inter_zeta: int = 1,
+        inter_zeta: float = 1,
+        inter_kernel: str = "dot",
         inter_delta: float | str | None = "cv",
         energy_sigma: float = 0.002,
         force_sigma: float = 0.05,
@@ -260,6 +267,7 @@ class SparseGPR(BaseEstimator):
         self.delta = delta
         self.inter_n_sparse = inter_n_sparse
         self.inter_zeta = inter_zeta
+        self.inter_kernel = inter_kernel
         self.inter_delta = inter_delta
         self.energy_sigma = energy_sigma
         self.force_sigma = force_sigma
@@ -317,7 +325,15 @@ class SparseGPR(BaseEstimator):
             raise ParameterError(f"the dot kernel needs an integer zeta >= 1, got {self.zeta}")
         if self.kernel == "exp" and not self.zeta > 0:
             raise ParameterError(f"zeta must be positive, got {self.zeta}")
-        if self.inter_zeta < 1 or int(self.inter_zeta) != self.inter_zeta:
+        if self.inter_kernel not in _INTER_KERNELS:
+            raise ParameterError(
+                f"inter_kernel must be one of {_INTER_KERNELS}, got {self.inter_kernel!r}"
+            )
+        if self.inter_kernel == "local" and not self.inter_zeta > 0:
+            raise ParameterError(f"the local kernel needs inter_zeta > 0, got {self.inter_zeta}")
+        if self.inter_kernel == "dot" and (
+            self.inter_zeta < 1 or int(self.inter_zeta) != self.inter_zeta
+        ):
             # Only a polynomial of integer degree >= 1 vanishes with its row.
             raise ParameterError(f"inter_zeta must be an integer >= 1, got {self.inter_zeta}")
         if self.selection not in (*SELECTIONS, "cur"):
@@ -415,7 +431,7 @@ class SparseGPR(BaseEstimator):
         if self.molecular:
             inter_rows = _stacked(f[1] for f in features)
             sparse = self._select_sparse(inter_rows, int(self.inter_n_sparse), normalised=False)
-            term = KernelTerm("inter", "dot", float(self.inter_zeta), 1.0, *sparse)
+            term = KernelTerm("inter", self.inter_kernel, float(self.inter_zeta), 1.0, *sparse)
             self.terms_.append(term)
             term.delta = self._inter_delta(frames, features)
         design, target, sigma, owners = self._design(frames, progress)

@@ -102,6 +102,15 @@ def model(data) -> SparseGPR:
 
 
 @pytest.fixture(scope="module")
+def local_model(data) -> SparseGPR:
+    """The same with the local intermolecular kernel (decorrelates unlike contacts)."""
+    frames = data["monomers"] + data["interactions"]
+    return SparseGPR(
+        descriptor=DESCRIPTOR, n_sparse=60, inter_n_sparse=40, inter_kernel="local", inter_zeta=3
+    ).fit(frames, trained_with=TERMS)
+
+
+@pytest.fixture(scope="module")
 def monomer_model(data) -> SparseGPR:
     """A molecular model fitted on single molecules only: its inter part has no data."""
     return SparseGPR(descriptor=DESCRIPTOR, n_sparse=60).fit(data["monomers"])
@@ -156,7 +165,9 @@ def _at_contact(dimer: Atoms, contact: float) -> Atoms:
     return moved
 
 
-def test_the_intermolecular_part_vanishes_smoothly_at_the_cutoff(model, data):
+@pytest.mark.parametrize("name", ["model", "local_model"])
+def test_the_intermolecular_part_vanishes_smoothly_at_the_cutoff(name, data, request):
+    model = request.getfixturevalue(name)
     dimer = data["held_out"][0]
     monomers = _monomers(dimer)
     alone = [model.predict(m) for m in monomers]
@@ -195,10 +206,55 @@ def _finite_difference_forces(model: SparseGPR, atoms: Atoms, h: float = 1e-4) -
     return forces
 
 
-def test_forces_of_a_dimer_are_minus_the_gradient(model, data):
+@pytest.mark.parametrize("name", ["model", "local_model"])
+def test_forces_of_a_dimer_are_minus_the_gradient(name, data, request):
+    model = request.getfixturevalue(name)
     dimer = data["held_out"][0]
-    predicted = model.predict(dimer).forces
-    np.testing.assert_allclose(predicted, _finite_difference_forces(model, dimer), atol=2e-7)
+    result = model.predict(dimer)
+    assert abs(result.parts["inter"]) > 1e-6
+    np.testing.assert_allclose(result.forces, _finite_difference_forces(model, dimer), atol=2e-7)
+
+
+@pytest.mark.parametrize("name", ["model", "local_model"])
+def test_the_force_uncertainty_is_that_of_the_gradient(name, data, request):
+    """σ_F of an atom = RMS over x, y, z of the finite-difference σ of −dE/dr from the
+    energies' posterior covariance at ±h (both parts; the offsets cancel)."""
+    model = request.getfixturevalue(name)
+    dimer = data["held_out"][0]
+    sigma = model.predict(dimer).forces_uncertainty
+    h = 1e-3
+    for i in (0, len(dimer) - 1):
+        variances = []
+        for a in range(3):
+            pair = [dimer.copy(), dimer.copy()]
+            pair[0].positions[i, a] += h
+            pair[1].positions[i, a] -= h
+            c = model.energy_covariance(pair)
+            variances.append((c[0, 0] + c[1, 1] - 2 * c[0, 1]) / (2 * h) ** 2)
+        assert sigma[i] == pytest.approx(np.sqrt(np.mean(variances)), rel=2e-3)
+
+
+def test_the_local_kernel_decorrelates_contacts_of_other_directions():
+    """k(x, y) = (x·y) exp(ζ(x̂·ŷ − 1)): the linear kernel along one direction, less
+    across directions, |x|² on the diagonal, zero with a zero row; dk/dx exact."""
+    from deltaml.kernels import local_kernel
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
+    k, a, b = local_kernel(x, y, 2.0)
+    assert np.all(np.abs(k) <= np.abs(x @ y.T) + 1e-12)
+    np.testing.assert_allclose(np.diag(local_kernel(x, x, 2.0)[0]), np.sum(x**2, axis=1))
+    np.testing.assert_allclose(local_kernel(x, 3 * x, 2.0)[0].diagonal(), 3 * np.sum(x**2, 1))
+    zero = local_kernel(np.zeros((1, 6)), y, 2.0)
+    assert all(np.all(part == 0.0) for part in zero)
+    h = 1e-6
+    for i in range(4):
+        for f in range(6):
+            up, down = x.copy(), x.copy()
+            up[i, f] += h
+            down[i, f] -= h
+            numeric = (local_kernel(up, y, 2.0)[0][i] - local_kernel(down, y, 2.0)[0][i]) / (2 * h)
+            np.testing.assert_allclose(a[i] * y[:, f] + b[i] * x[i, f], numeric, atol=1e-7)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +272,23 @@ def co2_model(gfn_delta) -> SparseGPR:
     return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(gfn_delta(frames))
 
 
+@pytest.fixture(scope="module")
+def local_co2_model(gfn_delta) -> SparseGPR:
+    """:func:`co2_model` with the local intermolecular kernel."""
+    rng = np.random.default_rng(5)
+    frames = []
+    for k in range(4):
+        a, b = molecule("CO2"), molecule("CO2")
+        b.rotate(float(rng.uniform(0, 180)), rng.normal(size=3))
+        b.translate([0.0, 3.2 + 0.2 * k, 0.5 * k])
+        for mol in (a, b):
+            mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
+        frames += [a + b, a, b]
+    return SparseGPR(
+        descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30, inter_kernel="local", inter_zeta=3
+    ).fit(gfn_delta(frames))
+
+
 def _strained_pair(atoms: Atoms, a: int, b: int, h: float) -> list[Atoms]:
     """The cell under a symmetric strain +h and −h of component (a, b) (Voigt: the
     off-diagonal element split between ε_ab and ε_ba), atoms following the cell."""
@@ -229,7 +302,11 @@ def _strained_pair(atoms: Atoms, a: int, b: int, h: float) -> list[Atoms]:
     return out
 
 
-def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_crystal_strained):
+@pytest.mark.parametrize("name", ["co2_model", "local_co2_model"])
+def test_stress_of_a_molecular_crystal_is_the_strain_derivative(
+    name, co2_crystal_strained, request
+):
+    co2_model = request.getfixturevalue(name)
     atoms = co2_crystal_strained
     result = co2_model.predict(atoms, stress=True)
     assert abs(result.parts["inter"]) > 1e-6
@@ -248,9 +325,13 @@ def test_stress_of_a_molecular_crystal_is_the_strain_derivative(co2_model, co2_c
     )
 
 
-def test_the_stress_uncertainty_is_that_of_the_strain_derivative(co2_model, co2_crystal_strained):
+@pytest.mark.parametrize("name", ["co2_model", "local_co2_model"])
+def test_the_stress_uncertainty_is_that_of_the_strain_derivative(
+    name, co2_crystal_strained, request
+):
     """σ of each stress component equals the finite-difference variance of dE/dε / V,
     from the energies' posterior covariance at ±h (both parts, intra and inter)."""
+    co2_model = request.getfixturevalue(name)
     atoms = co2_crystal_strained
     sigma = co2_model.stress_uncertainty(atoms)
     assert np.all(sigma > 0)
@@ -321,12 +402,15 @@ def test_the_uncertainty_of_an_interaction_comes_from_the_intermolecular_part(
     assert sigma(monomer_model, unseen, unseen.info["n_first"]) < 0.5 * np.sqrt(cov[0, 0])
 
 
-def test_model_files_record_the_decomposition(model, data, tmp_path):
+@pytest.mark.parametrize("name", ["model", "local_model"])
+def test_model_files_record_the_decomposition(name, data, tmp_path, request):
+    model = request.getfixturevalue(name)
     path = model.save(tmp_path / "model.npz")
     with np.load(path, allow_pickle=False) as stored:
         meta = json.loads(str(stored["metadata"]))
     assert meta["decomposition"] == "molecular"
     assert [t["name"] for t in meta["terms"]] == ["intra", "inter"]
+    assert meta["terms"][1]["kernel"] == meta["params"]["inter_kernel"] == model.inter_kernel
     assert meta["format_version"] == 3
     loaded = SparseGPR.load(path)
     record = DeltaCalculator.from_model(path).todict()
@@ -733,6 +817,15 @@ def test_inter_delta_takes_a_positive_width_or_evidence():
         SparseGPR(inter_delta="likelihood").fit([])
     with pytest.raises(ParameterError, match="inter_delta"):
         SparseGPR(inter_delta=-0.1).fit([])
+
+
+def test_the_intermolecular_kernel_is_checked():
+    with pytest.raises(ParameterError, match="inter_kernel"):
+        SparseGPR(inter_kernel="exp").fit([])
+    with pytest.raises(ParameterError, match="inter_zeta > 0"):
+        SparseGPR(inter_kernel="local", inter_zeta=0).fit([])
+    with pytest.raises(ParameterError, match="integer"):
+        SparseGPR(inter_zeta=1.5).fit([])
 
 
 @pytest.mark.slow
