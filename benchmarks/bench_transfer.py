@@ -26,7 +26,8 @@ Side by side, in kcal/mol, on the complexes of the held-out systems:
   automatic width), ``molecular-zeta2`` (a quadratic intermolecular kernel),
   ``molecular-local2``, ``molecular-local8`` (the local intermolecular kernel
   (x·y) exp(ζ(x̂·ŷ − 1)), ζ = 2 and 8: it returns to zero correction, the terms,
-  for contacts unlike the data).
+  for contacts unlike the data), ``molecular-local2-half`` (half of its prior
+  variance plain linear, ``inter_linear=0.5``).
 
 Reported: MAE of interaction energies (minima, scans, all) and of the scan
 energies relative to their minimum (the shape of each curve); the difference of
@@ -85,6 +86,12 @@ MODELS = {
     "molecular-cv-interactions": {"decomposition": "molecular", "inter_delta": "cv-interactions"},
     "molecular-local2": {"decomposition": "molecular", "inter_kernel": "local", "inter_zeta": 2},
     "molecular-local8": {"decomposition": "molecular", "inter_kernel": "local", "inter_zeta": 8},
+    "molecular-local2-half": {
+        "decomposition": "molecular",
+        "inter_kernel": "local",
+        "inter_zeta": 2,
+        "inter_linear": 0.5,
+    },
 }
 
 

@@ -72,12 +72,16 @@ def _unit_rows(x: NDArray) -> tuple[NDArray, NDArray]:
     return norms, np.where((norms > _ZERO_NORM)[:, None], x / safe[:, None], 0.0)
 
 
-def local_kernel(x: NDArray, y: NDArray, zeta: float) -> tuple[NDArray, NDArray, NDArray]:
-    r"""The local kernel k = c·exp(ζ(ĉ − 1)) of rows ``x`` with rows ``y``, and dk/dx.
+def local_kernel(
+    x: NDArray, y: NDArray, zeta: float, linear: float = 0.0
+) -> tuple[NDArray, NDArray, NDArray]:
+    r"""The local kernel k = c·[w + (1 − w) exp(ζ(ĉ − 1))] of rows ``x`` with ``y``, and dk/dx.
 
-    dk/dx_i = A_im y_m + B_im x_i with A = e(1 + ζĉ) and B = −ζ e ĉ² |y_m| / |x_i|
-    (e = exp(ζ(ĉ − 1))); both are set to zero for a zero row (no contact: its
-    gradient is zero too).
+    w = ``linear`` is the share of the plain linear kernel c = x·y (a trend common
+    to all contacts); the rest decorrelates contacts of other directions.
+    dk/dx_i = A_im y_m + B_im x_i with A = w + (1 − w) e(1 + ζĉ) and
+    B = −(1 − w) ζ e ĉ² |y_m| / |x_i| (e = exp(ζ(ĉ − 1))); both are set to zero
+    for a zero row (no contact: its gradient is zero too).
 
     Returns
     -------
@@ -86,21 +90,22 @@ def local_kernel(x: NDArray, y: NDArray, zeta: float) -> tuple[NDArray, NDArray,
     nx, ux = _unit_rows(x)
     ny, uy = _unit_rows(y)
     cosine = ux @ uy.T
-    e = np.exp(zeta * (cosine - 1.0))
-    k = (nx[:, None] * ny[None, :]) * cosine * e
-    a = e * (1.0 + zeta * cosine)
+    e = (1.0 - linear) * np.exp(zeta * (cosine - 1.0))
+    k = (nx[:, None] * ny[None, :]) * cosine * (linear + e)
+    a = linear + e * (1.0 + zeta * cosine)
     b = -zeta * e * cosine**2 * ny[None, :] / np.where(nx > _ZERO_NORM, nx, 1.0)[:, None]
     zero = (nx <= _ZERO_NORM)[:, None] | (ny <= _ZERO_NORM)[None, :]
     return np.where(zero, 0.0, k), np.where(zero, 0.0, a), np.where(zero, 0.0, b)
 
 
-def local_gradient_covariance(x: NDArray, g: NDArray, zeta: float) -> NDArray:
+def local_gradient_covariance(x: NDArray, g: NDArray, zeta: float, linear: float = 0.0) -> NDArray:
     r"""g_iᵀ (∂²k(x_i, x_j)/∂x_i∂x_j) g_j of the local kernel, for all pairs i, j.
 
     With u = x̂_i·x̂_j and e = exp(ζ(u − 1)), the mixed second derivative is
     e(1+ζu) I + ζe(2+ζu) x̂_j ⊗ (x̂_i − u x̂_j) − ζe x̂_i ⊗ [(ζu² + 2u)(x̂_i − u x̂_j) + u² x̂_j]
-    (first index along x_i, second along x_j); ζ = 0 gives the linear kernel's I.
-    The prior covariance of the derivatives of two atomic energies along g.
+    (first index along x_i, second along x_j); ζ = 0 gives the linear kernel's I;
+    a share w = ``linear`` of the linear kernel adds w I (and scales the rest by
+    1 − w). The prior covariance of the derivatives of two atomic energies along g.
 
     Parameters
     ----------
@@ -111,11 +116,11 @@ def local_gradient_covariance(x: NDArray, g: NDArray, zeta: float) -> NDArray:
     """
     _, ux = _unit_rows(x)
     u = ux @ ux.T
-    e = np.exp(zeta * (u - 1.0))
+    e = (1.0 - linear) * np.exp(zeta * (u - 1.0))
     p = g @ ux.T  # p[i, j] = g_i · x̂_j
     d = np.diag(p)  # g_i · x̂_i
     across = p.T - u * d[None, :]  # (x̂_i − u x̂_j) · g_j
-    out = e * (1.0 + zeta * u) * (g @ g.T)
+    out = (linear + e * (1.0 + zeta * u)) * (g @ g.T)
     out += zeta * e * (2.0 + zeta * u) * p * across
     out -= zeta * e * d[:, None] * ((zeta * u**2 + 2.0 * u) * across + u**2 * d[None, :])
     zero = np.linalg.norm(x, axis=1) <= _ZERO_NORM
@@ -124,13 +129,13 @@ def local_gradient_covariance(x: NDArray, g: NDArray, zeta: float) -> NDArray:
     return out
 
 
-def _kernel_sum(x: NDArray, y: NDArray, kind: str, zeta: float) -> float:
+def _kernel_sum(x: NDArray, y: NDArray, kind: str, zeta: float, linear: float = 0.0) -> float:
     """Σ_ij k(x_i·y_j) in memory linear in the rows (and time, where the kernel allows)."""
     n_features = x.shape[1]
     if kind == "local":
         return float(
             sum(
-                np.sum(local_kernel(x[start : start + BLOCK_ROWS], y, zeta)[0])
+                np.sum(local_kernel(x[start : start + BLOCK_ROWS], y, zeta, linear)[0])
                 for start in range(0, len(x), BLOCK_ROWS)
             )
         )
@@ -163,6 +168,8 @@ class KernelTerm:
         Sparse rows.
     sparse_numbers : ndarray of shape (m,)
         Element of each sparse row; the kernel is zero between elements.
+    linear : float
+        Local kernel only: the share of the plain linear kernel (0 … 1).
     """
 
     name: str
@@ -171,6 +178,7 @@ class KernelTerm:
     delta: float
     sparse_values: NDArray[np.float64]
     sparse_numbers: NDArray[np.int64]
+    linear: float = 0.0
 
     @property
     def size(self) -> int:
@@ -193,7 +201,7 @@ class KernelTerm:
         """k(x_i, y_m) and its derivative: (k, k'(c), None) for kernels of c = x·y,
         (k, A, B) with dk/dx_i = A y_m + B x_i for the local kernel."""
         if self.kernel == "local":
-            return local_kernel(x, y, self.zeta)
+            return local_kernel(x, y, self.zeta, self.linear)
         k, dk, _ = kernel_values(x @ y.T, self.kernel, self.zeta)
         return k, dk, None
 
@@ -368,7 +376,7 @@ class KernelTerm:
         for z in np.intersect1d(first.numbers, second.numbers):
             x = first.values[first.numbers == z]
             y = second.values[second.numbers == z]
-            total += _kernel_sum(x, y, self.kernel, self.zeta)
+            total += _kernel_sum(x, y, self.kernel, self.zeta, self.linear)
         return self.delta**2 * total
 
     def gradient_sums(
@@ -425,7 +433,9 @@ class KernelTerm:
             x = values[mine]
             if self.kernel == "local":
                 for c in range(6):
-                    out[c] += np.sum(local_gradient_covariance(x, strain[mine, c, :], self.zeta))
+                    out[c] += np.sum(
+                        local_gradient_covariance(x, strain[mine, c, :], self.zeta, self.linear)
+                    )
                 continue
             _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
             for c in range(6):
@@ -457,7 +467,7 @@ class KernelTerm:
             for a in range(3):
                 g = batch.position_gradients[pairs, a, :]
                 if self.kernel == "local":
-                    cov = local_gradient_covariance(x, g, self.zeta)
+                    cov = local_gradient_covariance(x, g, self.zeta, self.linear)
                 else:
                     gx = g @ x.T  # (g_i · x_i')
                     cov = k1 * (g @ g.T) + k2 * gx * gx.T

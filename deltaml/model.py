@@ -166,6 +166,8 @@ class SparseGPR(BaseEstimator):
                                                 which decorrelates contacts of other
                                                 directions, so that it returns to zero
                                                 (the terms) far from the data
+     inter_linear     0.0               -       local kernel: share w of plain x·y in it,
+                                                (x·y)(w + (1 − w) exp(ζ(x̂·ŷ − 1)))
      inter_delta      "cv"              eV      prior std of an atom's intermolecular
                                                 energy at a typical contact; "cv":
                                                 cross-validated on held-out families'
@@ -246,6 +248,7 @@ class SparseGPR(BaseEstimator):
         inter_n_sparse: int = 100,
         inter_zeta: float = 1,
         inter_kernel: str = "dot",
+        inter_linear: float = 0.0,
         inter_delta: float | str | None = "cv",
         energy_sigma: float = 0.002,
         force_sigma: float = 0.05,
@@ -268,6 +271,7 @@ class SparseGPR(BaseEstimator):
         self.inter_n_sparse = inter_n_sparse
         self.inter_zeta = inter_zeta
         self.inter_kernel = inter_kernel
+        self.inter_linear = inter_linear
         self.inter_delta = inter_delta
         self.energy_sigma = energy_sigma
         self.force_sigma = force_sigma
@@ -328,6 +332,12 @@ class SparseGPR(BaseEstimator):
         if self.inter_kernel not in _INTER_KERNELS:
             raise ParameterError(
                 f"inter_kernel must be one of {_INTER_KERNELS}, got {self.inter_kernel!r}"
+            )
+        if not 0.0 <= self.inter_linear <= 1.0 or (
+            self.inter_linear and self.inter_kernel != "local"
+        ):
+            raise ParameterError(
+                f"inter_linear must be in [0, 1] with inter_kernel='local', got {self.inter_linear}"
             )
         if self.inter_kernel == "local" and not self.inter_zeta > 0:
             raise ParameterError(f"the local kernel needs inter_zeta > 0, got {self.inter_zeta}")
@@ -431,7 +441,14 @@ class SparseGPR(BaseEstimator):
         if self.molecular:
             inter_rows = _stacked(f[1] for f in features)
             sparse = self._select_sparse(inter_rows, int(self.inter_n_sparse), normalised=False)
-            term = KernelTerm("inter", self.inter_kernel, float(self.inter_zeta), 1.0, *sparse)
+            term = KernelTerm(
+                "inter",
+                self.inter_kernel,
+                float(self.inter_zeta),
+                1.0,
+                *sparse,
+                linear=float(self.inter_linear),
+            )
             self.terms_.append(term)
             term.delta = self._inter_delta(frames, features)
         design, target, sigma, owners = self._design(frames, progress)

@@ -54,7 +54,13 @@ def model_metadata(model: Any) -> dict[str, Any]:
         "params": model.get_params(),
         "decomposition": model.decomposition,
         "terms": [
-            {"name": t.name, "kernel": t.kernel, "zeta": t.zeta, "delta_ev": t.delta}
+            {
+                "name": t.name,
+                "kernel": t.kernel,
+                "zeta": t.zeta,
+                "delta_ev": t.delta,
+                "linear": t.linear,
+            }
             for t in model.terms_
         ],
         "inter_scale": {chemical_symbols[z]: v for z, v in model.inter_scale_.items()},
@@ -166,6 +172,7 @@ def _from_metadata(
             float(t["delta_ev"]),
             arrays[f"sparse_values_{k}"],
             arrays[f"sparse_numbers_{k}"],
+            linear=float(t.get("linear", 0.0)),
         )
         for k, t in enumerate(meta["terms"])
     ]

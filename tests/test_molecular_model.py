@@ -106,7 +106,12 @@ def local_model(data) -> SparseGPR:
     """The same with the local intermolecular kernel (decorrelates unlike contacts)."""
     frames = data["monomers"] + data["interactions"]
     return SparseGPR(
-        descriptor=DESCRIPTOR, n_sparse=60, inter_n_sparse=40, inter_kernel="local", inter_zeta=3
+        descriptor=DESCRIPTOR,
+        n_sparse=60,
+        inter_n_sparse=40,
+        inter_kernel="local",
+        inter_zeta=3,
+        inter_linear=0.4,
     ).fit(frames, trained_with=TERMS)
 
 
@@ -234,18 +239,23 @@ def test_the_force_uncertainty_is_that_of_the_gradient(name, data, request):
         assert sigma[i] == pytest.approx(np.sqrt(np.mean(variances)), rel=2e-3)
 
 
-def test_the_local_kernel_decorrelates_contacts_of_other_directions():
-    """k(x, y) = (x·y) exp(ζ(x̂·ŷ − 1)): the linear kernel along one direction, less
-    across directions, |x|² on the diagonal, zero with a zero row; dk/dx exact."""
+@pytest.mark.parametrize("linear", [0.0, 0.4])
+def test_the_local_kernel_decorrelates_contacts_of_other_directions(linear):
+    """k(x, y) = (x·y)(w + (1 − w) exp(ζ(x̂·ŷ − 1))): the linear kernel along one
+    direction, less across directions, |x|² on the diagonal, zero with a zero row;
+    dk/dx exact."""
     from deltaml.kernels import local_kernel
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-    k, a, b = local_kernel(x, y, 2.0)
+    k, a, b = local_kernel(x, y, 2.0, linear)
     assert np.all(np.abs(k) <= np.abs(x @ y.T) + 1e-12)
-    np.testing.assert_allclose(np.diag(local_kernel(x, x, 2.0)[0]), np.sum(x**2, axis=1))
-    np.testing.assert_allclose(local_kernel(x, 3 * x, 2.0)[0].diagonal(), 3 * np.sum(x**2, 1))
-    zero = local_kernel(np.zeros((1, 6)), y, 2.0)
+    np.testing.assert_allclose(np.diag(local_kernel(x, x, 2.0, linear)[0]), np.sum(x**2, axis=1))
+    np.testing.assert_allclose(
+        local_kernel(x, 3 * x, 2.0, linear)[0].diagonal(), 3 * np.sum(x**2, 1)
+    )
+    np.testing.assert_allclose(local_kernel(x, y, 2.0, 1.0)[0], x @ y.T)  # w = 1: linear
+    zero = local_kernel(np.zeros((1, 6)), y, 2.0, linear)
     assert all(np.all(part == 0.0) for part in zero)
     h = 1e-6
     for i in range(4):
@@ -253,7 +263,9 @@ def test_the_local_kernel_decorrelates_contacts_of_other_directions():
             up, down = x.copy(), x.copy()
             up[i, f] += h
             down[i, f] -= h
-            numeric = (local_kernel(up, y, 2.0)[0][i] - local_kernel(down, y, 2.0)[0][i]) / (2 * h)
+            numeric = (
+                local_kernel(up, y, 2.0, linear)[0][i] - local_kernel(down, y, 2.0, linear)[0][i]
+            ) / (2 * h)
             np.testing.assert_allclose(a[i] * y[:, f] + b[i] * x[i, f], numeric, atol=1e-7)
 
 
@@ -826,6 +838,10 @@ def test_the_intermolecular_kernel_is_checked():
         SparseGPR(inter_kernel="local", inter_zeta=0).fit([])
     with pytest.raises(ParameterError, match="integer"):
         SparseGPR(inter_zeta=1.5).fit([])
+    with pytest.raises(ParameterError, match="inter_linear"):
+        SparseGPR(inter_linear=0.5).fit([])  # the dot kernel is linear already
+    with pytest.raises(ParameterError, match="inter_linear"):
+        SparseGPR(inter_kernel="local", inter_linear=1.5).fit([])
 
 
 @pytest.mark.slow
