@@ -605,6 +605,11 @@ def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[
     return [i for i in range(count) if i not in held_set], sorted(held)
 
 
+#: ζ of ``deltaml fit --inter-kernel local`` (benchmarks/bench_transfer.py: 2 transferred
+#: best of 2 and 8).
+LOCAL_INTER_ZETA = 2.0
+
+
 def _inter_delta(text: str) -> float | str | None:
     """``--inter-delta``: a search name, ``rule`` (None), or a positive width in eV."""
     if text in INTER_DELTA_SEARCHES:
@@ -663,6 +668,15 @@ def _inter_delta(text: str) -> float | str | None:
     help="molecular: prior width of the intermolecular part: cv (chosen by cross-validation "
     "over families), cv-interactions, evidence, rule, or a width in eV",
 )
+@click.option(
+    "--inter-kernel",
+    type=click.Choice(["dot", "local"]),
+    default="dot",
+    show_default=True,
+    help="molecular: intermolecular kernel: dot (x·y, linear) or local ((x·y)exp(2(x̂·ŷ−1)): "
+    "returns to the terms for contacts unlike the training data; transfers better, "
+    "fits the training chemistry less closely)",
+)
 @_no_progress_option
 def fit_command(
     store_url: str | None,
@@ -681,6 +695,7 @@ def fit_command(
     energy_sigma: float | None,
     force_sigma: float | None,
     inter_delta: str,
+    inter_kernel: str,
     no_progress: bool,
 ) -> None:
     """Fit the Δ-model on labelled data; print train and validation errors."""
@@ -719,10 +734,12 @@ def fit_command(
             "energy_sigma": energy_sigma,
             "force_sigma": force_sigma,
         }
+        local = {"inter_kernel": "local", "inter_zeta": LOCAL_INTER_ZETA}
         model = SparseGPR(
             decomposition=decomposition,
             seed=seed,
             inter_delta=inter_width,
+            **(local if inter_kernel == "local" else {}),
             **{k: v for k, v in given.items() if v is not None},
         )
         model.fit(train + anchors, trained_with=trained_with, progress=not no_progress)

@@ -319,6 +319,10 @@ def test_fit_takes_the_intermolecular_prior_width(stand_in_labels, tmp_path):
     for bad in ("-1", "wide"):
         result = CliRunner().invoke(main, [*base, "--inter-delta", bad])
         assert result.exit_code == 2 and "--inter-delta must be one of" in result.output
+    result = CliRunner().invoke(main, [*base, "--inter-delta", "0.03", "--inter-kernel", "local"])
+    assert result.exit_code == 0, result.output
+    local = SparseGPR.load(model)
+    assert local.terms_[1].kernel == "local" and local.terms_[1].zeta == 2.0
 
 
 def test_fit_needs_exactly_one_source(tmp_path):
