@@ -1302,23 +1302,7 @@ class SparseGPR(BaseEstimator):
     def calibration_statistics(self, frames: Sequence[Atoms]) -> dict[str, NDArray]:
         """Errors and uncalibrated variances of held-out structures, for :meth:`calibrate_from`.
 
-        Parameters
-        ----------
-        frames : sequence of ase.Atoms
-            Held-out Δ-labelled structures (not used in this model's fit);
-            isolated atoms are left out.
-
-        Returns
-        -------
-        dict of ndarray
-            ``energy_error`` (eV) and ``energy_parts`` (eV², columns a, b, c, d: the
-            variance of the offsets and first term, of the intermolecular term,
-            their covariance, and 1 where the structure has an intermolecular
-            part) per structure; ``force_z`` per force component (with
-            ``uncertainty="forces"``); ``interaction_error`` (eV),
-            ``interaction_variance`` (eV², intermolecular part) and
-            ``interaction_contact`` (a contact within the cut-off) per interaction
-            energy found among ``frames`` (molecular decomposition).
+        See :func:`deltaml.calibration.calibration_statistics` (what is returned).
         """
         self._check_fitted()
         return calibration_statistics(self, frames)

@@ -269,9 +269,8 @@ def test_the_local_kernel_decorrelates_contacts_of_other_directions(linear):
             np.testing.assert_allclose(a[i] * y[:, f] + b[i] * x[i, f], numeric, atol=1e-7)
 
 
-@pytest.fixture(scope="module")
-def co2_model(gfn_delta) -> SparseGPR:
-    """A molecular model with intermolecular data on C and O (CO2 dimers and monomers)."""
+def _co2_pairs(gfn_delta) -> list[Atoms]:
+    """CO2 dimers and their monomers: intermolecular data on C and O."""
     rng = np.random.default_rng(5)
     frames = []
     for k in range(4):
@@ -281,24 +280,23 @@ def co2_model(gfn_delta) -> SparseGPR:
         for mol in (a, b):
             mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
         frames += [a + b, a, b]
-    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(gfn_delta(frames))
+    return gfn_delta(frames)
+
+
+@pytest.fixture(scope="module")
+def co2_model(gfn_delta) -> SparseGPR:
+    """A molecular model with intermolecular data on C and O (CO2 dimers and monomers)."""
+    return SparseGPR(descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30).fit(
+        _co2_pairs(gfn_delta)
+    )
 
 
 @pytest.fixture(scope="module")
 def local_co2_model(gfn_delta) -> SparseGPR:
     """:func:`co2_model` with the local intermolecular kernel."""
-    rng = np.random.default_rng(5)
-    frames = []
-    for k in range(4):
-        a, b = molecule("CO2"), molecule("CO2")
-        b.rotate(float(rng.uniform(0, 180)), rng.normal(size=3))
-        b.translate([0.0, 3.2 + 0.2 * k, 0.5 * k])
-        for mol in (a, b):
-            mol.positions += rng.normal(scale=0.02, size=mol.positions.shape)
-        frames += [a + b, a, b]
     return SparseGPR(
         descriptor=DESCRIPTOR, n_sparse=30, inter_n_sparse=30, inter_kernel="local", inter_zeta=3
-    ).fit(gfn_delta(frames))
+    ).fit(_co2_pairs(gfn_delta))
 
 
 def _strained_pair(atoms: Atoms, a: int, b: int, h: float) -> list[Atoms]:
