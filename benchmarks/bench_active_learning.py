@@ -26,9 +26,11 @@ error at the largest budget.
 Crystal mode (``--crystals FILE``, issue 14): the pool is a file of periodic
 reference labels with ``info["system"]`` and ``info["source"]``
 (``data/make_crystal_dataset.py`` exports them). Every system's starting cell
-(``source == "start"``) is held out to score relative polymorph energies, and a
-seeded 25 % of the rest to score lattice energies per molecule (kJ/mol) and stress
-(GPa); strategies are ``crystal`` (the most uncertain candidates by
+(``source == "start"``) is held out to score relative polymorph energies, and
+whole systems, never frames, to score energies per molecule (kJ/mol) and stress
+(GPa): one polymorph of every chemistry with several (seeded, as
+``bench_crystals.py`` chooses them), all its cells; the gas-phase molecules stay in
+the pool; strategies are ``crystal`` (the most uncertain candidates by
 :func:`deltaml.active.crystal_score`: per-molecule energy and stress σ in
 units of 1 kJ/mol and 0.1 GPa, spread by farthest-point sampling),
 ``variance_reduction`` and ``random``; the criterion is the per-molecule energy
@@ -54,6 +56,7 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS_DIR, machine_info, markdown_table, write_json
 from ase import units
+from bench_crystals import held_out_systems
 from bench_learning_curve import DATASET, metrics
 
 from deltaml import SparseGPR, delta_targets, read_labelled
@@ -264,11 +267,11 @@ def main_crystals(args: argparse.Namespace) -> None:
     budgets = [int(b) for b in args.budgets.split(",")]
     targets, _ = delta_targets(read_labelled(args.crystals, check_magnitudes=False))
     starts = [a for a in targets if a.info.get("source") == "start"]
+    held = set(held_out_systems(targets, seed=12345))
     others = [i for i, a in enumerate(targets) if a.info.get("source") != "start"]
-    order = np.random.default_rng(12345).permutation(others)
-    n_val = round(0.25 * len(order))
-    validation = [targets[i] for i in order[:n_val]]
-    pool = np.sort(order[n_val:])
+    validation = [targets[i] for i in others if targets[i].info["system"] in held]
+    pool = np.array([i for i in others if targets[i].info["system"] not in held])
+    print(f"held-out systems: {sorted(held)}")
     strategies = [s for s in args.strategies.split(",") if s != "random"] + ["random"]
     print(f"{len(targets)} periodic labels: {len(starts)} starts, {len(validation)} held out, "
           f"{len(pool)} in the pool")  # fmt: skip
