@@ -460,7 +460,6 @@ def ice_polymorph(name: str, *, min_width: float = 7.0, seed: int = 0) -> Atoms:
     phase = ICE_PHASES[name]
     cell = _genice_cell(phase.lattice, tuple(sorted(phase.options)), seed)
     unit = repeat_unit(cell, phase.reduce)
-
     atoms = wide_cell(unit, min_width) if min_width > 0 else unit
     from importlib.metadata import version
 

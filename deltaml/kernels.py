@@ -430,19 +430,30 @@ class KernelTerm:
         out = np.zeros(6)
         for z in np.unique(numbers):
             mine = numbers == z
-            x = values[mine]
-            if self.kernel == "local":
-                for c in range(6):
-                    out[c] += np.sum(
-                        local_gradient_covariance(x, strain[mine, c, :], self.zeta, self.linear)
-                    )
-                continue
-            _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
-            for c in range(6):
-                g = strain[mine, c, :]
-                gx = g @ x.T  # (g_i · x_j)
-                out[c] += np.sum(k1 * (g @ g.T) + k2 * gx * gx.T)
+            covariances = self._gradient_covariances(values[mine], strain[mine])
+            out += [np.sum(cov) for cov in covariances]
         return self.delta**2 * out
+
+    def _gradient_covariances(self, x: NDArray, gradients: NDArray) -> list[NDArray]:
+        """g_iᵀ (∂²k(x_i, x_j)/∂x_i∂x_j) g_j of rows ``x`` (r, F), all pairs, for each
+        direction of ``gradients`` (r, C, F): C matrices (r, r).
+
+        For kernels of c = x·y: k'(c) g_i·g_j + k''(c)(g_i·x_j)(g_j·x_i); for the
+        local kernel: :func:`local_gradient_covariance`.
+        """
+        directions = range(gradients.shape[1])
+        if self.kernel == "local":
+            return [
+                local_gradient_covariance(x, gradients[:, c, :], self.zeta, self.linear)
+                for c in directions
+            ]
+        _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
+        out = []
+        for c in directions:
+            g = gradients[:, c, :]
+            gx = g @ x.T  # (g_i · x_j)
+            out.append(k1 * (g @ g.T) + k2 * gx * gx.T)
+        return out
 
     def prior_force_variance(self, batch: DescriptorBatch) -> NDArray[np.float64]:
         """Prior variance of each force component (eV²/Å²), exactly, pair by pair.
@@ -460,16 +471,8 @@ class KernelTerm:
         for j in np.unique(atoms_sorted):  # atoms with rows in this batch
             pairs = order[bounds[j] : bounds[j + 1]]
             rows = batch.position_rows[pairs]
-            x = values[rows]
             same = numbers[rows][:, None] == numbers[rows][None, :]
-            if self.kernel != "local":
-                _, k1, k2 = kernel_values(x @ x.T, self.kernel, self.zeta)
-            for a in range(3):
-                g = batch.position_gradients[pairs, a, :]
-                if self.kernel == "local":
-                    cov = local_gradient_covariance(x, g, self.zeta, self.linear)
-                else:
-                    gx = g @ x.T  # (g_i · x_i')
-                    cov = k1 * (g @ g.T) + k2 * gx * gx.T
+            covariances = self._gradient_covariances(values[rows], batch.position_gradients[pairs])
+            for a, cov in enumerate(covariances):
                 prior[3 * j + a] = d2 * np.sum(np.where(same, cov, 0.0))
         return prior
