@@ -56,12 +56,11 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS_DIR, machine_info, markdown_table, write_json
 from ase import units
-from bench_crystals import held_out_systems
+from bench_crystals import held_out_systems, molecule_count
 from bench_learning_curve import DATASET, metrics
 
 from deltaml import SparseGPR, delta_targets, read_labelled
 from deltaml.active import crystal_score, select_batch
-from deltaml.crystals import identify_molecules
 
 KJ_MOL = units.kJ / units.mol
 
@@ -118,19 +117,16 @@ def crystal_metrics(model: SparseGPR, validation: list, starts: list) -> dict[st
     """Lattice-energy (kJ/mol per molecule) and stress (GPa) MAE on held-out cells, and
     the MAE of relative energies per molecule between the starts of one composition."""
 
-    def per_molecule(atoms) -> float:
-        return len(identify_molecules(atoms).formulas)
-
     e_err, s_err = [], []
     for atoms in validation:
         predicted = model.predict(atoms, forces=False, stress=True)
-        e_err.append((predicted.energy - atoms.calc.results["energy"]) / per_molecule(atoms))
+        e_err.append((predicted.energy - atoms.calc.results["energy"]) / molecule_count(atoms))
         s_err.append(predicted.stress - atoms.calc.results["stress"])
     groups: dict[str, list[float]] = {}
     for atoms in starts:
         error = model.predict(atoms, forces=False).energy - atoms.calc.results["energy"]
         groups.setdefault(atoms.get_chemical_formula(empirical=True), []).append(
-            error / per_molecule(atoms)
+            error / molecule_count(atoms)
         )
     relative = [abs(a - b) for g in groups.values() for i, a in enumerate(g) for b in g[i + 1 :]]
     return {
