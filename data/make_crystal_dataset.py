@@ -204,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     store = LabelStore(store_path)
     workdir = HERE / "work" / f"crystal_al{suffix}"
     if args.stage in ("all", "seed"):
-        frames = seed_cells(starts, args.copies, args.seed) + [m.copy() for m in molecules]
+        # Molecules and the starts first: with them alone, lattice energies at the
+        # experimental cells are known; the rattled copies only add training data.
+        cells = seed_cells(starts, args.copies, args.seed)
+        first = [a for a in cells if a.info["source"] == "start"]
+        rest = [a for a in cells if a.info["source"] != "start"]
+        frames = [m.copy() for m in molecules] + first + rest
         for atoms in frames:
             atoms.info = {}
         report = label_structures(frames, store, reference=reference, workers=args.workers,
