@@ -45,6 +45,7 @@ from deltaml.dataset import (
     export_labelled,
     import_labelled,
     read_labelled,
+    split_systems,
 )
 from deltaml.dispersion import parse_dispersion_spec
 from deltaml.errors import DeltaMLError
@@ -582,29 +583,6 @@ def _target_dispersion(spec: str) -> dict[str, Any] | str | None:
     return None if spec.lower() == "none" else parse_dispersion_spec(spec)
 
 
-def _split(frames: list, validation: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded train/validation indices, keeping each interaction system on one side.
-
-    A complex and the molecules it shares with others (a scan's monomers) form one
-    unit (:func:`deltaml.dataset.interaction_groups`), so that the validation set
-    holds whole interaction energies, which calibrate their σ; every other
-    structure is a unit of its own. Units are drawn in a seeded order until
-    about ``validation`` of the structures are held out.
-    """
-    from deltaml.dataset import interaction_groups, interaction_systems
-
-    count = len(frames)
-    unit = interaction_systems(interaction_groups(frames), count)
-    target = round(validation * count)
-    held: list[int] = []
-    for u in np.random.default_rng(seed).permutation(unit.max() + 1 if count else 0):
-        if len(held) >= target:
-            break
-        held.extend(np.flatnonzero(unit == u).tolist())
-    held_set = set(held)
-    return [i for i in range(count) if i not in held_set], sorted(held)
-
-
 #: ζ of ``deltaml fit --inter-kernel local`` (benchmarks/bench_transfer.py: 2 transferred
 #: best of 2 and 8).
 LOCAL_INTER_ZETA = 2.0
@@ -723,7 +701,7 @@ def fit_command(
         # Isolated atoms anchor the offsets: always fitted, never validation data.
         anchors = [t for t in targets if len(t) == 1 and not t.pbc.any()]
         targets = [t for t in targets if not (len(t) == 1 and not t.pbc.any())]
-        train_idx, val_idx = _split(targets, validation, seed)
+        train_idx, val_idx = split_systems(targets, validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
         descriptor = {"backend": backend, "cutoff": cutoff}

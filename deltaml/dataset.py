@@ -55,6 +55,7 @@ __all__ = [
     "interaction_groups",
     "interaction_systems",
     "read_labelled",
+    "split_systems",
     "write_labelled",
 ]
 
@@ -691,3 +692,41 @@ def interaction_systems(groups: Sequence[tuple[int, Sequence[int]]], count: int)
     # their first structure so that the labels do not depend on its traversal.
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     return np.argsort(np.argsort(first))[inverse]
+
+
+def split_systems(
+    frames: Sequence[Atoms], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Seeded split into kept and held-out indices, each interaction system on one side.
+
+    A complex and the molecules it shares with others (a scan's monomers) form one
+    unit (:func:`interaction_systems`), so that the held-out set holds whole
+    interaction energies, which calibrate their σ; every other structure is a unit
+    of its own. Units are drawn in a seeded order until about ``fraction`` of the
+    structures are held out.
+
+    Parameters
+    ----------
+    frames : sequence of ase.Atoms
+        Labelled structures (monomers matched to complexes by
+        :func:`interaction_groups`).
+    fraction : float
+        Share of the structures to hold out, 0 … 1.
+    seed : int
+        Seed of the order in which units are drawn.
+
+    Returns
+    -------
+    kept, held : list of int
+        Sorted indices into ``frames``.
+    """
+    count = len(frames)
+    unit = interaction_systems(interaction_groups(frames), count)
+    target = round(fraction * count)
+    held: list[int] = []
+    for u in np.random.default_rng(seed).permutation(unit.max() + 1 if count else 0):
+        if len(held) >= target:
+            break
+        held.extend(np.flatnonzero(unit == u).tolist())
+    held_set = set(held)
+    return [i for i in range(count) if i not in held_set], sorted(held)

@@ -893,29 +893,6 @@ def test_label_with_cp2k_writes_a_periodic_label_with_stress(tmp_path):
     assert np.abs(label.get_forces()).max() > 0.01
 
 
-def test_fit_validation_keeps_each_interaction_system_whole():
-    """The validation split holds whole interaction energies (they calibrate their σ)."""
-    from ase.build import molecule
-
-    from deltaml.cli import _split
-
-    a, b = molecule("H2O"), molecule("CH3OH")  # distinct molecules: one match each
-    b.positions += [3.2, 0.0, 0.0]
-    scan = a + b.copy()
-    scan.positions[3:] += [0.4, 0.0, 0.0]  # monomer B moved rigidly: the same molecule
-    system = [a + b, scan, a.copy(), b.copy()]
-    loose = [molecule(name) for name in ("CH4", "NH3", "CO2", "HCN", "C2H6", "CH3OH")]
-    frames = system + loose
-    kept_together = 0
-    for seed in range(12):
-        train, held = _split(frames, 0.4, seed)
-        assert sorted(train + held) == list(range(len(frames)))
-        together = {0, 1, 2, 3} <= set(held) or {0, 1, 2, 3} <= set(train)
-        assert together, (seed, train, held)
-        kept_together += {0, 1, 2, 3} <= set(held)
-    assert 0 < kept_together < 12  # the system is drawn like any other unit
-
-
 def test_active_learn_on_crystals_takes_cp2k_and_strained_cells(tmp_path, monkeypatch):
     """Issue 14: the crystal loop from the command line (the learner itself is stubbed)."""
     from deltaml import cli

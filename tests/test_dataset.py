@@ -287,3 +287,27 @@ def test_interaction_systems_join_complexes_that_share_a_molecule():
     labels = interaction_systems(groups, 9)
     assert labels.tolist() == [0, 1, 1, 1, 1, 1, 2, 2, 3]
     assert interaction_systems([], 3).tolist() == [0, 1, 2]
+
+
+def test_split_systems_keeps_each_interaction_system_whole():
+    """A held-out set holds whole interaction energies (they calibrate their σ);
+    ``deltaml fit --validation`` and the ranking examples split this way."""
+    from ase.build import molecule
+
+    from deltaml.dataset import split_systems
+
+    a, b = molecule("H2O"), molecule("CH3OH")  # distinct molecules: one match each
+    b.positions += [3.2, 0.0, 0.0]
+    scan = a + b.copy()
+    scan.positions[3:] += [0.4, 0.0, 0.0]  # monomer B moved rigidly: the same molecule
+    system = [a + b, scan, a.copy(), b.copy()]
+    loose = [molecule(name) for name in ("CH4", "NH3", "CO2", "HCN", "C2H6", "CH3OH")]
+    frames = system + loose
+    kept_together = 0
+    for seed in range(12):
+        train, held = split_systems(frames, 0.4, seed)
+        assert sorted(train + held) == list(range(len(frames)))
+        together = {0, 1, 2, 3} <= set(held) or {0, 1, 2, 3} <= set(train)
+        assert together, (seed, train, held)
+        kept_together += {0, 1, 2, 3} <= set(held)
+    assert 0 < kept_together < 12  # the system is drawn like any other unit
