@@ -22,6 +22,7 @@ Data flow: reference, baseline, dispersion → store → **labelling**.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import signal
@@ -148,11 +149,26 @@ def _cp2k_label(task: LabelTask, atoms: Atoms) -> tuple[float, np.ndarray, np.nd
     """Energy, forces and (3D-periodic cells) stress from one CP2K run."""
     parameters = {k: v for k, v in task.reference.items() if k != "code"}
     parameters.setdefault("omp_threads", task.threads)
-    reference = CP2KReference(**parameters, charge=task.charge, multiplicity=task.multiplicity)
+    reference = _worker_cp2k(json.dumps(parameters, sort_keys=True, default=str))
+    reference.set(charge=task.charge, multiplicity=task.multiplicity)
     properties = ["energy", "forces"] + (["stress"] if atoms.pbc.all() else [])
     reference.calculate(atoms, properties)
     results = reference.results
     return results["energy"], results["forces"], results.get("stress")
+
+
+#: Per worker thread: the CP2K calculator of the last settings labelled there.
+_WORKER = threading.local()
+
+
+def _worker_cp2k(parameters: str) -> CP2KReference:
+    """One CP2K calculator per worker thread and settings (JSON): it keeps the
+    wavefunctions of its last runs, so that a rattled copy of a cell labelled after
+    it starts its SCF from there (``CP2KReference(reuse_guess=...)``). Per thread,
+    because a Dask worker may run several tasks at once."""
+    if getattr(_WORKER, "cp2k", (None, None))[0] != parameters:
+        _WORKER.cp2k = (parameters, CP2KReference(**json.loads(parameters)))
+    return _WORKER.cp2k[1]
 
 
 def reference_calculator(parameters: dict[str, Any]) -> PySCFReference | CP2KReference:

@@ -72,8 +72,49 @@ _POTENTIAL_FILE = "GTH_POTENTIALS"
 #: MPI launcher of a calculation with ``mpi_ranks > 1`` (``{ranks}``: the count).
 _MPI_COMMAND = "mpiexec -n {ranks}"
 
+#: Largest displacement (Å) of any atom from the last run for its wavefunction to be reused.
+GUESS_MAX_SHIFT = 1.0
+
+#: Wavefunctions of earlier runs a calculator keeps (each ~1 MB for 50 atoms).
+GUESS_KEEP = 32
+
+#: Largest relative change of the cell (max |ΔC| / max |C|) for a wavefunction to be reused.
+_GUESS_MAX_STRAIN = 0.1
+
+#: Parameters that do not change the wavefunction (any other change forbids reusing it).
+_NOT_WAVEFUNCTION = frozenset(
+    {"command", "mpi_ranks", "omp_threads", "mpi_command", "workdir", "reuse_guess",
+     "min_distance"}
+)  # fmt: skip
+
+#: Wavefunction files: the one a run starts from, the one CP2K writes (PROJECT deltaml).
+_GUESS_FILE = "guess.wfn"
+_WAVEFUNCTION_FILE = "deltaml-RESTART.wfn"
+
 _ENERGY = re.compile(r"ENERGY\| Total FORCE_EVAL \( QS \) energy \[a\.u\.\]:\s+(\S+)")
 _SCF_FAILED = ("SCF run NOT converged", "outer SCF loop FAILED")
+
+
+def _shift(last: dict[str, Any], now: dict[str, Any]) -> float:
+    """Largest displacement (Å) of an atom from run ``last`` to run ``now``, or ∞ where
+    the wavefunction of ``last`` cannot start ``now``: other atoms or their order,
+    charge, multiplicity or settings, or a cell changed by more than
+    ``_GUESS_MAX_STRAIN``. Periodic cells: the nearest image, in fractional
+    coordinates of the new cell."""
+    same = (
+        last["pbc"] == now["pbc"]
+        and last["charge_multiplicity"] == now["charge_multiplicity"]
+        and last["settings"] == now["settings"]
+        and np.array_equal(last["numbers"], now["numbers"])
+    )
+    cell = now["cell"]
+    if not same or np.abs(last["cell"] - cell).max() > _GUESS_MAX_STRAIN * np.abs(cell).max():
+        return float("inf")
+    shift = now["positions"] - last["positions"]
+    if now["pbc"]:
+        fractional = np.linalg.solve(cell.T, shift.T).T
+        shift = (fractional - np.round(fractional)) @ cell
+    return float(np.linalg.norm(shift, axis=1).max())
 
 
 def cp2k_available(command: str = "cp2k.psmp") -> bool:
@@ -200,6 +241,7 @@ class CP2KReference(Calculator):
      mpi_command           None                  -    launcher if mpi_ranks > 1; None: mpiexec
      workdir               None                  -    folder of the work files; None: temporary
      data_dir              None                  -    CP2K data; None: CP2K_DATA_DIR or built in
+     reuse_guess           True                  -    start the SCF from the last similar run
     ===================== ===================== ==== =========================================
 
     A structure periodic in all three directions is computed in its cell
@@ -207,6 +249,15 @@ class CP2KReference(Calculator):
     ``vacuum_a`` wider than it on every side and computed with the
     Martyna–Tuckerman Poisson solver (no stress). Partly periodic structures are
     refused. Open shells (multiplicity > 1) are unrestricted (UKS).
+
+    With ``reuse_guess`` the SCF starts from the converged wavefunction of the
+    nearest of this calculator's last ``GUESS_KEEP`` runs that had the same atoms in
+    the same order, charge, multiplicity and settings, and a similar structure (cell
+    within 10 %, no atom moved by more than ``GUESS_MAX_SHIFT`` Å): a rattled or
+    strained copy of a cell, the next MD frame. It is a starting point only,
+    converged to the same ``eps_scf``, so it is not part of the method record; the
+    SCF steps it saves are measured in ``benchmarks/README.md``. Otherwise the guess
+    is CP2K's ``ATOMIC``.
 
     Results: ``energy``/``free_energy`` (eV), ``forces`` (eV/Å) and, for periodic
     cells, ``stress`` (eV/Å³, Voigt order, ASE's sign: positive is tensile),
@@ -246,11 +297,14 @@ class CP2KReference(Calculator):
         "mpi_command": None,
         "workdir": None,
         "data_dir": None,
+        "reuse_guess": True,
     }
 
     def __init__(self, **kwargs: Any) -> None:
         Calculator.__init__(self, **kwargs)
         self._check_data()
+        # the last converged runs, newest last: what each computed, and its wavefunction
+        self._guesses: list[tuple[dict[str, Any], bytes]] = []
 
     def set(self, **kwargs: Any) -> dict:
         """Set parameters, refusing unknown functionals and basis sets at once."""
@@ -345,6 +399,8 @@ class CP2KReference(Calculator):
         else:
             cell, positions = self._box(atoms.positions)
         kinds = self._kinds(atoms)
+        state = self._state(atoms, positions, cell, charge, multiplicity)
+        guess = self._closest_guess(state)
         text = self._input(
             atoms.get_chemical_symbols(),
             positions,
@@ -355,9 +411,34 @@ class CP2KReference(Calculator):
             kinds,
             want_forces="forces" in properties or "stress" in properties,
             want_stress="stress" in properties,
+            guess=guess is not None,
         )
-        output = self._run(text)
+        output, wavefunction = self._run(text, guess)
         self._parse(output, len(atoms), "stress" in properties)
+        if p.reuse_guess and wavefunction is not None:
+            self._guesses = [*self._guesses[-(GUESS_KEEP - 1) :], (state, wavefunction)]
+
+    def _closest_guess(self, state: dict[str, Any]) -> bytes | None:
+        """The wavefunction of the kept run nearest to ``state`` among the similar ones."""
+        if not self.parameters.reuse_guess:
+            return None
+        shifts = [(_shift(last, state), wfn) for last, wfn in self._guesses]
+        usable = [(shift, wfn) for shift, wfn in shifts if shift <= GUESS_MAX_SHIFT]
+        return min(usable, key=lambda item: item[0])[1] if usable else None
+
+    def _state(
+        self, atoms: Atoms, positions: np.ndarray, cell: np.ndarray, charge: int, mult: int
+    ) -> dict[str, Any]:
+        """What a wavefunction was computed for: atoms, structure, charge, settings."""
+        settings = {k: v for k, v in self.parameters.items() if k not in _NOT_WAVEFUNCTION}
+        return {
+            "numbers": atoms.numbers.copy(),
+            "pbc": bool(atoms.pbc.all()),
+            "positions": np.array(positions, dtype=float),
+            "cell": np.array(cell, dtype=float),
+            "charge_multiplicity": (int(charge), int(mult)),
+            "settings": repr(sorted(settings.items())),
+        }
 
     # -- input -----------------------------------------------------------------
 
@@ -420,8 +501,10 @@ class CP2KReference(Calculator):
         *,
         want_forces: bool,
         want_stress: bool,
+        guess: bool = False,
     ) -> str:
-        """CP2K input (Å, Ry, Hartree as CP2K reads them)."""
+        """CP2K input (Å, Ry, Hartree as CP2K reads them); with ``guess`` the SCF
+        starts from the wavefunction file ``guess.wfn`` of the work folder."""
         p = self.parameters
         parametrization, exact = CP2K_FUNCTIONALS[p.xc]
         lines = [
@@ -457,8 +540,9 @@ class CP2KReference(Calculator):
             f"      PERIODIC {'XYZ' if periodic else 'NONE'}",
             f"      PSOLVER {'PERIODIC' if periodic else 'MT'}",
             "    &END POISSON",
+            *([f"    WFN_RESTART_FILE_NAME {_GUESS_FILE}"] if guess else []),
             "    &SCF",
-            "      SCF_GUESS ATOMIC",
+            *(["      SCF_GUESS RESTART"] if guess else ["      SCF_GUESS ATOMIC"]),
             f"      EPS_SCF {float(p.eps_scf):.3E}",
             f"      MAX_SCF {int(p.max_scf)}",
             "      &OT",
@@ -527,18 +611,26 @@ class CP2KReference(Calculator):
 
     # -- running and reading -----------------------------------------------------
 
-    def _run(self, text: str) -> str:
-        """Run CP2K on ``text`` in the work folder; its output."""
+    def _run(self, text: str, guess: bytes | None = None) -> tuple[str, bytes | None]:
+        """Run CP2K on ``text`` in the work folder, starting from the wavefunction
+        ``guess`` if given; its output and the wavefunction it wrote (if any)."""
         p = self.parameters
         if p.workdir is not None:
             Path(p.workdir).mkdir(parents=True, exist_ok=True)
-            return self._run_in(Path(p.workdir), text)
+            return self._run_in(Path(p.workdir), text, guess)
         with tempfile.TemporaryDirectory(prefix="deltaml-cp2k-") as folder:
-            return self._run_in(Path(folder), text)
+            return self._run_in(Path(folder), text, guess)
 
-    def _run_in(self, folder: Path, text: str) -> str:
+    def _run_in(self, folder: Path, text: str, guess: bytes | None) -> tuple[str, bytes | None]:
         p = self.parameters
         (folder / "deltaml.inp").write_text(text, encoding="utf-8")
+        # CP2K appends to an existing output file: an earlier run's output or
+        # wavefunction in a given work folder must not pass as this run's.
+        written = folder / _WAVEFUNCTION_FILE
+        for name in ("deltaml.out", _WAVEFUNCTION_FILE):
+            (folder / name).unlink(missing_ok=True)
+        if guess is not None:
+            (folder / _GUESS_FILE).write_bytes(guess)
         env = dict(os.environ, OMP_NUM_THREADS=str(int(p.omp_threads)))
         command = [p.command, "-i", "deltaml.inp", "-o", "deltaml.out"]
         if int(p.mpi_ranks) > 1:
@@ -559,7 +651,7 @@ class CP2KReference(Calculator):
             raise EngineError(
                 f"cp2k: run failed (exit status {done.returncode}) in {folder}:\n{tail}"
             )
-        return output
+        return output, written.read_bytes() if written.is_file() else None
 
     def _parse(self, output: str, n_atoms: int, want_stress: bool) -> None:
         p = self.parameters

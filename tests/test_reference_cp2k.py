@@ -204,6 +204,60 @@ def test_record_names_the_method_and_its_dispersion_partner():
     assert record["cutoff_ry"] == CP2KReference.default_parameters["cutoff_ry"]
     # how a calculation runs is not part of the method
     assert CP2KReference(mpi_ranks=2, omp_threads=2).record() == record
+    assert CP2KReference(reuse_guess=False).record() == record  # a start, not the answer
+
+
+def _first_scf_gradient(folder) -> float:
+    """The SCF convergence measure of the first OT step of the run in ``folder``."""
+    output = (folder / "deltaml.out").read_text()
+    return float(re.search(r"\n\s+1 OT DIIS\s+\S+\s+\S+\s+(\S+)", output).group(1))
+
+
+def test_a_similar_structure_starts_from_the_last_wavefunction(water_cell, tmp_path):
+    """A strained and rattled copy starts its SCF from the last run's wavefunction:
+    closer to convergence at the first step, and converged to the same answer."""
+    calc = CP2KReference(workdir=tmp_path / "reused", **QUICK)
+    calc.calculate(water_cell, ["energy", "forces", "stress"])
+    copy = water_cell.copy()
+    copy.set_cell(water_cell.cell.array * 1.02, scale_atoms=True)
+    copy.positions += np.random.default_rng(5).normal(scale=0.03, size=copy.positions.shape)
+    calc.calculate(copy, ["energy", "forces", "stress"])
+    assert "SCF_GUESS RESTART" in (tmp_path / "reused" / "deltaml.inp").read_text()
+    fresh = CP2KReference(workdir=tmp_path / "fresh", reuse_guess=False, **QUICK)
+    fresh.calculate(copy, ["energy", "forces", "stress"])
+    assert "SCF_GUESS ATOMIC" in (tmp_path / "fresh" / "deltaml.inp").read_text()
+    assert _first_scf_gradient(tmp_path / "reused") < 0.2 * _first_scf_gradient(tmp_path / "fresh")
+    assert calc.results["energy"] == pytest.approx(fresh.results["energy"], abs=1e-5)
+    np.testing.assert_allclose(calc.results["forces"], fresh.results["forces"], atol=1e-4)
+    np.testing.assert_allclose(calc.results["stress"], fresh.results["stress"], atol=1e-7)
+
+
+def test_a_wavefunction_is_not_reused_for_other_atoms_or_a_distant_structure(water_cell, tmp_path):
+    """Atoms in another order, a cell strained by 20 % or other settings start from
+    CP2K's atomic guess (a wavefunction is a start only where it fits)."""
+    calc = CP2KReference(workdir=tmp_path, **QUICK)
+    calc.calculate(water_cell, ["energy"])
+    permuted = water_cell[[1, 0, 2]]
+    strained = water_cell.copy()
+    strained.set_cell(water_cell.cell.array * 1.2, scale_atoms=True)
+    for atoms, settings in ((permuted, {}), (strained, {}), (water_cell, {"cutoff_ry": 250})):
+        calc.set(**settings)
+        calc.calculate(atoms, ["energy"])
+        assert "SCF_GUESS ATOMIC" in (tmp_path / "deltaml.inp").read_text()
+    # the output of every run is its own (CP2K appends to an existing output file)
+    assert (tmp_path / "deltaml.out").read_text().count("PROGRAM STARTED AT") == 1
+
+
+def test_a_labelling_worker_keeps_one_calculator_per_settings():
+    """So that the wavefunctions of a worker's last labels start its next ones."""
+    import json
+
+    from deltaml.labelling import _worker_cp2k
+
+    settings = json.dumps(QUICK, sort_keys=True)
+    first = _worker_cp2k(settings)
+    assert _worker_cp2k(settings) is first
+    assert _worker_cp2k(json.dumps({**QUICK, "cutoff_ry": 250}, sort_keys=True)) is not first
 
 
 def test_docstring_table_matches_default_parameters():
