@@ -72,7 +72,7 @@ _POTENTIAL_FILE = "GTH_POTENTIALS"
 #: MPI launcher of a calculation with ``mpi_ranks > 1`` (``{ranks}``: the count).
 _MPI_COMMAND = "mpiexec -n {ranks}"
 
-#: Largest displacement (Å) of any atom from the last run for its wavefunction to be reused.
+#: Largest displacement (Å) of any atom from a kept run for its wavefunction to be reused.
 GUESS_MAX_SHIFT = 1.0
 
 #: Wavefunctions of earlier runs a calculator keeps (each ~1 MB for 50 atoms).
