@@ -102,6 +102,60 @@ class Expansion:
             out[:, pairs, ang] = full[:, a, b] * factor
         return out.reshape(n_rows, -1)
 
+    def spectrum_position_gradients(
+        self,
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float64]]:
+        """Position gradients of the raw power-spectrum rows, as arrays.
+
+        Returns
+        -------
+        rows, atoms : ndarray of int
+            The (row, atom) pairs with a gradient, sorted by row, then atom, unique.
+        gradients : ndarray of shape (n_pairs, 3, n_features)
+            d p(row) / d r(atom) (Å⁻¹ times the rows' unit).
+        """
+        keys = np.unique(
+            np.concatenate([rows * self.n_atoms + atoms for _, _, rows, atoms, _ in self.positions])
+        )
+        rows, atoms = keys // self.n_atoms, keys % self.n_atoms
+        shape = self.coefficients.shape
+        derivative = np.zeros((len(keys), 3, *shape[1:]))
+        for ang, a, block_rows, block_atoms, grad in self.positions:
+            where = np.searchsorted(keys, block_rows * self.n_atoms + block_atoms)
+            np.add.at(derivative, (where, slice(None), a, _lm(ang)), grad)
+        return rows, atoms, self._spectrum_derivative(rows, derivative)
+
+    def spectrum_strain_gradients(self) -> NDArray[np.float64]:
+        """Strain gradients of the raw power-spectrum rows, (n_rows, 3, 3, n_features)."""
+        n_rows = self.coefficients.shape[0]
+        derivative = np.zeros((n_rows, 3, 3, *self.coefficients.shape[1:]))
+        for ang, a, rows, grad in self.strain:
+            np.add.at(derivative, (rows, slice(None), slice(None), a, _lm(ang)), grad)
+        flat = derivative.reshape(n_rows, 9, *self.coefficients.shape[1:])
+        out = self._spectrum_derivative(np.arange(n_rows), flat)
+        return out.reshape(n_rows, 3, 3, -1)
+
+    def _spectrum_derivative(self, rows: NDArray[np.int64], derivative: NDArray) -> NDArray:
+        """d p from d c: ``derivative`` (k, X, species, lm, n) of the coefficients of ``rows``.
+
+        d(c^a_n c^b_v) = dc^a_n c^b_v + c^a_n dc^b_v, summed over m, with
+        featomic's factor of each stored pair of neighbour species.
+        """
+        n_species, n_max = self.coefficients.shape[1], self.coefficients.shape[3]
+        n_pairs = n_species * (n_species + 1) // 2
+        k, x = derivative.shape[:2]
+        out = np.zeros((k, x, n_pairs, self.l_max + 1, n_max, n_max))
+        here, a, b, pairs = self._pairs
+        cs = self.coefficients[rows][:, here]
+        ds = derivative[:, :, here]
+        for ang in range(self.l_max + 1):
+            cl, dl = cs[:, :, _lm(ang)], ds[:, :, :, _lm(ang)]
+            full = np.einsum("kxamn,kbmv->kxabnv", dl, cl)
+            full += np.einsum("kamn,kxbmv->kxabnv", cl, dl)
+            factor = _factors(ang, here[a], here[b])[:, None, None]
+            out[:, :, pairs, ang] = full[:, :, a, b] * factor
+        return out.reshape(k, x, -1)
+
     def backward(
         self, weights: NDArray[np.float64], forces: bool, strain: bool
     ) -> tuple[NDArray[np.float64] | None, NDArray[np.float64] | None]:
@@ -114,7 +168,12 @@ class Expansion:
         forces, strain : bool
             Which derivatives to return (``None`` for the other).
         """
-        g = self._coefficient_weights(weights)
+        return self.chain(self.coefficient_weights(weights), forces, strain)
+
+    def chain(
+        self, g: NDArray[np.float64], forces: bool, strain: bool
+    ) -> tuple[NDArray[np.float64] | None, NDArray[np.float64] | None]:
+        """dE/dr and dE/dε from G = dE/dc (``coefficients``' shape) through the gradients."""
         gradient = virial = None
         if forces:
             gradient = np.zeros((self.n_atoms, 3))
@@ -127,7 +186,7 @@ class Expansion:
                 virial += np.einsum("sxzmn,smn->xz", grad, g[rows, a, _lm(ang)])
         return gradient, virial
 
-    def _coefficient_weights(self, weights: NDArray[np.float64]) -> NDArray[np.float64]:
+    def coefficient_weights(self, weights: NDArray[np.float64]) -> NDArray[np.float64]:
         """G = dE/dc from dE/dp (the chain rule through the quadratic form)."""
         c = self.coefficients
         n_rows, n_species, _, n_max = c.shape

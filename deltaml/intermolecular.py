@@ -7,19 +7,30 @@ with ``decomposition="molecular"``) needs two rows per atom *i* of molecule *M*:
   across the cell), normalised. It depends on the geometry of *M* only, so an
   energy built from it cancels exactly in an interaction or lattice energy at
   fixed monomer geometry.
-- **inter**: the raw power spectrum of *i* in the whole structure minus that of
-  *i* in *M* alone. With the neighbour density split as
-  :math:`\rho_i = \rho_i^M + \rho_i^{o}` (own molecule, others), the power
-  spectrum is quadratic in the density expansion :math:`c`, so
+- **inter**: what the other molecules add to the raw power spectrum of *i*.
+  With the neighbour density split as :math:`\rho_i = \rho_i^M + \rho_i^{o}`
+  (own molecule, others), the power spectrum is quadratic in the density
+  expansion :math:`c`:
 
   .. math::
 
-      p(\rho_i) - p(\rho_i^M) = c^M \otimes c^{o} + c^{o} \otimes c^M + c^{o} \otimes c^{o},
+      p(\rho_i) - p(\rho_i^M) = c^M \otimes c^{o} + c^{o} \otimes c^M + c^{o} \otimes c^{o}.
 
-  which is exactly zero when no atom of another molecule is within the cut-off,
-  and goes to zero smoothly, with zero slope, as they leave it (the cut-off
-  function does). It carries the directions of the contacts relative to the
-  own molecule (the cross terms), e.g. of a hydrogen bond.
+  The default rows (``rows="pairwise"``) are the cross terms only,
+  :math:`c^M \otimes c^o + c^o \otimes c^M`. They are *linear* in the others'
+  density, :math:`c^o = \sum_K c^K` over the other molecules *K*, so an energy
+  linear in them (the default intermolecular kernel) is exactly a sum over
+  pairs of molecules: a crystal's intermolecular correction is the sum of those
+  of the dimers cut from it, and it grows with the number of contacts, not with
+  its square. The third term (``rows="difference"``, the rows before
+  2026-12-01) couples two other molecules: measured in CO2 phase I it is 24
+  times its size in the CO2 dimer (the cross terms 9 times, one contact against
+  twelve), far outside what dimers and small clusters constrain.
+  Either rows are exactly zero when no atom of another molecule is within the
+  cut-off, and go to zero smoothly, with zero slope, as they leave it (the
+  cut-off function does). They carry the directions of the contacts relative to
+  the own molecule, e.g. of a hydrogen bond. The pairwise rows need featomic's
+  spherical expansion (:mod:`deltaml.expansion`) for the others' term.
 
 Molecules come from covalent connectivity (:func:`deltaml.crystals.whole_molecules`).
 
@@ -37,9 +48,14 @@ from numpy.typing import NDArray
 
 from deltaml.crystals import Molecules, whole_molecules
 from deltaml.descriptors import DescriptorBatch, Pullback, SOAPDescriptor, normalise_rows
-from deltaml.errors import ParameterError
+from deltaml.errors import ParameterError, UnsupportedCapabilityError
+from deltaml.expansion import Expansion, expand_frames
 
-__all__ = ["MolecularBatch", "split_by_molecule"]
+__all__ = ["INTER_ROWS", "MolecularBatch", "split_by_molecule"]
+
+#: Intermolecular rows: own ⊗ others cross terms (pairwise additive between
+#: molecules), or the whole-structure row minus the own-molecule row.
+INTER_ROWS = ("pairwise", "difference")
 
 
 @dataclass
@@ -72,6 +88,7 @@ def split_by_molecule(
     centres: NDArray[np.int64] | None = None,
     molecules: tuple[Molecules, NDArray[np.float64]] | None = None,
     pullback: bool = False,
+    rows: str = "pairwise",
 ) -> MolecularBatch:
     """Intra- and intermolecular rows of every atom, with the requested gradients.
 
@@ -97,6 +114,8 @@ def split_by_molecule(
         Gradients as :attr:`DescriptorBatch.pullback` through the spherical
         expansion (:mod:`deltaml.expansion`; featomic) instead of arrays: the
         cheap way to forces and stress, not to their uncertainty.
+    rows : {"pairwise", "difference"}, default="pairwise"
+        The intermolecular rows (:data:`INTER_ROWS`, see the module notes).
 
     Returns
     -------
@@ -107,21 +126,30 @@ def split_by_molecule(
     TopologyError
         A molecule bonded to its own periodic image.
     ParameterError
-        ``centres`` that cut a molecule.
+        ``centres`` that cut a molecule, or unknown ``rows``.
+    UnsupportedCapabilityError
+        Pairwise rows of a structure with contacts with a descriptor backend
+        other than featomic.
     """
+    if rows not in INTER_ROWS:
+        raise ParameterError(f"rows must be one of {INTER_ROWS}, got {rows!r}")
     frames = [frames] if isinstance(frames, Atoms) else list(frames)
     gradients = tuple(dict.fromkeys((gradients,) if isinstance(gradients, str) else gradients))
     if (centres is not None or molecules is not None) and len(frames) != 1:
         raise ParameterError("centres and molecules need exactly one structure")
     found_all = [molecules] if molecules is not None else [whole_molecules(a) for a in frames]
     if pullback:
-        return _split_with_pullback(soap, frames, gradients, centres, found_all)
+        return _split_with_pullback(soap, frames, gradients, centres, found_all, rows)
     if centres is None and all(
         not a.pbc.any() and len(f[0].formulas) == 1 for a, f in zip(frames, found_all, strict=True)
     ):
         # Isolated molecules: the own-molecule rows are the full rows and the
         # intermolecular part is exactly zero; one SOAP evaluation, not two.
         return _single_molecules(soap, frames, gradients, found_all)
+    if rows == "pairwise" and soap.backend != "featomic":
+        raise UnsupportedCapabilityError(
+            f"pairwise intermolecular rows need the featomic SOAP backend, not {soap.backend!r}"
+        )
     pieces, owners, labels, unwrapped = _own_molecules(frames, found_all, centres)
     own_gradients = ("positions",) if gradients else ()
     if centres is None and "strain" not in gradients and soap.backend == "featomic":
@@ -149,9 +177,9 @@ def split_by_molecule(
     inter = DescriptorBatch(values=full.values - own_values, **shared)
     if gradients:
         # The own rows' position pairs, sorted by row (the strain needs them too).
-        rows, moved = row_of[owner[own.position_rows]], owner[own.position_atoms]
-        order = np.lexsort((moved, rows))
-        own_rows, own_atoms = rows[order], moved[order]
+        pair_rows, moved = row_of[owner[own.position_rows]], owner[own.position_atoms]
+        order = np.lexsort((moved, pair_rows))
+        own_rows, own_atoms = pair_rows[order], moved[order]
         own_gradients_sorted = own.position_gradients[order]
     if "positions" in gradients:
         intra.position_rows, intra.position_atoms = own_rows, own_atoms
@@ -167,9 +195,76 @@ def split_by_molecule(
         own_strain = np.add.reduceat(contribution, starts, axis=0)
         intra.strain_gradients = own_strain
         inter.strain_gradients = full.strain_gradients - own_strain
+    if rows == "pairwise":
+        _remove_others_square(soap, frames, pieces, owner, row_of[owner], inter, gradients, centres)
     norms = np.linalg.norm(intra.values, axis=1)
     normalise_rows(intra)  # after the raw rows were used for ``inter``
     return MolecularBatch(intra=intra, inter=inter, labels=labels, intra_norms=norms)
+
+
+def _others_expansion(
+    expansion: Expansion,
+    n_full: int,
+    own_rows: NDArray[np.int64],
+    owner: NDArray[np.int64],
+    n_frame_atoms: int,
+) -> Expansion:
+    r"""The expansion :math:`c^o = c - c^M` of the other molecules' density around each atom.
+
+    ``expansion`` holds the structures' rows (the first ``n_full``) and then the
+    molecules' rows (the atom of the structure's row ``own_rows[k]``, whose
+    atom is ``owner[k]``); the result's gradients are the difference of theirs,
+    with the molecules' atoms put back onto the structures' (``n_frame_atoms``).
+    """
+    c = expansion.coefficients
+    others = c[:n_full].copy()
+    others[own_rows] -= c[n_full:]
+    row_map = np.concatenate([np.arange(n_full), own_rows])
+    sign = np.where(np.arange(len(c)) < n_full, 1.0, -1.0)
+    atom_map = np.concatenate([np.arange(n_frame_atoms), owner])
+    positions = [
+        (ang, a, row_map[r], atom_map[atoms], sign[r][:, None, None, None] * g)
+        for ang, a, r, atoms, g in expansion.positions
+    ]
+    strain = [
+        (ang, a, row_map[r], sign[r][:, None, None, None, None] * g)
+        for ang, a, r, g in expansion.strain
+    ]
+    return Expansion(others, n_frame_atoms, expansion.l_max, positions, strain)
+
+
+def _remove_others_square(
+    soap: SOAPDescriptor,
+    frames: list[Atoms],
+    pieces: list[Atoms],
+    owner: NDArray[np.int64],
+    own_rows: NDArray[np.int64],
+    inter: DescriptorBatch,
+    gradients: tuple[str, ...],
+    centres: NDArray[np.int64] | None,
+) -> None:
+    """Subtract the others ⊗ others term from ``inter`` (full − own), with its gradients."""
+    n_full = len(inter.values)
+    _, expansion = expand_frames(
+        soap, frames + _exploded(pieces, soap.cutoff), gradients, centres=centres
+    )
+    n_frame_atoms = sum(len(a) for a in frames)
+    others = _others_expansion(expansion, n_full, own_rows, owner, n_frame_atoms)
+    inter.values = inter.values - others.power_spectrum()
+    if "positions" in gradients:
+        square = DescriptorBatch(values=inter.values, numbers=inter.numbers, offsets=inter.offsets)
+        (
+            square.position_rows,
+            square.position_atoms,
+            square.position_gradients,
+        ) = others.spectrum_position_gradients()
+        (
+            inter.position_rows,
+            inter.position_atoms,
+            inter.position_gradients,
+        ) = _difference_pairs(inter, square, n_frame_atoms)
+    if "strain" in gradients:
+        inter.strain_gradients = inter.strain_gradients - others.spectrum_strain_gradients()
 
 
 def _split_with_pullback(
@@ -178,10 +273,14 @@ def _split_with_pullback(
     gradients: tuple[str, ...],
     centres: NDArray[np.int64] | None,
     found_all: list,
+    rows: str,
 ) -> MolecularBatch:
-    """:func:`split_by_molecule` with pullbacks: one expansion of structures and molecules."""
-    from deltaml.expansion import expand_frames
+    """:func:`split_by_molecule` with pullbacks: one expansion of structures and molecules.
 
+    With pairwise rows the engine's weights get ``n_full`` more rows: the
+    derivative with respect to the others' square term, pulled back through
+    :math:`c^o = c - c^M` onto the same expansion (one backward pass).
+    """
     pieces, owners, labels, _ = _own_molecules(frames, found_all, centres)
     # Isolated molecules are their own pieces: no need to expand them twice. (Not a
     # molecule in a cell: it sees its own images.)
@@ -208,6 +307,22 @@ def _split_with_pullback(
     own_values = full_values.copy() if alone else np.empty_like(full_values)
     if not alone:
         own_values[own_rows] = values[n_full:]
+    inter_values = full_values - own_values if not alone else np.zeros_like(full_values)
+    n_engine = len(values)
+    backward = expansion.backward
+    square = not alone and rows == "pairwise"
+    if square:
+        others = _others_expansion(expansion, n_full, own_rows, owner, n_frame_atoms)
+        inter_values -= others.power_spectrum()
+
+        def backward(w: NDArray, forces: bool, strain: bool) -> tuple:
+            g = expansion.coefficient_weights(w[:n_engine])
+            g_square = others.coefficient_weights(w[n_engine:])  # dE/dc^o
+            g[:n_full] += g_square
+            g[n_full:] -= g_square[own_rows]
+            return expansion.chain(g, forces, strain)
+
+    n_weights = n_engine + (n_full if square else 0)
 
     def finish(gradient: NDArray) -> NDArray:
         if alone:
@@ -218,18 +333,20 @@ def _split_with_pullback(
         return moved
 
     def own_weights(w: NDArray) -> NDArray:
-        weights = np.zeros_like(values)
+        weights = np.zeros((n_weights, values.shape[1]))
         if alone:
             weights[:] = w
         else:
-            weights[n_full:] = w[own_rows]
+            weights[n_full:n_engine] = w[own_rows]
         return weights
 
     def inter_weights(w: NDArray) -> NDArray:
-        weights = np.zeros_like(values)
+        weights = np.zeros((n_weights, values.shape[1]))
         if not alone:  # else the intermolecular rows are exactly zero
             weights[:n_full] = w
-            weights[n_full:] = -w[own_rows]
+            weights[n_full:n_engine] = -w[own_rows]
+        if square:
+            weights[n_engine:] = -w
         return weights
 
     numbers = np.concatenate([a.numbers for a in frames]).astype(np.int64)
@@ -240,12 +357,10 @@ def _split_with_pullback(
         "n_atoms": None if centres is None else n_frame_atoms,
     }
     intra = DescriptorBatch(
-        values=own_values, pullback=Pullback(expansion.backward, own_weights, finish), **shared
+        values=own_values, pullback=Pullback(backward, own_weights, finish), **shared
     )
     inter = DescriptorBatch(
-        values=full_values - own_values if not alone else np.zeros_like(full_values),
-        pullback=Pullback(expansion.backward, inter_weights, finish),
-        **shared,
+        values=inter_values, pullback=Pullback(backward, inter_weights, finish), **shared
     )
     norms = np.linalg.norm(intra.values, axis=1)
     normalise_rows(intra)

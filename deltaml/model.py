@@ -76,7 +76,7 @@ from deltaml.errors import (
     UnsupportedCapabilityError,
 )
 from deltaml.expansion import expand
-from deltaml.intermolecular import split_by_molecule
+from deltaml.intermolecular import INTER_ROWS, split_by_molecule
 from deltaml.kernels import KernelTerm, kernel_values
 from deltaml.model_files import MODEL_FORMAT, content_checksum, write_model_file
 from deltaml.model_io import (
@@ -160,6 +160,13 @@ class SparseGPR(BaseEstimator):
      delta            None              eV      prior std of an atomic energy; None:
                                                 from the spread of the training energies
      inter_n_sparse   100               -       intermolecular sparse points per element
+     inter_rows       "pairwise"        -       intermolecular rows: pairwise (own ⊗ others
+                                                cross terms: with the linear kernel the
+                                                intermolecular energy is a sum over pairs
+                                                of molecules) or difference (full − own,
+                                                with an others ⊗ others part; files
+                                                before 2026-12-01); see
+                                                :mod:`deltaml.intermolecular`
      inter_zeta       1                 -       exponent ζ of the intermolecular kernel
      inter_kernel     "dot"             -       dot: (x·y)^ζ on unnormalised rows
                                                 (integer ζ); local: (x·y) exp(ζ(x̂·ŷ − 1)),
@@ -246,6 +253,7 @@ class SparseGPR(BaseEstimator):
         zeta: float = 2,
         delta: float | None = None,
         inter_n_sparse: int = 100,
+        inter_rows: str = "pairwise",
         inter_zeta: float = 1,
         inter_kernel: str = "dot",
         inter_linear: float = 0.0,
@@ -269,6 +277,7 @@ class SparseGPR(BaseEstimator):
         self.zeta = zeta
         self.delta = delta
         self.inter_n_sparse = inter_n_sparse
+        self.inter_rows = inter_rows
         self.inter_zeta = inter_zeta
         self.inter_kernel = inter_kernel
         self.inter_linear = inter_linear
@@ -329,6 +338,14 @@ class SparseGPR(BaseEstimator):
             raise ParameterError(f"the dot kernel needs an integer zeta >= 1, got {self.zeta}")
         if self.kernel == "exp" and not self.zeta > 0:
             raise ParameterError(f"zeta must be positive, got {self.zeta}")
+        if self.inter_rows not in INTER_ROWS:
+            raise ParameterError(f"inter_rows must be one of {INTER_ROWS}, got {self.inter_rows!r}")
+        backend = (self.descriptor or {}).get("backend", "featomic")
+        if self.molecular and self.inter_rows == "pairwise" and backend != "featomic":
+            raise ParameterError(
+                f"inter_rows='pairwise' needs the featomic SOAP backend, not {backend!r} "
+                "(or use inter_rows='difference')"
+            )
         if self.inter_kernel not in _INTER_KERNELS:
             raise ParameterError(
                 f"inter_kernel must be one of {_INTER_KERNELS}, got {self.inter_kernel!r}"
@@ -413,7 +430,10 @@ class SparseGPR(BaseEstimator):
         self.inter_scale_: dict[int, float] = {}
         # Features without gradients, once: sparse points, scales and prior widths.
         if self.molecular:
-            splits = [split_by_molecule(self.descriptor_, b) for b in self._batches(frames)]
+            splits = [
+                split_by_molecule(self.descriptor_, b, rows=self.inter_rows)
+                for b in self._batches(frames)
+            ]
             # Inter rows are measured in units of the element's typical own-molecule
             # row, so that δ_inter means the same with or without interaction data.
             self.inter_scale_ = _typical_norms(splits, self.species_)
@@ -478,7 +498,9 @@ class SparseGPR(BaseEstimator):
             if pullback:
                 return [expand(self.descriptor_, frames, gradients)]
             return [self.descriptor_.compute(frames, gradients=gradients)]
-        split = split_by_molecule(self.descriptor_, frames, gradients, pullback=pullback)
+        split = split_by_molecule(
+            self.descriptor_, frames, gradients, pullback=pullback, rows=self.inter_rows
+        )
         if self.inter_scale_:
             _scale_rows(split.inter, self.inter_scale_)
         return [split.intra, split.inter]
@@ -928,7 +950,13 @@ class SparseGPR(BaseEstimator):
                     return [expand(self.descriptor_, atoms, kinds, centres=centres)]
                 return [self.descriptor_.compute(atoms, kinds, centres=centres)]
             split = split_by_molecule(
-                self.descriptor_, atoms, kinds, centres=centres, molecules=found, pullback=pullback
+                self.descriptor_,
+                atoms,
+                kinds,
+                centres=centres,
+                molecules=found,
+                pullback=pullback,
+                rows=self.inter_rows,
             )
             if self.inter_scale_:
                 _scale_rows(split.inter, self.inter_scale_)

@@ -128,6 +128,8 @@ def model_from_file(cls: type, path: str | Path) -> Any:
             f"unknown (expected one of {DECOMPOSITIONS})"
         )
     params["decomposition"] = meta.get("decomposition", "atomic")
+    # Files written before the pairwise intermolecular rows used full − own rows.
+    params.setdefault("inter_rows", "difference")
     needed = ["alpha", "chol_mm", "r_factor"]
     if version_read >= 3:
         needed += ["offset_covariance", "offset_span"]
