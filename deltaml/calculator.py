@@ -318,7 +318,15 @@ class DeltaCalculator(Calculator):
         """
         trained = getattr(self.correction, "trained_with", None)
         if trained is not None:
-            lines = record_differences(trained, self.terms_record())
+            reference = getattr(self.correction, "reference_", None) or {}
+            if "reference_dispersion" not in trained and reference.get("dispersion_partner"):
+                raise TermMismatchError(
+                    f"correction {self.correction.name!r} was fitted before 2026-12-01 on targets "
+                    "without the reference's D3 partner: it reproduces the dispersion-free "
+                    f"{reference.get('xc', 'functional')}, not the reference method; refit it"
+                )
+            terms = {k: trained.get(k) for k in ("baseline", "dispersion")}
+            lines = record_differences(terms, self.terms_record())
             if lines:
                 raise TermMismatchError(
                     f"correction {self.correction.name!r} was fitted against other terms "

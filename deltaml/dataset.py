@@ -497,7 +497,18 @@ def delta_targets(
     baseline: dict[str, Any] | None = None,
     dispersion: dict[str, Any] | str | None = "partner",
 ) -> tuple[list[Atoms], dict[str, Any]]:
-    """Δ labels: reference − dispersion-free baseline − D3, with the terms' records.
+    """Δ labels: reference method − dispersion-free baseline − D3, with the terms' records.
+
+    The reference *method* of a dispersion-free functional is that functional
+    plus its published D3 partner (``method_record["dispersion_partner"]``, e.g.
+    revPBE0-D3(BJ)): the label is the functional's energy and the partner is
+    added to it here, so that the composite (baseline + Δ + D3) reproduces
+    functional + D3. With the default ``dispersion="partner"`` the two D3 energies
+    cancel and Δ = label − baseline: dispersion stays a physical term and is not
+    learned. (Before 2026-12-01 the partner was not added, Δ held −D3, and the
+    composite reproduced the dispersion-free functional; such models are refused
+    by the composite.) A reference without a partner (MP2, HF, imported labels)
+    is taken as complete.
 
     The terms stored beside each label (``energy_<term>``, ``forces_<term>``,
     ``record_<term>``, as the labelling runner writes them) are used when their
@@ -521,19 +532,22 @@ def delta_targets(
     frames : list of ase.Atoms
         Copies whose calculator holds the Δ energy (eV), forces (eV/Å) and stress
         (eV/Å³) where the reference has them; ``info`` is kept, with the
-        reference's own energy added as ``info["reference_energy"]`` (eV) and its
-        forces as ``arrays["reference_forces"]`` (eV/Å).
+        reference method's total energy (label + D3 partner) added as
+        ``info["reference_energy"]`` (eV) and its forces as
+        ``arrays["reference_forces"]`` (eV/Å).
     trained_with : dict
         ``{"baseline": record, "dispersion": record or None}``, as
-        :meth:`deltaml.calculator.DeltaCalculator.terms_record` gives them.
+        :meth:`deltaml.calculator.DeltaCalculator.terms_record` gives them, and
+        ``"reference_dispersion"``: the record of the D3 partner added to the
+        labels (None: none added).
     """
     if not structures:
         raise MissingLabelError("delta_targets: no structures")
     reference = check_records(structures)
     base = XTBBaseline(**(DELTA_BASELINE if baseline is None else baseline))
     calcs: dict[str, Any] = {"baseline": base}
+    partner = reference.get("dispersion_partner")
     if dispersion == "partner":
-        partner = reference.get("dispersion_partner")
         if partner is None:
             raise LabelError(
                 "the reference record names no dispersion_partner: give dispersion= explicitly "
@@ -543,6 +557,8 @@ def delta_targets(
     if dispersion is not None:
         calcs["dispersion"] = D3Dispersion(**dispersion)
     records = {name: calc.record() for name, calc in calcs.items()}
+    completion = None if partner is None else D3Dispersion(**parse_dispersion_spec(partner))
+    completion_record = None if completion is None else completion.record()
     frames = []
     for atoms in structures:
         results = atoms.calc.results
@@ -551,6 +567,15 @@ def delta_targets(
         delta["energy"] = float(results["energy"])
         if "stress" in delta:
             delta["stress"] = _voigt(delta["stress"])
+        if completion is not None:
+            # The reference method's total: the functional's label plus its D3 partner
+            # (the labelling runner stores the partner beside the label as "dispersion").
+            term = _stored_term(atoms, "dispersion", completion_record, wanted)
+            if term is None:
+                term = _computed_term(atoms, completion, wanted)
+            for key in delta:
+                delta[key] = delta[key] + term[key]
+        total = {key: np.array(value, copy=True) for key, value in delta.items()}
         for name, calc in calcs.items():
             term = _stored_term(atoms, name, records[name], wanted)
             if term is None:
@@ -558,12 +583,13 @@ def delta_targets(
             for key in delta:
                 delta[key] = delta[key] - term[key]
         frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-        frame.info = {**atoms.info, "reference_energy": float(results["energy"])}
-        if "forces" in results:  # totals, for plots and tables that show them
-            frame.arrays["reference_forces"] = np.array(results["forces"], dtype=float)
+        frame.info = {**atoms.info, "reference_energy": float(total["energy"])}
+        if "forces" in total:  # totals, for plots and tables that show them
+            frame.arrays["reference_forces"] = total["forces"]
         frame.calc = SinglePointCalculator(frame, **delta)
         frames.append(frame)
-    return frames, {"baseline": records["baseline"], "dispersion": records.get("dispersion")}
+    trained_with = {"baseline": records["baseline"], "dispersion": records.get("dispersion")}
+    return frames, {**trained_with, "reference_dispersion": completion_record}
 
 
 def _stored_term(

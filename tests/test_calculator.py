@@ -428,7 +428,9 @@ def test_from_model_rebuilds_the_terms_the_model_was_trained_with(fitted_model, 
     path = fitted_model.save(tmp_path / "model.npz")
     calc = DeltaCalculator.from_model(path)
     assert calc.parameters.dispersion == "d3bj:pbe0"  # the stand-in reference's partner
-    assert calc.terms_record() == fitted_model.trained_with
+    trained = fitted_model.trained_with
+    assert calc.terms_record() == {k: trained[k] for k in ("baseline", "dispersion")}
+    assert trained["reference_dispersion"] == trained["dispersion"]  # the partner, added
     atoms = molecule("CH3OH")
     atoms.calc = calc
     energy = atoms.get_potential_energy()
@@ -439,6 +441,51 @@ def test_from_model_rebuilds_the_terms_the_model_was_trained_with(fitted_model, 
     assert "forces_uncertainty" not in calc.results  # not asked for: not computed
     numeric = calculate_numerical_forces(atoms, 1e-3)
     np.testing.assert_allclose(atoms.get_forces(), numeric, atol=5e-4)
+
+
+def test_the_composite_reproduces_the_reference_functional_with_its_d3_partner(
+    stand_in_labels,
+):
+    """Labels are the dispersion-free functional; the reference method adds its D3 partner.
+
+    Δ = label + partner − baseline − D3: with the partner as the D3 term the two
+    cancel (dispersion is not learned), and terms + Δ is the functional + D3,
+    which is ``reference_energy``. Without a D3 term Δ carries the partner.
+    """
+    from deltaml.baseline import XTBBaseline
+    from deltaml.dataset import DELTA_BASELINE, delta_targets
+
+    labels = stand_in_labels(3, seed=4)
+    partner = DeltaCalculator(correction=ZeroCorrection()).dispersion  # d3bj:pbe0
+    with_d3, terms = delta_targets(labels)
+    without, bare = delta_targets(labels, dispersion=None)
+    assert terms["reference_dispersion"] == partner.record() == bare["reference_dispersion"]
+    for label, a, b in zip(labels, with_d3, without, strict=True):
+        probe = label.copy()
+        probe.calc = XTBBaseline(**DELTA_BASELINE)
+        baseline, baseline_forces = probe.get_potential_energy(), probe.get_forces()
+        probe.calc = partner
+        d3 = probe.get_potential_energy()
+        assert abs(d3) > 1e-3
+        energy = label.get_potential_energy()
+        assert a.get_potential_energy() == pytest.approx(energy - baseline, abs=1e-9)
+        np.testing.assert_allclose(a.get_forces(), label.get_forces() - baseline_forces, atol=1e-8)
+        assert b.get_potential_energy() == pytest.approx(energy - baseline + d3, abs=1e-9)
+        assert a.info["reference_energy"] == pytest.approx(energy + d3, abs=1e-9)
+
+
+def test_a_model_fitted_without_the_d3_partner_is_refused(fitted_model):
+    """Models fitted before the partner was added reproduce the dispersion-free functional."""
+    import copy
+
+    old = copy.copy(fitted_model)
+    old.trained_with_ = {
+        k: v for k, v in fitted_model.trained_with_.items() if k != "reference_dispersion"
+    }
+    atoms = molecule("H2O")
+    atoms.calc = DeltaCalculator.from_model(old)
+    with pytest.raises(TermMismatchError, match="D3 partner"):
+        atoms.get_potential_energy()
 
 
 def test_a_model_on_other_terms_is_refused(fitted_model):
