@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -179,11 +180,14 @@ def test_a_shipped_label_is_reproduced_by_the_reference():
 INTERACTIONS = DATA / "labelled" / "interactions.extxyz"
 
 
-def test_every_shipped_interaction_is_an_exact_difference_of_labels():
+@pytest.mark.parametrize("path", ["interactions", "crystal_contacts"])
+def test_every_shipped_interaction_is_an_exact_difference_of_labels(path):
     """Each complex's molecules are labelled at the same geometry, with the same method."""
     from deltaml.dataset import interaction_groups, read_labelled
 
-    frames = read_labelled(INTERACTIONS, max_check_structures=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the units check needs more compositions
+        frames = read_labelled(DATA / "labelled" / f"{path}.extxyz", max_check_structures=12)
     shipped = read_labelled(LABELLED, max_check_structures=1)[0].info["method_record"]
     record = frames[0].info["method_record"]
     assert {k: v for k, v in record.items() if k != "engine_version"} == {
@@ -194,11 +198,14 @@ def test_every_shipped_interaction_is_an_exact_difference_of_labels():
     assert sorted(groups) == complexes  # every complex, and nothing else
     for index, parts in groups.items():
         atoms = frames[index]
-        assert {frames[m].info["system"] for m in parts} == {atoms.info["system"]}
+        # A crystal's contacts share molecules: a monomer of another contact of the
+        # same crystal at the same geometry (up to a translation) serves as well.
+        key = "system" if path == "interactions" else "crystal"
+        assert {frames[m].info[key] for m in parts} == {atoms.info[key]}
         assert len(parts) == len(atoms.info["fragment_names"].split(","))
         fragments = atoms.arrays["fragment"]
         for k, m in enumerate(parts):
-            assert frames[m].info["fragment"] == k
+            assert key == "crystal" or frames[m].info["fragment"] == k
             assert (frames[m].numbers == atoms.numbers[fragments == k]).all()
     systems = {a.info["system"] for a in frames}
     assert all(any(frames[k].info["system"] == s for k in complexes) for s in systems)
@@ -214,6 +221,39 @@ def test_the_interaction_dataset_is_as_documented():
     assert f"{len(systems)} complete systems" in readme  # the README states the count
     minima = [a for a in frames if a.info["role"] == "complex" and a.info["scan_factor"] == 1.0]
     assert len(minima) == len(systems)
+
+
+CONTACTS = DATA / "labelled" / "crystal_contacts.extxyz"
+
+
+def test_the_crystal_contacts_are_as_documented():
+    frames = read(CONTACTS, index=":")
+    assert CONTACTS.stat().st_size < 2e6
+    systems = {a.info["system"] for a in frames}
+    crystals = {a.info["crystal"] for a in frames}
+    readme = (DATA / "README.md").read_text()
+    assert f"{len(systems)} contact systems of {len(crystals)} crystals" in readme
+    points = [a for a in frames if a.info["role"] == "complex" and a.info["scan_factor"] == 1.0]
+    assert len(points) == len(systems)
+    assert all(a.info["sampling"] == "crystal contact" for a in points)
+
+
+def test_crystal_contacts_are_the_distinct_pairs_within_the_cutoff():
+    """CO2 phase I: twelve T-shaped neighbours at 3.11 Å (closest atoms) are one contact."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_crystal_contacts", DATA / "make_crystal_contacts.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    found = module.contacts(module.crystal("co2_pa3"), keep=50)
+    assert [round(d, 2) for d, _, _ in found] == [3.11, 4.69]
+    for distance, dimer, n_first in found:
+        gaps = np.linalg.norm(
+            dimer.positions[:n_first, None] - dimer.positions[None, n_first:], axis=2
+        )
+        assert gaps.min() == pytest.approx(distance) and distance < module.CUTOFF
 
 
 ATOMS = DATA / "labelled" / "isolated_atoms.extxyz"

@@ -76,8 +76,19 @@ def test_the_parity_plot_shows_energies_beyond_the_offsets_and_total_forces(fitt
     # Relative to the offsets, a few hundred meV/atom at most (not ±10⁶).
     assert np.abs(energy["reference"]).max() < 500.0
     assert np.all(energy["baseline+D3"] == 0.0)
-    # Forces are totals: the reference's own forces, not Δ forces.
-    total = np.concatenate([a.get_forces() for a in test]).ravel()
+    # Forces are totals: the reference method's (the label + its D3 partner), not Δ forces.
+    from deltaml.dispersion import D3Dispersion, parse_dispersion_spec
+
+    partner = D3Dispersion(
+        **parse_dispersion_spec(test[0].info["method_record"]["dispersion_partner"])
+    )
+    d3 = []
+    for atoms in test:
+        probe = atoms.copy()
+        probe.calc = partner
+        d3.append(probe.get_forces())
+    total = np.concatenate([a.get_forces() + f for a, f in zip(test, d3, strict=True)]).ravel()
+    assert np.abs(np.concatenate(d3)).max() > 1e-4  # the partner is there to be missed
     np.testing.assert_allclose(forces["reference"], total, atol=1e-10)
     delta = np.concatenate([a.get_forces() for a in targets]).ravel()
     np.testing.assert_allclose(forces["reference"] - forces["baseline+D3"], delta, atol=1e-10)
