@@ -223,7 +223,9 @@ class SparseGPR(BaseEstimator):
     term.
 
     Why ``inter_delta="cv"`` by default (``benchmarks/README.md``, 42 interaction
-    systems, 14 families, three family folds; MAE of interaction energies, kcal/mol):
+    systems, 14 families, three family folds; MAE of interaction energies, kcal/mol;
+    measured before the 2026-12-01 fix of :func:`~deltaml.dataset.delta_targets`,
+    against the dispersion-free functional, and to be redone):
     unseen families 0.65 and seen 0.71 against the rule's 0.68 and 0.75, with the
     demo's held-out clusters 0.40 kcal/mol and 0.045 eV/Å (rule 0.37, 0.044).
     ``"cv-interactions"`` transfers best (0.51 and 0.64; δ ≈ 0.009–0.016 eV, a
