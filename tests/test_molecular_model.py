@@ -812,7 +812,9 @@ def test_the_intermolecular_prior_by_cross_validation_scores_held_out_systems(
                 interactions += abs(row @ weights - (energies[index] - energies[parts].sum()))
         for k in set(clusters) & fold:
             loose += abs(design[first[k]] @ weights - target[first[k]])
-    assert interactions / 16 == pytest.approx(record["mae_ev"][best], rel=1e-6)
+    # The normal equations here square the condition number that the model's QR
+    # solve sees: agreement to ~1e-6 relative, measured 1.1e-6 on a fresh CI install.
+    assert interactions / 16 == pytest.approx(record["mae_ev"][best], rel=1e-5)
     if clusters:
         assert loose / 3 == pytest.approx(
             record["cluster_mae_ev"][best], rel=1e-5
