@@ -49,15 +49,10 @@ sys.path.insert(0, str(HERE))
 import make_interaction_dataset as interactions  # noqa: E402
 
 from deltaml.crystals import ICE_PHASES, ice_polymorph, whole_molecules  # noqa: E402
-from deltaml.dataset import import_labelled, read_labelled, write_labelled  # noqa: E402
-from deltaml.labelling import label_structures  # noqa: E402
-from deltaml.reference import PySCFReference  # noqa: E402
-from deltaml.store import LabelStore  # noqa: E402
 
 STRUCTURES = HERE / "structures" / "crystal_contacts.extxyz"
 STORE = HERE / "work" / "crystal_contacts.db"
 OUTPUT = HERE / "labelled" / "crystal_contacts.extxyz"
-REFERENCE = interactions.REFERENCE
 #: Contacts are pairs whose closest atoms are within the SOAP cut-off (Å).
 CUTOFF = 5.0
 #: Two pairs are one contact when their sorted intermolecular distances agree to this (Å).
@@ -185,27 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frames = structures()
     print(f"{len(frames)} structures in {STRUCTURES}", flush=True)
-    if args.stage in ("all", "label"):
-        store = LabelStore(STORE)
-        if OUTPUT.is_file():  # a fresh checkout resumes from the shipped labels
-            added, present = import_labelled(store, read_labelled(OUTPUT))
-            print(f"{added} shipped labels imported into {STORE} ({present} present)")
-        report = label_structures(
-            frames,
-            store,
-            reference=REFERENCE,
-            scheduler=args.scheduler,
-            workers=args.workers,
-            threads_per_worker=args.threads,
-        )
-        print(report)
-    if args.stage in ("all", "export"):
-        record = PySCFReference(**REFERENCE).record()
-        exported, status, costs = interactions._labelled_frames(frames, LabelStore(STORE), record)
-        if exported:
-            written = write_labelled(OUTPUT, exported)
-            print(f"{written} labelled structures of complete systems written to {OUTPUT}")
-        print(interactions.summary(frames, exported, status, costs))
+    interactions.label_and_export(frames, args, STORE, OUTPUT)
     return 0
 
 

@@ -662,6 +662,41 @@ def summary(
     return "\n".join(lines)
 
 
+def label_and_export(
+    frames: list[Atoms],
+    args: argparse.Namespace,
+    store_path: Path,
+    output: Path,
+    chosen: list[Atoms] | None = None,
+) -> None:
+    """The ``label`` and ``export`` stages of ``args.stage`` (this script's and the
+    crystal contacts'): shipped labels imported into a new store first, ``chosen``
+    (default all) labelled, then the complete systems of ``frames`` exported."""
+    if args.stage in ("all", "label"):
+        store = LabelStore(store_path)
+        if output.is_file():
+            # Labels shipped with the repository go into a new store first: a fresh
+            # checkout resumes where the last session's export stopped.
+            added, present = import_labelled(store, read_labelled(output))
+            print(f"{added} shipped labels imported into {store_path} ({present} present)")
+        report = label_structures(
+            frames if chosen is None else chosen,
+            store,
+            reference=REFERENCE,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            threads_per_worker=args.threads,
+        )
+        print(report)
+    if args.stage in ("all", "export"):
+        record = PySCFReference(**REFERENCE).record()
+        exported, status, costs = _labelled_frames(frames, LabelStore(store_path), record)
+        if exported:
+            written = write_labelled(output, exported)
+            print(f"{written} labelled structures of complete systems written to {output}")
+        print(summary(frames, exported, status, costs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=("all", "structures", "label", "export"), default="all")
@@ -674,33 +709,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frames = structures()
     print(f"{len(frames)} structures in {STRUCTURES}", flush=True)
-    if args.stage in ("all", "label"):
-        chosen = frames
-        if args.systems is not None:
-            wanted = set(args.systems.split(","))
-            chosen = [a for a in frames if a.info["system"] in wanted]
-        store = LabelStore(STORE)
-        if OUTPUT.is_file():
-            # Labels shipped with the repository go into a new store first: a fresh
-            # checkout resumes where the last session's export stopped.
-            added, present = import_labelled(store, read_labelled(OUTPUT))
-            print(f"{added} shipped labels imported into {STORE} ({present} present)")
-        report = label_structures(
-            chosen,
-            store,
-            reference=REFERENCE,
-            scheduler=args.scheduler,
-            workers=args.workers,
-            threads_per_worker=args.threads,
-        )
-        print(report)
-    if args.stage in ("all", "export"):
-        record = PySCFReference(**REFERENCE).record()
-        exported, status, costs = _labelled_frames(frames, LabelStore(STORE), record)
-        if exported:
-            written = write_labelled(OUTPUT, exported)
-            print(f"{written} labelled structures of complete systems written to {OUTPUT}")
-        print(summary(frames, exported, status, costs))
+    chosen = frames
+    if args.systems is not None:
+        wanted = set(args.systems.split(","))
+        chosen = [a for a in frames if a.info["system"] in wanted]
+    label_and_export(frames, args, STORE, OUTPUT, chosen)
     return 0
 
 
