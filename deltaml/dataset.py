@@ -559,6 +559,8 @@ def delta_targets(
     records = {name: calc.record() for name, calc in calcs.items()}
     completion = None if partner is None else D3Dispersion(**parse_dispersion_spec(partner))
     completion_record = None if completion is None else completion.record()
+    # With the default D3 term (the partner itself) one evaluation serves both.
+    shared = "dispersion" if records.get("dispersion") == completion_record else None
     frames = []
     for atoms in structures:
         results = atoms.calc.results
@@ -567,19 +569,19 @@ def delta_targets(
         delta["energy"] = float(results["energy"])
         if "stress" in delta:
             delta["stress"] = _voigt(delta["stress"])
+        partner_term = None
         if completion is not None:
             # The reference method's total: the functional's label plus its D3 partner
             # (the labelling runner stores the partner beside the label as "dispersion").
-            term = _stored_term(atoms, "dispersion", completion_record, wanted)
-            if term is None:
-                term = _computed_term(atoms, completion, wanted)
+            partner_term = _term(atoms, "dispersion", completion_record, completion, wanted)
             for key in delta:
-                delta[key] = delta[key] + term[key]
+                delta[key] = delta[key] + partner_term[key]
         total = {key: np.array(value, copy=True) for key, value in delta.items()}
         for name, calc in calcs.items():
-            term = _stored_term(atoms, name, records[name], wanted)
-            if term is None:
-                term = _computed_term(atoms, calc, wanted)
+            if name == shared:
+                term = partner_term
+            else:
+                term = _term(atoms, name, records[name], calc, wanted)
             for key in delta:
                 delta[key] = delta[key] - term[key]
         frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
@@ -590,6 +592,14 @@ def delta_targets(
         frames.append(frame)
     trained_with = {"baseline": records["baseline"], "dispersion": records.get("dispersion")}
     return frames, {**trained_with, "reference_dispersion": completion_record}
+
+
+def _term(
+    atoms: Atoms, name: str, record: dict[str, Any], calc: Any, wanted: list[str]
+) -> dict[str, Any]:
+    """A term of a label: the one stored beside it when it matches, else computed."""
+    term = _stored_term(atoms, name, record, wanted)
+    return _computed_term(atoms, calc, wanted) if term is None else term
 
 
 def _stored_term(
