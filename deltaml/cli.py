@@ -50,6 +50,7 @@ from deltaml.dataset import (
 from deltaml.dispersion import parse_dispersion_spec
 from deltaml.errors import DeltaMLError
 from deltaml.evaluation import (
+    cross_calibrated_fit,
     delta_targets_for,
     error_table,
     errors,
@@ -629,6 +630,15 @@ def _inter_delta(text: str) -> float | str | None:
     "DAMPING:FUNCTIONAL[:atm], or 'none' (e.g. a reference without a D3 partner: PBE, HF)",
 )
 @click.option("--validation", default=0.1, help="held-out fraction")
+@click.option(
+    "--calibration-folds",
+    type=int,
+    default=0,
+    show_default=True,
+    help="k ≥ 2: fit on all the data and calibrate σ by k-fold cross-validation over whole "
+    "interaction systems (k + 1 fits; steadier than one small validation set); 0: "
+    "calibrate on the --validation split",
+)
 @click.option("--seed", default=0, help="seed of the split and the model")
 @click.option("--n-sparse", type=int, default=None, show_default="200",
               help="sparse points per element")  # fmt: skip
@@ -665,6 +675,7 @@ def fit_command(
     engine: str,
     dispersion: str,
     validation: float,
+    calibration_folds: int,
     seed: int,
     n_sparse: int | None,
     zeta: int | None,
@@ -682,6 +693,11 @@ def fit_command(
     inter_width = _inter_delta(inter_delta)
     if not 0 <= validation < 1:
         raise click.UsageError("--validation must be in [0, 1)")
+    if calibration_folds == 1 or calibration_folds < 0:
+        raise click.UsageError("--calibration-folds must be 0 or at least 2")
+    source = click.get_current_context().get_parameter_source("validation")
+    if calibration_folds and source is click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("give --validation or --calibration-folds, not both")
     _check_output(output, "-o/--output")
     with _user_errors(store_url):
         if store_url:
@@ -701,7 +717,7 @@ def fit_command(
         # Isolated atoms anchor the offsets: always fitted, never validation data.
         anchors = [t for t in targets if len(t) == 1 and not t.pbc.any()]
         targets = [t for t in targets if not (len(t) == 1 and not t.pbc.any())]
-        train_idx, val_idx = split_systems(targets, validation, seed)
+        train_idx, val_idx = split_systems(targets, 0 if calibration_folds else validation, seed)
         train = [targets[i] for i in train_idx]
         held_out = [targets[i] for i in val_idx]
         descriptor = {"backend": backend, "cutoff": cutoff}
@@ -720,7 +736,14 @@ def fit_command(
             **(local if inter_kernel == "local" else {}),
             **{k: v for k, v in given.items() if v is not None},
         )
-        model.fit(train + anchors, trained_with=trained_with, progress=not no_progress)
+        if calibration_folds:
+            model = cross_calibrated_fit(
+                model, train + anchors, folds=calibration_folds, seed=seed,
+                trained_with=trained_with,
+            )  # fmt: skip
+            scales = dict(model.uncertainty_scale_)
+        else:
+            model.fit(train + anchors, trained_with=trained_with, progress=not no_progress)
         if held_out:
             scales = model.calibrate(held_out)
         model.save(output)
@@ -746,9 +769,12 @@ def fit_command(
         if part:
             click.echo(f"\n{name} ({len(part)} structures)")
             click.echo(error_table(errors(predict_all(model, part))))
-    if held_out:
+    if held_out or calibration_folds:
+        where = f"by {calibration_folds}-fold cross-validation" if calibration_folds else (
+            "on the validation set"
+        )  # fmt: skip
         line = (
-            f"\nuncertainty calibrated on the validation set: energy x{scales['energy']:.2f}, "
+            f"\nuncertainty calibrated {where}: energy x{scales['energy']:.2f}, "
             f"forces x{scales['forces']:.2f}"
         )
         if "inter" in scales:

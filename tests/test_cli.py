@@ -325,6 +325,31 @@ def test_fit_takes_the_intermolecular_prior_width(stand_in_labels, tmp_path):
     assert local.terms_[1].kernel == "local" and local.terms_[1].zeta == 2.0
 
 
+def test_fit_calibrates_by_cross_validation_on_all_the_data(stand_in_labels, tmp_path):
+    """--calibration-folds k: every structure fitted, σ scaled by the k held-out folds."""
+    from deltaml.dataset import write_labelled
+    from deltaml.model import SparseGPR
+
+    write_labelled(tmp_path / "a.extxyz", stand_in_labels(12, seed=4))
+    model = tmp_path / "model.npz"
+    base = ["fit", "--data", str(tmp_path / "a.extxyz"), "-o", str(model),
+            "--n-sparse", "10", "--cutoff", "3.5", "--no-progress"]  # fmt: skip
+    result = CliRunner().invoke(main, [*base, "--calibration-folds", "3"])
+    assert result.exit_code == 0, result.output
+    assert "fitted on 12 structures" in result.output  # nothing held out
+    assert "validation (" not in result.output
+    fitted = SparseGPR.load(model)
+    assert fitted.n_train_ == 12
+    factor = re.search(r"calibrated by 3-fold cross-validation: energy x([0-9.]+)", result.output)
+    assert factor and float(factor.group(1)) == pytest.approx(
+        fitted.uncertainty_scale_["energy"], abs=0.01
+    )
+    assert fitted.uncertainty_scale_["energy"] != pytest.approx(1.0)  # calibrated, not default
+    for bad in (["--calibration-folds", "1"], ["--calibration-folds", "2", "--validation", "0.2"]):
+        result = CliRunner().invoke(main, [*base, *bad])
+        assert result.exit_code == 2 and "--calibration-folds" in result.output
+
+
 def test_fit_needs_exactly_one_source(tmp_path):
     result = CliRunner().invoke(main, ["fit", "-o", str(tmp_path / "m.npz")])
     assert result.exit_code == 2 and "exactly one of --store and --data" in result.output
