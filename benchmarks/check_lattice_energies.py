@@ -18,6 +18,7 @@ Usage::
     python benchmarks/check_lattice_energies.py                   # default model
     python benchmarks/check_lattice_energies.py --contacts        # + crystal contacts
     python benchmarks/check_lattice_energies.py --inter-rows difference
+    python benchmarks/check_lattice_energies.py --model out/ice_ranking/model.npz  # a file
 
 Prints a table and writes ``benchmarks/results/check_lattice_energies.json``.
 """
@@ -118,10 +119,18 @@ def main() -> None:
     parser.add_argument("--contacts", action="store_true", help="train on crystal contacts too")
     parser.add_argument("--inter-rows", default="pairwise", choices=("pairwise", "difference"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="score this model file instead of fitting one"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "check_lattice_energies.json")
     args = parser.parse_args()
     start = time.perf_counter()
-    model = fitted_model(args.contacts, args.inter_rows, args.seed)
+    if args.model is not None:
+        model = SparseGPR.load(args.model)
+        model.uncertainty = "energy"
+        args.inter_rows, args.contacts = model.inter_rows, "as fitted"
+    else:
+        model = fitted_model(args.contacts, args.inter_rows, args.seed)
     fit_seconds = time.perf_counter() - start
     composite = DeltaCalculator.from_model(model)
     settings = {k: v for k, v in composite.parameters.items() if k in TERM_KEYS}
@@ -146,7 +155,8 @@ def main() -> None:
     print(markdown_table(["case", "CP2K revPBE-D3", "terms", "composite", "σ"], table))
     write_json(
         args.out,
-        {"machine": machine_info(), "settings": vars(args) | {"out": str(args.out)},
+        {"machine": machine_info(),
+         "settings": vars(args) | {"out": str(args.out), "model": str(args.model)},
          "fit_seconds": fit_seconds, "rows": rows},
     )  # fmt: skip
 
