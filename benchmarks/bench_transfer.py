@@ -116,6 +116,15 @@ def molecule_families(frames: list[Atoms]) -> dict[str, str]:
     return out
 
 
+def deal_families(
+    system_family: dict[str, str], n_folds: int, rng: np.random.Generator
+) -> list[set[str]]:
+    """The molecule families (water and mixed clusters excepted) dealt into folds."""
+    families = sorted(set(system_family.values()) - {"water", "mixed"})
+    dealt = [families[i] for i in rng.permutation(len(families))]
+    return [set(dealt[k::n_folds]) for k in range(n_folds)]
+
+
 def holds_family(atoms: Atoms, families: set[str], family_of: dict[str, str]) -> bool:
     """Whether a ``water_chno`` structure holds a molecule of one of ``families``."""
     names = str(atoms.info.get("name", "")).replace("(H2O)", "H2O").split("...")
@@ -399,13 +408,11 @@ def main() -> None:
     systems = systems_of(targets)
     family_of = molecule_families(targets)
     system_family = {name: targets[idx[0]].info["family"] for name, idx in systems.items()}
-    families = sorted(set(system_family.values()) - {"water", "mixed"})
     rng = np.random.default_rng(args.seed)
-    dealt = [families[i] for i in rng.permutation(len(families))]
-    folds = [set(dealt[k :: args.folds]) for k in range(args.folds)]
+    folds = deal_families(system_family, args.folds, rng)
     print(f"{len(targets)} interaction structures, {len(groups)} complexes, "
           f"{len(systems)} systems, "
-          f"{len(families)} families; folds: {[sorted(f) for f in folds]}")  # fmt: skip
+          f"{len(set().union(*folds))} families; folds: {[sorted(f) for f in folds]}")  # fmt: skip
 
     report: dict = {
         "machine": machine_info(),

@@ -49,10 +49,8 @@ def main() -> None:
     systems = bt.systems_of(targets)
     family_of = bt.molecule_families(targets)
     system_family = {name: targets[idx[0]].info["family"] for name, idx in systems.items()}
-    families = sorted(set(system_family.values()) - {"water", "mixed"})
     rng = np.random.default_rng(args.seed)  # drawn in bench_transfer's order
-    dealt = [families[i] for i in rng.permutation(len(families))]
-    folds = [set(dealt[k :: args.folds]) for k in range(args.folds)]
+    folds = bt.deal_families(system_family, args.folds, rng)
 
     errors = {name: {"seen": [], "unseen": []} for name in variants}
     report: dict = {"machine": machine_info(), "variants": variants, "per_fit": []}
