@@ -1,6 +1,8 @@
 """Periodic reference labels of molecular crystals, gathered by active learning (issue 14).
 
-Four stages, each resumable (run the script again after an interruption):
+Four stages, each resumable (run the script again after an interruption; the
+labels shipped in ``data/labelled/crystals.extxyz`` go into a new store first, so
+that a fresh checkout resumes where the last export stopped):
 
 1. ``structures``: the starting cells, seeded: seven ice phases from GenIce2
    (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII), CO2 I
@@ -59,7 +61,7 @@ from deltaml.crystals import (
     whole_molecules,
     wide_cell,
 )
-from deltaml.dataset import export_labelled
+from deltaml.dataset import export_labelled, import_labelled, read_labelled
 from deltaml.files import atomic_path
 from deltaml.labelling import label_structures, reference_calculator
 from deltaml.store import LabelStore
@@ -202,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     store = LabelStore(store_path)
+    output = OUTPUT.with_suffix(".quick.extxyz") if args.quick else OUTPUT
+    if output.is_file() and args.stage in ("all", "seed", "active"):
+        # Labels shipped with the repository go into a new store first: a fresh
+        # checkout resumes where the last session's export stopped.
+        added, present = import_labelled(store, read_labelled(output, check_magnitudes=False))
+        print(f"{added} shipped labels imported into {store_path} ({present} present)")
     workdir = HERE / "work" / f"crystal_al{suffix}"
     if args.stage in ("all", "seed"):
         # Molecules and the starts first: with them alone, lattice energies at the
@@ -226,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         history = learner.run(iterations=10**6, budget=args.budget, progress=True)
         print(f"active: {history[-1]['n_labels']} labels after {len(history) - 1} iterations")
     if args.stage in ("all", "export"):
-        output = OUTPUT.with_suffix(".quick.extxyz") if args.quick else OUTPUT
         # Seed cells, molecules and selected candidates, with their system and source.
         known = seed_cells(starts, args.copies, args.seed) + molecules
         for atoms in learner.selected_structures():
