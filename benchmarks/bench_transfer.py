@@ -125,6 +125,17 @@ def deal_families(
     return [set(dealt[k::n_folds]) for k in range(n_folds)]
 
 
+def fold_split(
+    unseen: set[str], system_family: dict[str, str], seen_test: float, rng: np.random.Generator
+) -> tuple[set[str], list[str]]:
+    """Of one fold's seen systems, the held-out share ``seen_test`` (drawn with
+    ``rng``) and the training systems, in name order."""
+    seen_systems = sorted(s for s, f in system_family.items() if f not in unseen)
+    size = round(seen_test * len(seen_systems))
+    held = set(rng.choice(seen_systems, size=size, replace=False))
+    return held, [s for s in seen_systems if s not in held]
+
+
 def holds_family(atoms: Atoms, families: set[str], family_of: dict[str, str]) -> bool:
     """Whether a ``water_chno`` structure holds a molecule of one of ``families``."""
     names = str(atoms.info.get("name", "")).replace("(H2O)", "H2O").split("...")
@@ -428,11 +439,7 @@ def main() -> None:
     fit_times: dict[str, list[float]] = {}
     curve_fold = None
     for k, unseen in enumerate(folds):
-        seen_systems = sorted(s for s, f in system_family.items() if f not in unseen)
-        held = set(
-            rng.choice(seen_systems, size=round(args.seen_test * len(seen_systems)), replace=False)
-        )
-        train_systems = [s for s in seen_systems if s not in held]
+        held, train_systems = fold_split(unseen, system_family, args.seen_test, rng)
         base_train = [a for a in base_targets if not holds_family(a, unseen, family_of)]
         train = base_train + [targets[i] for s in train_systems for i in systems[s]]
         models = {}
