@@ -289,3 +289,45 @@ def test_the_label_keys_of_the_shipped_labels_are_reproduced():
             info = atoms.info
             key = label_key(atoms, info["method_record"], info["charge"], info["multiplicity"])
             assert key == info["label_key"], (path.name, info.get("name"))
+
+
+PERIODIC = DATA / "labelled" / "crystals.extxyz"
+
+
+@pytest.mark.skipif(not PERIODIC.is_file(), reason="no periodic labels exported yet")
+def test_the_periodic_labels_are_cp2k_labels_of_the_shipped_structures():
+    """Every exported CP2K label is of a start, a seed copy or a gas molecule (or a
+    selected candidate), with the method record the script asks for, cells with their
+    stress and molecules without; its key resumes a new store; data/README counts it."""
+    from deltaml.dataset import read_labelled
+    from deltaml.store import label_key
+
+    frames = read_labelled(PERIODIC, check_magnitudes=False)
+    starts = {a.info["system"]: a for a in read(DATA / "structures" / "crystal_starts.extxyz", ":")}
+    molecules = read(DATA / "structures" / "crystal_molecules.extxyz", ":")
+    for atoms in frames:
+        info = atoms.info
+        record = info["method_record"]
+        assert (record["code"], record["xc"], record["basis"], record["cutoff_ry"]) == (
+            "cp2k",
+            "revpbe",
+            "DZVP-MOLOPT-SR-GTH",
+            600.0,
+        )
+        key = label_key(atoms, record, info["charge"], info["multiplicity"])
+        assert key == info["label_key"]
+        if info["system"].startswith("gas:"):
+            assert not atoms.pbc.any() and "stress" not in atoms.calc.results
+            assert any(
+                len(m) == len(atoms) and np.allclose(m.positions, atoms.positions)
+                for m in molecules
+            )
+        else:
+            assert atoms.pbc.all() and atoms.calc.results["stress"].shape in ((6,), (3, 3))
+            start = starts[info["system"]]
+            assert np.array_equal(atoms.numbers, start.numbers)
+            if info["source"] == "start":
+                np.testing.assert_array_equal(atoms.positions, start.positions)
+                np.testing.assert_array_equal(atoms.cell[:], start.cell[:])
+    readme = (DATA / "README.md").read_text()
+    assert f"{len(frames)} periodic-reference labels" in readme
