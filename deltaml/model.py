@@ -121,10 +121,14 @@ _INTER_KERNELS = ("dot", "local")
 _UNCERTAINTY = ("forces", "energy", None)
 
 #: From this many atoms, :meth:`SparseGPR.predict` takes forces and stress through
-#: the spherical expansion (:mod:`deltaml.expansion`): measured on water clusters
-#: (featomic, 4 elements, n_max 6, l_max 4) it is 1.3× slower at 9 atoms, 1.6×
-#: faster at 18 and 2.2× at 99 than the power spectrum's own gradients.
-PULLBACK_ATOMS = 16
+#: the spherical expansion (:mod:`deltaml.expansion`) instead of the power
+#: spectrum's own gradients. Measured (2026-12-02, featomic, 4 elements, n_max 6,
+#: l_max 4, one BLAS thread; ms per prediction with energy σ, arrays → expansion):
+#: atomic 5.3 → 5.4 at 3 atoms, 9.3 → 7.5 at 6, 13.5 → 8.3 at 12, 29 → 11 at 24;
+#: molecular 8.0 → 8.8, 22 → 11, 38 → 15, 100 → 21 (its pairwise rows need the
+#: expansion anyway, so the arrays' path expands twice). It was 16 before, from a
+#: measurement with BLAS threads spinning against the baseline's.
+PULLBACK_ATOMS = 4
 #: Prior width of the intermolecular part when the training set has no interaction
 #: energy (no complex with all its monomers), eV per atom at a typical contact:
 #: about 0.5 kcal/mol on a hydrogen-bonded dimer, i.e. small.
@@ -904,7 +908,16 @@ class SparseGPR(BaseEstimator):
         roughly doubles the cost of a prediction, so the composite calculator
         asks for it only when something uses it (see
         :class:`~deltaml.calculator.DeltaCalculator`).
+
+        The linear algebra runs on one BLAS thread (:func:`_one_blas_thread`).
         """
+        with _one_blas_thread():
+            return self._predict(atoms, forces, stress, force_uncertainty)
+
+    def _predict(
+        self, atoms: Atoms, forces: bool, stress: bool, force_uncertainty: bool | None
+    ) -> CorrectionResult:
+        """:meth:`predict` itself."""
         self._check_fitted()
         if stress and not atoms.pbc.all():
             raise UnsupportedCapabilityError(
@@ -1476,3 +1489,24 @@ def training_set_hash(frames: Sequence[Atoms]) -> str:
             if key in atoms.calc.results:
                 digest.update(np.round(np.asarray(atoms.calc.results[key], float), 10).tobytes())
     return digest.hexdigest()
+
+
+_BLAS_CONTROLLER: list = []
+
+
+def _one_blas_thread() -> Any:
+    """A context in which BLAS (numpy's and scipy's OpenBLAS) uses one thread.
+
+    A prediction's matrices are small (atoms × sparse points), so more BLAS
+    threads gain nothing (a 384-atom ice cell: 0.49 s with two, 0.44 s with one),
+    but after every call they spin, waiting for more work, on the cores that the
+    baseline's OpenMP threads need next: on two cores a composite call on a
+    7-atom dimer took twice as long (benchmarks/README.md, bench_terms). The
+    controller is made once (it scans the loaded libraries); entering the
+    context then costs about 25 µs.
+    """
+    if not _BLAS_CONTROLLER:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER.append(ThreadpoolController())
+    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")

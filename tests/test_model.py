@@ -345,6 +345,22 @@ def test_the_fitting_rows_and_the_fast_prediction_path_agree(model, co2_crystal)
     np.testing.assert_allclose(quick.stress, virial / atoms.get_volume(), atol=1e-12)
 
 
+def test_a_prediction_runs_on_one_blas_thread_and_restores_the_setting(model, data, monkeypatch):
+    """BLAS threads would spin after each call on the cores the baseline needs next."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    seen = []
+    inner = model._predict
+    monkeypatch.setattr(model, "_predict", lambda *a: seen.append(blas_threads()) or inner(*a))
+    before = blas_threads()
+    result = model.predict(data["test"][0])
+    assert seen == [{1}] and np.isfinite(result.energy)
+    assert blas_threads() == before
+
+
 # -- calibration of the σ of interaction energies (molecular decomposition) ----------
 
 
