@@ -640,7 +640,7 @@ def _inter_delta(text: str) -> float | str | None:
     "calibrate on the --validation split",
 )
 @click.option("--seed", default=0, help="seed of the split and the model")
-@click.option("--n-sparse", type=int, default=None, show_default="200",
+@click.option("--n-sparse", type=int, default=None, show_default="300",
               help="sparse points per element")  # fmt: skip
 @click.option("--zeta", type=int, default=None, show_default="2", help="kernel exponent")
 @click.option("--cutoff", type=float, default=None, show_default="5.0", help="SOAP cutoff, Å")
