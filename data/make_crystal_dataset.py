@@ -64,7 +64,7 @@ from deltaml.crystals import (
 from deltaml.dataset import export_labelled, import_labelled, read_labelled
 from deltaml.files import atomic_path
 from deltaml.labelling import label_structures, reference_calculator
-from deltaml.store import LabelStore
+from deltaml.store import LabelStore, label_key
 
 HERE = Path(__file__).resolve().parent
 STARTS = HERE / "structures" / "crystal_starts.extxyz"
@@ -159,6 +159,20 @@ def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
     return out
 
 
+def _distinct(frames: list[Atoms], record: dict) -> list[Atoms]:
+    """The first frame of each label key (the same structure, known twice), with
+    only its provenance (``system``, ``source``) in ``info``."""
+    seen, out = set(), []
+    for atoms in frames:
+        key = label_key(atoms, record)
+        if key not in seen:
+            seen.add(key)
+            info = {k: atoms.info[k] for k in ("system", "source") if k in atoms.info}
+            out.append(Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc,
+                             info=info))  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=("all", "structures", "seed", "active", "export"),
@@ -246,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
                 Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True, info=info)
             )
         record = reference_calculator(dict(reference)).record()
+        if output.is_file():
+            # Labels shipped earlier keep the provenance they were exported with,
+            # also when the loop's folder (data/work/, not committed) is gone.
+            known += read(output, index=":")
+        known = _distinct(known, record)
         count = export_labelled(store, output, known, record=record)  # written atomically
         print(f"export: {count} labels to {output}")
         missing = len(store.labelled()) - count
