@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -1498,22 +1499,26 @@ def training_set_hash(frames: Sequence[Atoms]) -> str:
     return digest.hexdigest()
 
 
-_BLAS_CONTROLLER: list = []
+#: The BLAS controller of :func:`_one_blas_thread` and the number of modules
+#: imported when it was made.
+_BLAS: dict[str, Any] = {}
 
 
 def _one_blas_thread() -> Any:
-    """A context in which BLAS (numpy's and scipy's OpenBLAS) uses one thread.
+    """A context in which every loaded BLAS (numpy's, scipy's, PySCF's) uses one thread.
 
     A prediction's matrices are small (atoms × sparse points), so more BLAS
     threads gain nothing (a 384-atom ice cell: 0.49 s with two, 0.44 s with one),
     but after every call they spin, waiting for more work, on the cores that the
     baseline's OpenMP threads need next: on two cores a composite call on a
-    7-atom dimer took twice as long (benchmarks/README.md, bench_terms). The
-    controller is made once (it scans the loaded libraries); entering the
-    context then costs about 25 µs.
+    6-atom dimer took 4× as long (``benchmarks/bench_call_cost.py``). The
+    controller scans the loaded libraries (about 2 ms), so it is made again only
+    when modules were imported since (one may have brought its own BLAS);
+    entering the context then costs about 25 µs.
     """
-    if not _BLAS_CONTROLLER:
+    if _BLAS.get("modules") != len(sys.modules):
         from threadpoolctl import ThreadpoolController
 
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+        _BLAS["controller"] = ThreadpoolController()
+        _BLAS["modules"] = len(sys.modules)
+    return _BLAS["controller"].limit(limits=1, user_api="blas")
