@@ -1,14 +1,14 @@
 """Lattice energies at fixed geometries: terms alone and composite against CP2K revPBE-D3(BJ).
 
-Until the periodic labels of ``data/make_crystal_dataset.py`` are exported (and
-``bench_crystals.py`` can run), this is the quick check of a composite on crystals:
-a model is fitted as the ranking examples fit theirs (``water_chno`` + the
-interaction set, optionally + the crystal contacts; a seeded 10 % of the systems
-held out to calibrate σ) and scored on
+The quick check on crystals of a composite trained on molecular data
+(``bench_crystals.py`` trains on the periodic labels themselves): a model is fitted
+as the ranking examples fit theirs (``water_chno`` + the interaction set,
+optionally + the crystal contacts; a seeded 10 % of the systems held out to
+calibrate σ) and scored on
 
-* every periodic cell labelled so far in the store ``data/work/crystals.db``
-  (CP2K revPBE + its D3(BJ) partner, against the gas-phase molecule labelled in the
-  same store), when the store is there;
+* every periodic cell in ``data/labelled/crystals.extxyz`` (CP2K revPBE + its
+  D3(BJ) partner, against the GFN2-xTB-relaxed gas-phase molecule labelled at the
+  same level, as ``bench_crystals.py`` takes it);
 * CO2 phase I at its experimental cell with an experimental-geometry molecule
   (C=O 1.154 Å) against CP2K revPBE-D3(BJ) −29.69 kJ/mol
   (``bench_cp2k_reference.py``, 600 Ry).
@@ -44,7 +44,7 @@ from deltaml.dispersion import D3Dispersion
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELLED = ROOT / "data" / "labelled"
-STORE = ROOT / "data" / "work" / "crystals.db"
+PERIODIC = ROOT / "data" / "labelled" / "crystals.extxyz"
 KJ_MOL = kJ / mol
 #: CP2K revPBE-D3(BJ) lattice energy of CO2 Pa-3 at the experimental cell (kJ/mol).
 CO2_PA3_REFERENCE = -29.69
@@ -69,8 +69,8 @@ def fitted_model(contacts: bool, inter_rows: str, seed: int) -> SparseGPR:
 def cases() -> list[tuple[str, Atoms, Atoms, float]]:
     """(name, cell, gas molecule, reference E_latt in kJ/mol) of every case available."""
     out = []
-    if STORE.is_file():
-        from ase.db import connect
+    if PERIODIC.is_file():
+        from bench_crystals import gas_references
 
         partner = D3Dispersion(method="revpbe", damping="d3bj")  # CP2K revPBE's partner
 
@@ -79,22 +79,19 @@ def cases() -> list[tuple[str, Atoms, Atoms, float]]:
             probe.calc = partner
             return atoms.get_potential_energy() + probe.get_potential_energy()
 
-        db = connect(STORE)
-        gas: dict[str, Atoms] = {}
-        for row in db.select(status="done"):
-            if not row.pbc.any():
-                gas.setdefault(row.formula, row.toatoms())  # the GFN2-xTB-relaxed one first
-        for row in db.select(status="done"):
-            if not row.pbc.all():
+        frames = read(PERIODIC, index=":")
+        gas = {name: frames[k] for name, k in gas_references(frames).items()}
+        for cell in frames:
+            if not cell.pbc.all():
                 continue
-            cell = row.toatoms()
             molecules = identify_molecules(cell)
             molecule = gas.get(molecules.formulas[0])
             if molecule is None:
                 continue
             n = len(molecules.formulas)
             reference = (total(cell) / n - total(molecule)) / KJ_MOL
-            out.append((f"{row.formula} store #{row.id}", cell, molecule, reference))
+            name = f"{cell.info['system']} ({cell.info['source']})"
+            out.append((name, cell, molecule, reference))
     pa3 = read(ROOT / "data" / "crystals" / "co2_pa3.extxyz")
     co2 = Atoms("CO2", positions=[[0, 0, 0], [0, 0, 1.154], [0, 0, -1.154]])
     out.append(("CO2 Pa-3 experimental", pa3, co2, CO2_PA3_REFERENCE))
