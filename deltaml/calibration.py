@@ -47,6 +47,12 @@ _NO_CONTACT = 1e-10
 MIN_CALIBRATION_INTERACTIONS = 5
 
 
+#: A force σ at or below this (eV/Å, a 500th of the default force noise) says the
+#: model cannot move that force: fixed by symmetry (the C of a linear CO2) or beyond
+#: the cut-off of every learned term. Its error is the terms', not a z-score.
+_ZERO_SIGMA = 1e-4
+
+
 def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDArray]:
     """Errors and uncalibrated variances of held-out structures, for :func:`calibrate_from`.
 
@@ -90,9 +96,11 @@ def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDA
             else:
                 parts.append((result.energy_uncertainty**2, 0.0, 0.0, 0.0))
             if with_forces:
+                # Components the model cannot move (σ ≈ 0) are left out (_ZERO_SIGMA).
                 err = atoms.calc.results["forces"] - result.forces
-                std = np.maximum(result.forces_uncertainty, 1e-12)[:, None]
-                z_forces.append((err / std).ravel())
+                std = result.forces_uncertainty
+                kept = std > _ZERO_SIGMA
+                z_forces.append((err[kept] / std[kept, None]).ravel())
         groups = interaction_groups(frames) if model.molecular else []
         interactions = _interaction_statistics(model, frames, groups, np.array(predicted))
     finally:

@@ -212,6 +212,21 @@ def test_calibration_makes_held_out_z_scores_unit(model, data):
     assert 0.3 < np.sqrt(np.mean(np.square(z))) < 3.0
 
 
+def test_a_force_fixed_by_symmetry_does_not_blow_up_the_force_factor(model, data):
+    """The force on C of a linear, symmetric CO2 is zero in any smooth model (σ = 0), not
+    in the reference of a complex it sits in: no z-score (it made the factor 1e8)."""
+    calibrated = SparseGPR(**model.get_params()).fit(data["train"])
+    plain = calibrated.calibrate(data["test"])["forces"]
+    co2 = Atoms("CO2", positions=[[0, 0, 0], [0, 0, 1.16], [0, 0, -1.16]])
+    predicted = calibrated.predict(co2)
+    assert predicted.forces_uncertainty[0] < 1e-8
+    forces = predicted.forces + np.array([[0.0075, 0, 0], [0, 0, 0], [0, 0, 0]])  # on C alone
+    co2.calc = SinglePointCalculator(co2, energy=predicted.energy, forces=forces)
+    with_co2 = calibrated.calibrate([*data["test"], co2])["forces"]
+    assert with_co2 == pytest.approx(plain, rel=0.05)  # its O atoms add z = 0 (before: 5e8)
+    assert 0.1 < plain < 10.0
+
+
 def test_fits_are_reproducible_bit_for_bit(data):
     first = SparseGPR(
         decomposition="atomic", descriptor=DESCRIPTOR, n_sparse=30, selection="random", seed=5
