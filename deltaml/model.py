@@ -1505,7 +1505,7 @@ _BLAS: dict[str, Any] = {}
 
 
 def _one_blas_thread() -> Any:
-    """A context in which every loaded BLAS (numpy's, scipy's, PySCF's) uses one thread.
+    """A context in which every loaded BLAS (numpy's, scipy's, xtb-python's) uses one thread.
 
     A prediction's matrices are small (atoms × sparse points), so more BLAS
     threads gain nothing (a 384-atom ice cell: 0.49 s with two, 0.44 s with one),
