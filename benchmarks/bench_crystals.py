@@ -12,7 +12,9 @@ Split by system, never by frame.
   (eV/Å) and stress (GPa). Size 0 is the terms alone.
 * **Rankings at fixed geometries** (``--rankings``): every system left out in
   turn (its cells; the gas molecules stay, they are every system's other end),
-  a model fitted on the rest and calibrated on a seeded 10 % of it; at each
+  a model fitted on the rest, its σ calibrated by cross-validation over the
+  rest's systems (:func:`deltaml.evaluation.cross_calibrated_fit`, whole
+  systems per fold); at each
   system's starting cell, the lattice energy E_latt = E_cell / N − E_molecule
   (the gas-phase molecule relaxed with GFN2-xTB, labelled at the same level)
   against the reference's, the stress, the relative energies of the polymorphs
@@ -24,6 +26,7 @@ Usage::
 
     python benchmarks/bench_crystals.py                          # both parts
     python benchmarks/bench_crystals.py --sizes 10,25,50,all --baselines GFN2-xTB
+    python benchmarks/bench_crystals.py --sizes all --inter-delta 0.05   # a fixed δ_inter
 
 Writes ``benchmarks/results/bench_crystals.json`` (``--out`` to change).
 """
@@ -41,11 +44,16 @@ from ase.units import GPa, kJ, mol
 
 from deltaml import SparseGPR, delta_targets, read_labelled
 from deltaml.crystals import identify_molecules
+from deltaml.dataset import held_out_units
+from deltaml.evaluation import cross_calibrated_fit
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "labelled" / "crystals.extxyz"
 KJ_MOL = kJ / mol
-#: Model settings of every fit (the crystal dataset's loop uses the same).
-MODEL = {"uncertainty": "energy"}
+#: Model settings of every fit (the crystal dataset's loop uses the same;
+#: ``--inter-delta`` sets ``inter_delta``).
+MODEL: dict = {"uncertainty": "energy"}
+#: Most folds of the cross-validation that calibrates σ.
+CALIBRATION_FOLDS = 5
 
 
 def chemistry(atoms: Atoms) -> str:
@@ -202,6 +210,17 @@ def summary(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def calibrated_fit(frames: list[Atoms], seed: int) -> SparseGPR:
+    """A model fitted on ``frames``, σ calibrated by cross-validation over their systems.
+
+    Whole systems (a crystal's cells, a gas molecule) are held out per fold, so
+    that σ is calibrated on cells unlike any fitted one, as a new polymorph is.
+    """
+    units = len(np.unique(held_out_units(frames)))
+    folds = min(CALIBRATION_FOLDS, units)
+    return cross_calibrated_fit(SparseGPR(seed=seed, **MODEL), frames, folds=folds, seed=seed)
+
+
 def rankings(targets: list[Atoms], seed: int) -> dict:
     """Each system left out in turn (its polymorphs seen); the model fitted on everything.
 
@@ -212,16 +231,11 @@ def rankings(targets: list[Atoms], seed: int) -> dict:
     """
     gas = gas_references(targets)
     starts = [k for k, a in enumerate(targets) if a.info.get("source") == "start"]
-    rng = np.random.default_rng(seed)
     left_out, relative_out = [], []
     for k in starts:
         system = targets[k].info["system"]
         train = [j for j, a in enumerate(targets) if a.info.get("system") != system]
-        calibration = set(rng.choice(train, size=max(round(0.1 * len(train)), 1), replace=False))
-        model = SparseGPR(seed=seed, **MODEL).fit(
-            [targets[j] for j in train if j not in calibration]
-        )
-        model.calibrate([targets[j] for j in sorted(calibration)])
+        model = calibrated_fit([targets[j] for j in train], seed)
         same = [k] + [
             j for j in starts if j != k and chemistry(targets[j]) == chemistry(targets[k])
         ]
@@ -231,7 +245,7 @@ def rankings(targets: list[Atoms], seed: int) -> dict:
         print(f"  {system} left out: {rows[0]['error_kj_mol']:+.2f} kJ/mol "
               f"(σ {rows[0]['sigma_kj_mol']:.2f}, terms {rows[0]['terms_error_kj_mol']:+.2f})",
               flush=True)  # fmt: skip
-    everything = SparseGPR(seed=seed, **MODEL).fit(targets)
+    everything = calibrated_fit(targets, seed)
     in_sample = lattice_energies(everything, targets, starts, gas)
     relative_in = [
         relative_energy(everything, targets, a, b)
@@ -257,9 +271,18 @@ def main() -> None:
     parser.add_argument("--baselines", default="GFN2-xTB,GFN1-xTB")
     parser.add_argument("--sizes", default="10,25,50,100,all", help="training labels")
     parser.add_argument("--rankings", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--inter-delta", default=None,
+        help="SparseGPR inter_delta: eV, or cv / cv-interactions / evidence (default: its own)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_crystals.json")
     args = parser.parse_args()
+    if args.inter_delta is not None:
+        MODEL["inter_delta"] = (
+            args.inter_delta if args.inter_delta.isalpha() or "-" in args.inter_delta
+            else float(args.inter_delta)
+        )  # fmt: skip
     labelled = read_labelled(args.crystals, check_magnitudes=False)
     settings = {**vars(args), "out": str(args.out), "crystals": str(args.crystals)}
     report: dict = {"machine": machine_info(), "settings": settings}

@@ -629,14 +629,19 @@ def _inter_delta(text: str) -> float | str | None:
     help="D3 term of the targets: 'partner' (the reference's published D3 partner), "
     "DAMPING:FUNCTIONAL[:atm], or 'none' (e.g. a reference without a D3 partner: PBE, HF)",
 )
-@click.option("--validation", default=0.1, help="held-out fraction")
+@click.option(
+    "--validation",
+    default=0.1,
+    help="held-out fraction (whole interaction systems and named systems)",
+)
 @click.option(
     "--calibration-folds",
     type=int,
     default=0,
     show_default=True,
     help="k ≥ 2: fit on all the data and calibrate σ by k-fold cross-validation over whole "
-    "interaction systems (k + 1 fits; steadier than one small validation set); 0: "
+    "interaction systems and named systems (info['system'], e.g. a crystal's cells; k + 1 "
+    "fits; steadier than one small validation set); 0: "
     "calibrate on the --validation split",
 )
 @click.option("--seed", default=0, help="seed of the split and the model")

@@ -51,6 +51,7 @@ __all__ = [
     "check_units",
     "delta_targets",
     "export_labelled",
+    "held_out_units",
     "import_labelled",
     "interaction_groups",
     "interaction_systems",
@@ -730,16 +731,47 @@ def interaction_systems(groups: Sequence[tuple[int, Sequence[int]]], count: int)
     return np.argsort(np.argsort(first))[inverse]
 
 
+def held_out_units(frames: Sequence[Atoms]) -> np.ndarray:
+    """Label of the unit each structure is held out with: never split, only by frame.
+
+    A unit joins an interaction system (a complex, its molecules and every complex
+    sharing one, :func:`interaction_systems`: an interaction energy is never half
+    seen) with every structure of the same named system (``info["system"]``: the
+    start, strained, rattled and MD frames of one crystal, the contact dimers cut
+    from one crystal), which are too alike for one to test the other. A structure
+    in neither is a unit of its own.
+
+    Parameters
+    ----------
+    frames : sequence of ase.Atoms
+        Labelled structures (monomers matched to complexes by :func:`interaction_groups`).
+
+    Returns
+    -------
+    numpy.ndarray of int, shape (len(frames),)
+        Unit of each structure, 0 … n_units − 1, numbered in order of each unit's
+        first structure.
+    """
+    groups = [(i, list(parts)) for i, parts in interaction_groups(frames)]
+    first_of: dict[str, int] = {}
+    for k, atoms in enumerate(frames):
+        name = atoms.info.get("system")
+        if name is not None:
+            # A named structure joins the first of its name, as a one-molecule "complex".
+            groups.append((first_of.setdefault(str(name), k), [k]))
+    return interaction_systems(groups, len(frames))
+
+
 def split_systems(
     frames: Sequence[Atoms], fraction: float, seed: int
 ) -> tuple[list[int], list[int]]:
-    """Seeded split into kept and held-out indices, each interaction system on one side.
+    """Seeded split into kept and held-out indices, each system on one side.
 
-    A complex and the molecules it shares with others (a scan's monomers) form one
-    unit (:func:`interaction_systems`), so that the held-out set holds whole
-    interaction energies, which calibrate their σ; every other structure is a unit
-    of its own. Units are drawn in a seeded order until about ``fraction`` of the
-    structures are held out.
+    Units are :func:`held_out_units`: interaction systems, so that the held-out
+    set holds whole interaction energies, which calibrate their σ, joined with the
+    structures of one named system (``info["system"]``); every other structure is
+    a unit of its own. Units are drawn in a seeded order until about ``fraction``
+    of the structures are held out.
 
     Parameters
     ----------
@@ -757,7 +789,7 @@ def split_systems(
         Sorted indices into ``frames``.
     """
     count = len(frames)
-    unit = interaction_systems(interaction_groups(frames), count)
+    unit = held_out_units(frames)
     target = round(fraction * count)
     held: list[int] = []
     for u in np.random.default_rng(seed).permutation(unit.max() + 1 if count else 0):

@@ -289,6 +289,29 @@ def test_interaction_systems_join_complexes_that_share_a_molecule():
     assert interaction_systems([], 3).tolist() == [0, 1, 2]
 
 
+def test_held_out_units_join_interaction_systems_and_named_systems():
+    """The frames of one crystal (start, strained, MD) are held out together, and a
+    name shared with an interaction system joins it: never a split by frame alone."""
+    from ase.build import molecule
+
+    from deltaml.dataset import held_out_units
+
+    a, b = molecule("H2O"), molecule("CH3OH")
+    b.positions += [3.2, 0.0, 0.0]
+    dimer, monomer_a, monomer_b = a + b, a.copy(), b.copy()
+    cells = [molecule(name) for name in ("CH4", "NH3", "CO2", "HCN")]
+    for atoms, name in zip(cells, ["ice:Ih", "co2", "ice:Ih", "contacts"], strict=True):
+        atoms.info["system"] = name
+    monomer_b.info["system"] = "contacts"  # a contact set naming one monomer
+    loose = molecule("C2H6")
+    frames = [cells[0], dimer, cells[1], monomer_a, cells[2], monomer_b, cells[3], loose]
+    units = held_out_units(frames)
+    assert units[0] == units[4]  # both "ice:Ih"
+    assert units[1] == units[3] == units[5] == units[6]  # the dimer and "contacts"
+    assert len({units[0], units[1], units[2], units[7]}) == 4
+    assert units.tolist() == [0, 1, 2, 1, 0, 1, 1, 3]  # numbered by first structure
+
+
 def test_split_systems_keeps_each_interaction_system_whole():
     """A held-out set holds whole interaction energies (they calibrate their σ);
     ``deltaml fit --validation`` and the ranking examples split this way."""

@@ -243,3 +243,39 @@ def test_a_cross_calibrated_fit_keeps_all_data_and_calibrates_interactions(dimer
     assert {"inter", "inter_floor"} <= set(model.uncertainty_scale_)
     with pytest.raises(ParameterError, match="folds"):
         cross_calibrated_fit(template, frames, folds=1)
+
+
+def test_a_cross_calibrated_fit_holds_out_named_systems_whole_and_skips_unseen_elements():
+    """Cells of one crystal are held out together (else σ is calibrated on near-copies);
+    a held-out structure of an element no other has (the only NH3) cannot be predicted
+    by its fold's model and is left out of the calibration instead of failing it."""
+    from ase.build import molecule
+
+    from deltaml.evaluation import cross_calibrated_fit
+
+    rng = np.random.default_rng(3)
+    frames = []
+    for name in ("H2O", "CH3OH", "CH4", "C2H6", "CO2", "H2CO"):
+        for _ in range(3):  # three rattled copies of one "system"
+            atoms = molecule(name)
+            atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+            atoms.info["system"] = name
+            frames.append(atoms)
+    frames.append(molecule("NH3"))
+    frames = _labelled(frames)
+    template = SparseGPR(descriptor=DESCRIPTOR, n_sparse=20, uncertainty="energy")
+    held_out: list[list[str]] = []
+    original = SparseGPR.calibration_statistics
+
+    def spy(self, held):
+        held_out.append(sorted(str(a.info.get("system", a.get_chemical_formula())) for a in held))
+        return original(self, held)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SparseGPR, "calibration_statistics", spy)
+        model = cross_calibrated_fit(template, frames, folds=3, seed=0)
+    assert model.uncertainty_scale_["energy"] > 0
+    seen = [name for fold in held_out for name in fold]
+    assert "H3N" not in seen and len(seen) == 18  # every copy held out once, NH3 never
+    for fold in held_out:  # whole systems: three copies of each name
+        assert all(fold.count(name) == 3 for name in fold)
