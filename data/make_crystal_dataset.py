@@ -6,12 +6,13 @@ that a fresh checkout resumes where the last export stopped):
 
 1. ``structures``: the starting cells, seeded: seven ice phases from GenIce2
    (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII), CO2 I
-   (Pa-3) and III (Cmca), α- and β-oxalic acid, urea I and benzene I from
-   ``data/crystals`` (the organic ones from the CSD, ``make_organic_crystals.py``),
+   (Pa-3) and III (Cmca), α- and β-oxalic acid, urea I, benzene I and aspirin I
+   and II from ``data/crystals`` (the organic ones from the CSD,
+   ``make_organic_crystals.py``),
    each the smallest supercell at least 7 Å wide (:func:`deltaml.crystals.wide_cell`:
    CP2K's Γ point and the baseline then see the same cell), written once to
    ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never changes
-   the keys of a half-done store).
+   the keys of a half-done store; a system added to the script later is appended).
    Beside them, ``data/structures/crystal_molecules.extxyz``: each distinct
    molecule in the gas phase, as cut from the first start that holds it and
    relaxed with GFN2-xTB, the gas-phase end of a lattice energy
@@ -88,19 +89,30 @@ CRYSTAL_FILES = (
     "oxalic_acid_beta",
     "urea_i",
     "benzene_i",
+    "aspirin_i",
+    "aspirin_ii",
 )
 #: Every starting cell is at least this wide (Å): MD in it and a Γ-point label.
 MIN_WIDTH_A = 7.0
 
 
-def starting_cells(seed: int = 0) -> list[Atoms]:
-    """The starting cell of every system, ``info["system"]`` naming it."""
+def system_names() -> list[str]:
+    """Every system of the set, in the order of its starts."""
+    return [f"ice:{name}" for name in ICE_PHASES] + list(CRYSTAL_FILES)
+
+
+def starting_cells(seed: int = 0, skip: set[str] | frozenset[str] = frozenset()) -> list[Atoms]:
+    """The starting cell of every system not in ``skip``, ``info["system"]`` naming it."""
     cells = []
     for name in ICE_PHASES:
+        if f"ice:{name}" in skip:
+            continue
         atoms = ice_polymorph(name, min_width=MIN_WIDTH_A, seed=seed)
         atoms.info = {"system": f"ice:{name}"}
         cells.append(atoms)
     for name in CRYSTAL_FILES:
+        if name in skip:
+            continue
         unit = read(HERE / "crystals" / f"{name}.extxyz")
         unit.positions = whole_molecules(unit)[1]  # stored whole, so copies stay whole
         atoms = wide_cell(unit, MIN_WIDTH_A)
@@ -159,6 +171,30 @@ def seed_cells(starts: list[Atoms], copies: int, seed: int) -> list[Atoms]:
     return out
 
 
+def stored_structures(seed: int) -> tuple[list[Atoms], list[Atoms]]:
+    """The starts and gas-phase molecules, as stored; systems new to the script appended.
+
+    What is stored is never rebuilt (GenIce2's proton order, the seed copies drawn
+    start by start and so every label key depend on it); a system added to the
+    script since goes at the end of the starts, and molecules of new formulas at the
+    end of the molecules, both written atomically.
+    """
+    starts = read(STARTS, index=":") if STARTS.exists() else []
+    known = {a.info["system"] for a in starts}
+    if set(system_names()) - known:
+        starts += starting_cells(seed, skip=known)
+        with atomic_path(STARTS) as partial:
+            write(partial, starts, format="extxyz")
+    molecules = read(MOLECULES, index=":") if MOLECULES.exists() else []
+    formulas = {m.info["system"][4:] for m in molecules}
+    holding = [a for a in starts if set(whole_molecules(a)[0].formulas) - formulas]
+    if holding or not MOLECULES.exists():
+        molecules += [m for m in gas_molecules(holding) if m.info["system"][4:] not in formulas]
+        with atomic_path(MOLECULES) as partial:
+            write(partial, molecules, format="extxyz")
+    return starts, molecules
+
+
 def _distinct(frames: list[Atoms], record: dict) -> list[Atoms]:
     """The first frame of each label key (the same structure, known twice), with
     only its provenance (``system``, ``source``) in ``info``."""
@@ -196,14 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     store_path = HERE / "work" / f"crystals{suffix}.db"
     store_path.parent.mkdir(exist_ok=True)
 
-    if not STARTS.exists():
-        with atomic_path(STARTS) as partial:
-            write(partial, starting_cells(args.seed), format="extxyz")
-    starts = read(STARTS, index=":")
-    if not MOLECULES.exists():
-        with atomic_path(MOLECULES) as partial:
-            write(partial, gas_molecules(starts), format="extxyz")
-    molecules = read(MOLECULES, index=":")
+    starts, molecules = stored_structures(args.seed)
     if args.systems:
         wanted = set(args.systems.split(","))
         starts = [a for a in starts if a.info["system"] in wanted]

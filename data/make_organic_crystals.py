@@ -49,6 +49,8 @@ CRYSTALS: dict[str, tuple[str, str]] = {
     "oxalic_acid_beta": ("OXALAC11", "β-oxalic acid, P2₁/c, Z = 2"),
     "urea_i": ("UREAXX02", "urea I, P-42₁m, Z = 2"),
     "benzene_i": ("BENZEN", "benzene I, Pbca, Z = 4"),
+    "aspirin_i": ("ACSALA", "aspirin form I, P2₁/c, Z = 4"),
+    "aspirin_ii": ("ACSALA13", "aspirin form II, P2₁/c, Z = 4"),
 }
 #: Mean X–H bond lengths from neutron diffraction, Å (Allen et al. 1987).
 NEUTRON_XH_A = {"C": 1.083, "N": 1.009, "O": 0.983}

@@ -20,6 +20,8 @@ ORGANIC = {
     "oxalic_acid_beta": ("OXALAC11", "C2H2O4", 2),
     "urea_i": ("UREAXX02", "CH4N2O", 2),
     "benzene_i": ("BENZEN", "C6H6", 4),
+    "aspirin_i": ("ACSALA", "C9H8O4", 4),
+    "aspirin_ii": ("ACSALA13", "C9H8O4", 4),
 }
 
 
@@ -80,7 +82,7 @@ def test_crystal_starts_are_wide_cells_of_whole_molecules():
 
     starts = read(DATA / "structures" / "crystal_starts.extxyz", ":")
     systems = [a.info["system"] for a in starts]
-    assert len(set(systems)) == len(systems) == 13
+    assert len(set(systems)) == len(systems) == 15
     assert {"co2_pa3", "co2_cmca", *ORGANIC} <= set(systems)
     for atoms in starts:
         assert perpendicular_widths(atoms.cell.array).min() >= 7.0
