@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.io import read
 from ase.neighborlist import neighbor_list
 
@@ -333,3 +334,54 @@ def test_the_periodic_labels_are_cp2k_labels_of_the_shipped_structures():
                 np.testing.assert_array_equal(atoms.cell[:], start.cell[:])
     readme = (DATA / "README.md").read_text()
     assert f"{len(frames)} periodic-reference labels" in readme
+
+
+def test_a_system_added_to_the_crystal_script_is_appended_and_keeps_earlier_keys(
+    tmp_path, monkeypatch
+):
+    """The stored starts are never rebuilt (their label keys depend on them); a system
+    new to the script goes at the end, a molecule of a new formula too."""
+    import importlib.util
+
+    from ase.build import molecule
+
+    spec = importlib.util.spec_from_file_location(
+        "make_crystal_dataset", DATA / "make_crystal_dataset.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def cell(name: str, formula: str, shift: float) -> Atoms:
+        atoms = molecule(formula, cell=[8.0, 8.0, 8.0], pbc=True)
+        atoms.positions += 4.0 + shift
+        atoms.info = {"system": name}
+        return atoms
+
+    names = ["a", "b"]
+    built: list[set] = []
+
+    def starting_cells(seed=0, skip=frozenset()):
+        built.append(set(skip))
+        formulas = {"a": "H2O", "b": "CO2", "c": "CH4"}
+        # A rebuild would move every atom: what is stored must not be rebuilt.
+        return [cell(n, formulas[n], 0.1 * len(built)) for n in names if n not in skip]
+
+    monkeypatch.setattr(module, "STARTS", tmp_path / "starts.extxyz")
+    monkeypatch.setattr(module, "MOLECULES", tmp_path / "molecules.extxyz")
+    monkeypatch.setattr(module, "system_names", lambda: list(names))
+    monkeypatch.setattr(module, "starting_cells", starting_cells)
+    first, molecules = module.stored_structures(0)
+    assert [a.info["system"] for a in first] == ["a", "b"]
+    assert sorted(m.info["system"] for m in molecules) == ["gas:CO2"] * 2 + ["gas:H2O"] * 2
+    names.append("c")
+    again, more = module.stored_structures(0)
+    assert [a.info["system"] for a in again] == ["a", "b", "c"]
+    for old, new in zip(first, again, strict=False):
+        np.testing.assert_allclose(old.positions, new.positions, atol=1e-6)
+    assert [m.info["system"] for m in more[: len(molecules)]] == [
+        m.info["system"] for m in molecules
+    ]
+    assert [m.info["system"] for m in more[len(molecules) :]] == ["gas:CH4"] * 2
+    assert built == [set(), {"a", "b"}]
+    module.stored_structures(0)  # nothing new: nothing built
+    assert len(built) == 2
