@@ -3,9 +3,11 @@
 The GP's posterior variance has the right shape but not the right size: its scale
 comes from priors set before the data were seen. Held-out structures (never in the
 fit) fix it: factors ``"energy"`` and ``"forces"`` that give their z-scores unit
-RMS, and for the molecular decomposition ``"inter"`` and ``"inter_floor"``: the
-factor of the intermolecular part's σ and a floor (eV) fitted on held-out
-interaction energies, in which the intramolecular part and the offsets cancel.
+RMS, with ``"forces_floor"`` (eV/Å) beside the force factor: the error of the
+forces the model cannot move (beyond every cut-off, fixed by symmetry), and for the
+molecular decomposition ``"inter"`` and ``"inter_floor"``: the factor of the
+intermolecular part's σ and a floor (eV) fitted on held-out interaction energies,
+in which the intramolecular part and the offsets cancel.
 
 :meth:`deltaml.model.SparseGPR.calibrate` does it in one step; the two steps
 (:func:`calibration_statistics` on held-out data, :func:`calibrate_from` on the
@@ -35,6 +37,7 @@ __all__ = [
     "calibrate_from",
     "calibration_statistics",
     "energy_factor",
+    "factor_and_floor",
     "inter_factor",
 ]
 
@@ -45,12 +48,6 @@ _NO_CONTACT = 1e-10
 #: Fewest held-out interaction energies that fit the intermolecular factor: the RMS
 #: of fewer z-scores is too noisy to trust (one z-score can be anything).
 MIN_CALIBRATION_INTERACTIONS = 5
-
-
-#: A force σ at or below this (eV/Å, a 500th of the default force noise) says the
-#: model cannot move that force: fixed by symmetry (the C of a linear CO2) or beyond
-#: the cut-off of every learned term. Its error is the terms', not a z-score.
-_ZERO_SIGMA = 1e-4
 
 
 def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDArray]:
@@ -70,8 +67,10 @@ def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDA
         ``energy_error`` (eV) and ``energy_parts`` (eV², columns a, b, c, d: the
         variance of the offsets and first term, of the intermolecular term,
         their covariance, and 1 where the structure has an intermolecular
-        part) per structure; ``force_z`` per force component (with
-        ``uncertainty="forces"``); ``interaction_error`` (eV),
+        part) per structure; ``force_error`` (eV/Å) and ``force_variance``
+        (eV²/Å², the atom's uncalibrated σ², 0 where the model cannot move
+        the force) per force component (with ``uncertainty="forces"``);
+        ``interaction_error`` (eV),
         ``interaction_variance`` (eV², intermolecular part) and
         ``interaction_contact`` (a contact within the cut-off) per interaction
         energy found among ``frames`` (molecular decomposition).
@@ -81,7 +80,7 @@ def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDA
         raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
     saved = dict(model.uncertainty_scale_)
     model.uncertainty_scale_ = {"energy": 1.0, "forces": 1.0}
-    errors, predicted, parts, z_forces = [], [], [], []
+    errors, predicted, parts, force_errors, force_variances = [], [], [], [], []
     try:
         for atoms in frames:
             with_forces = "forces" in atoms.calc.results and model.uncertainty == "forces"
@@ -96,11 +95,9 @@ def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDA
             else:
                 parts.append((result.energy_uncertainty**2, 0.0, 0.0, 0.0))
             if with_forces:
-                # Components the model cannot move (σ ≈ 0) are left out (_ZERO_SIGMA).
                 err = atoms.calc.results["forces"] - result.forces
-                std = result.forces_uncertainty
-                kept = std > _ZERO_SIGMA
-                z_forces.append((err[kept] / std[kept, None]).ravel())
+                force_errors.append(err.ravel())
+                force_variances.append(np.repeat(result.forces_uncertainty**2, 3))
         groups = interaction_groups(frames) if model.molecular else []
         interactions = _interaction_statistics(model, frames, groups, np.array(predicted))
     finally:
@@ -108,7 +105,8 @@ def calibration_statistics(model: Any, frames: Sequence[Atoms]) -> dict[str, NDA
     return {
         "energy_error": np.array(errors),
         "energy_parts": np.array(parts).reshape(-1, 4),
-        "force_z": np.concatenate(z_forces) if z_forces else np.zeros(0),
+        "force_error": np.concatenate(force_errors) if force_errors else np.zeros(0),
+        "force_variance": np.concatenate(force_variances) if force_variances else np.zeros(0),
         **interactions,
     }
 
@@ -134,8 +132,15 @@ def calibrate_from(model: Any, statistics: Sequence[dict[str, NDArray]]) -> dict
         raise MissingLabelError("calibrate: no structures (the scales would be undefined)")
     total = np.maximum(parts[:, 0] + parts[:, 1] + 2 * parts[:, 2], 1e-24)
     scale = {"energy": float(np.sqrt(np.mean(errors**2 / total)))}
-    z_forces = pooled["force_z"]
-    scale["forces"] = float(np.sqrt(np.mean(z_forces**2))) if len(z_forces) else 1.0
+    if len(pooled["force_error"]):
+        # A force the model cannot move (σ = 0: beyond every cut-off, the C of a
+        # linear CO2) still errs by the terms' error: the floor is that error, so
+        # that it neither blows up the factor (it made it 1e8) nor passes as exact.
+        scale["forces"], scale["forces_floor"] = factor_and_floor(
+            pooled["force_error"], pooled["force_variance"]
+        )
+    else:
+        scale["forces"] = 1.0
     inter = None
     if model.molecular:
         inter = inter_factor(
@@ -177,6 +182,44 @@ def _interaction_statistics(
     }
 
 
+def factor_and_floor(errors: NDArray, variances: NDArray) -> tuple[float, float]:
+    """Factor s and floor τ of σ = √(s² v + τ²) for held-out ``errors`` of variance ``v``.
+
+    Both maximise the Gaussian likelihood of the errors, then are scaled together
+    so that the z-scores have RMS exactly 1 (which the optimum satisfies already
+    unless a bound stopped it). The floor is the error that the variance cannot
+    describe: where v = 0 it is all of σ.
+
+    Parameters
+    ----------
+    errors : ndarray
+        Held-out errors (any unit u).
+    variances : ndarray
+        Their uncalibrated variances (u²), ≥ 0; at least one positive.
+
+    Returns
+    -------
+    factor, floor : float
+        s (dimensionless) and τ (u, ≥ 0).
+    """
+    moved = variances > 0
+    if not moved.any():
+        raise MissingLabelError("calibrate: no error with a positive variance to scale")
+    start = float(np.sqrt(np.mean(errors[moved] ** 2 / variances[moved])))
+    largest = max(float(np.abs(errors).max()), 1e-12)
+
+    def nll(x: NDArray) -> float:
+        total = np.exp(2 * x[0]) * variances + np.exp(2 * x[1])
+        return float(np.sum(np.log(total) + errors**2 / total))
+
+    x0 = np.array([np.log(max(start, 1e-12)), np.log(0.1 * largest)])
+    bounds = [(x0[0] - 12.0, x0[0] + 12.0), (np.log(largest) - 25.0, np.log(largest) + 1.0)]
+    found = scipy.optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds).x
+    factor, floor = np.exp(found)
+    rms = np.sqrt(np.mean(errors**2 / (factor**2 * variances + floor**2)))
+    return float(rms * factor), float(rms * floor)
+
+
 def inter_factor(
     errors: NDArray, variances: NDArray, contact: NDArray
 ) -> tuple[float, float] | None:
@@ -185,27 +228,13 @@ def inter_factor(
     The σ of an interaction energy is modelled as √(s_I² v + τ²), v its
     uncalibrated intermolecular variance (0 without a contact within the
     cut-off): τ is the error that the intermolecular part cannot describe (the
-    terms' error beyond the cut-off, noise of the labels). Both maximise the
-    Gaussian likelihood of the held-out errors, then are scaled together so
-    that the z-scores have RMS exactly 1 (which the optimum satisfies already
-    unless a bound stopped it). None if fewer than
+    terms' error beyond the cut-off, noise of the labels); both from
+    :func:`factor_and_floor`. None if fewer than
     :data:`MIN_CALIBRATION_INTERACTIONS` have a contact: too few to set s_I.
     """
     if contact.sum() < MIN_CALIBRATION_INTERACTIONS:
         return None
-    start = float(np.sqrt(np.mean(errors[contact] ** 2 / variances[contact])))
-    largest = max(float(np.abs(errors).max()), 1e-6)
-
-    def nll(x: NDArray) -> float:
-        total = np.exp(2 * x[0]) * variances + np.exp(2 * x[1])
-        return float(np.sum(np.log(total) + errors**2 / total))
-
-    x0 = np.array([np.log(start), np.log(0.1 * largest)])
-    bounds = [(x0[0] - 12.0, x0[0] + 12.0), (np.log(1e-8), np.log(largest) + 1.0)]
-    found = scipy.optimize.minimize(nll, x0, method="L-BFGS-B", bounds=bounds).x
-    s_inter, floor = np.exp(found)
-    rms = np.sqrt(np.mean(errors**2 / (s_inter**2 * variances + floor**2)))
-    return float(rms * s_inter), float(rms * floor)
+    return factor_and_floor(errors, np.where(contact, variances, 0.0))
 
 
 def energy_factor(errors: NDArray, parts: NDArray, scale: dict[str, float]) -> float:

@@ -782,6 +782,8 @@ def fit_command(
             f"\nuncertainty calibrated {where}: energy x{scales['energy']:.2f}, "
             f"forces x{scales['forces']:.2f}"
         )
+        if "forces_floor" in scales:
+            line += f" + {scales['forces_floor']:.3f} eV/Å"
         if "inter" in scales:
             line += (
                 f", interaction energies x{scales['inter']:.2f} "

@@ -220,9 +220,10 @@ class SparseGPR(BaseEstimator):
     ``n_interactions_`` (interaction energies found in the training set),
     ``alpha_``, ``trained_with_`` (records of the terms the targets were formed
     with), ``reference_`` (reference method record), ``training_set_sha256_``,
-    ``uncertainty_scale_`` ({"energy", "forces"}, and "inter" and "inter_floor"
-    (eV) where calibrated on interaction energies: factors applied to the GP's
-    standard deviations, 1 until :meth:`calibrate`), ``inter_cv_`` or
+    ``uncertainty_scale_`` ({"energy", "forces"}, "forces_floor" (eV/Å) where
+    calibrated on forces, and "inter" and "inter_floor" (eV) where calibrated on
+    interaction energies: factors applied to the GP's standard deviations, 1
+    until :meth:`calibrate`, and floors added in quadrature), ``inter_cv_`` or
     ``inter_evidence_`` (the search that set the intermolecular δ, or None).
     ``delta_``, ``sparse_values_`` and ``sparse_numbers_`` are those of the first
     term.
@@ -1094,7 +1095,9 @@ class SparseGPR(BaseEstimator):
                     rows = self._rows(halo, 1, True, False)["forces"][components]
                     variance[components] = self._force_variance(halo, rows, components)
             rms = np.sqrt(variance.reshape(-1, 3).mean(axis=1))
-            result["forces_uncertainty"] = self.uncertainty_scale_["forces"] * rms
+            # The floor: what the forces the model cannot move err by (calibrate).
+            floor = self.uncertainty_scale_.get("forces_floor", 0.0)
+            result["forces_uncertainty"] = np.hypot(self.uncertainty_scale_["forces"] * rms, floor)
         return CorrectionResult(**result)
 
     def stress_uncertainty(self, atoms: Atoms) -> NDArray[np.float64]:
@@ -1310,8 +1313,13 @@ class SparseGPR(BaseEstimator):
     def calibrate(self, frames: Sequence[Atoms]) -> dict[str, float]:
         """Scale the GP's standard deviations so that held-out errors have unit z-score.
 
-        ``"energy"`` and ``"forces"``: RMS of the z-scores of the held-out total
-        energies and force components. ``"inter"`` (molecular decomposition only,
+        ``"energy"``: RMS of the z-scores of the held-out total energies.
+        ``"forces"`` and ``"forces_floor"`` (eV/Å): the force σ of an atom is
+        √(s_F² v + τ_F²), v its uncalibrated variance, both fitted to the held-out
+        force components (maximum likelihood, then z-scores of RMS 1): τ_F is
+        the error of the forces the model cannot move (σ = 0 beyond every
+        cut-off or by symmetry, the C of a linear CO2), which otherwise either
+        blow up the factor or pass as exact. ``"inter"`` (molecular decomposition only,
         when the held-out frames hold interaction systems: complexes with every
         one of their molecules at the same geometry, as
         :func:`~deltaml.dataset.interaction_groups` finds them, at least
@@ -1338,9 +1346,10 @@ class SparseGPR(BaseEstimator):
         Returns
         -------
         dict
-            ``{"energy": s_E, "forces": s_F}`` and, where fitted, ``"inter": s_I``
-            and ``"inter_floor": τ`` (eV): the factors (1 means the GP's variance
-            was calibrated already).
+            ``{"energy": s_E, "forces": s_F, "forces_floor": τ_F}`` (τ_F in eV/Å;
+            without force labels s_F = 1 and no floor) and, where fitted,
+            ``"inter": s_I`` and ``"inter_floor": τ`` (eV): the factors (1 means
+            the GP's variance was calibrated already).
 
         See Also
         --------

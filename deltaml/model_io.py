@@ -234,17 +234,18 @@ def _check_consistent(model: Any, path: str | Path) -> None:
         problems.append(f"offset_span has shape {span.shape}, expected (≤{n_species}, {n_species})")
     scales = model.uncertainty_scale_
     # "inter" (the intermolecular part's factor) and "inter_floor" (eV, may be 0) only
-    # where calibrated on interaction energies.
-    factors = {k: v for k, v in scales.items() if k != "inter_floor"}
-    floor = scales.get("inter_floor", 0.0)
+    # where calibrated on interaction energies; "forces_floor" (eV/Å) where
+    # calibrated on forces (files before 2026-12-02 have none: 0).
+    floors = {k: v for k, v in scales.items() if k in ("inter_floor", "forces_floor")}
+    factors = {k: v for k, v in scales.items() if k not in floors}
     if (
         not {"energy", "forces"} <= set(factors) <= {"energy", "forces", "inter"}
         or not all(np.isfinite(v) and v > 0 for v in factors.values())
-        or not (np.isfinite(floor) and floor >= 0)
+        or not all(np.isfinite(v) and v >= 0 for v in floors.values())
     ):
         problems.append(
             f"uncertainty scales {scales} are not positive numbers for energy, forces (and "
-            "inter, and a floor >= 0)"
+            "inter, and floors >= 0)"
         )
     if model.molecular and set(model.inter_scale_) != set(model.species_):
         problems.append("intermolecular scales do not cover exactly the species")

@@ -214,17 +214,37 @@ def test_calibration_makes_held_out_z_scores_unit(model, data):
 
 def test_a_force_fixed_by_symmetry_does_not_blow_up_the_force_factor(model, data):
     """The force on C of a linear, symmetric CO2 is zero in any smooth model (σ = 0), not
-    in the reference of a complex it sits in: no z-score (it made the factor 1e8)."""
+    in the reference of a complex it sits in: the floor takes its error (as a z-score it
+    made the factor 1e8), and its σ is that floor, not zero."""
     calibrated = SparseGPR(**model.get_params()).fit(data["train"])
     plain = calibrated.calibrate(data["test"])["forces"]
     co2 = Atoms("CO2", positions=[[0, 0, 0], [0, 0, 1.16], [0, 0, -1.16]])
     predicted = calibrated.predict(co2)
-    assert predicted.forces_uncertainty[0] < 1e-8
+    # σ of C is the floor alone: the GP cannot move that force
+    assert predicted.forces_uncertainty[0] == pytest.approx(
+        calibrated.uncertainty_scale_["forces_floor"], rel=1e-6
+    )
     forces = predicted.forces + np.array([[0.0075, 0, 0], [0, 0, 0], [0, 0, 0]])  # on C alone
     co2.calc = SinglePointCalculator(co2, energy=predicted.energy, forces=forces)
-    with_co2 = calibrated.calibrate([*data["test"], co2])["forces"]
-    assert with_co2 == pytest.approx(plain, rel=0.05)  # its O atoms add z = 0 (before: 5e8)
+    with_co2 = calibrated.calibrate([*data["test"], co2])
+    assert with_co2["forces"] == pytest.approx(plain, rel=0.1)  # (before: 5e8)
     assert 0.1 < plain < 10.0
+    floor = with_co2["forces_floor"]
+    assert 1e-4 < floor < 0.5
+    assert calibrated.predict(co2).forces_uncertainty[0] == pytest.approx(floor, rel=1e-3)
+
+
+def test_factor_and_floor_recover_the_scale_and_floor_errors_were_drawn_with():
+    from deltaml.calibration import factor_and_floor
+
+    rng = np.random.default_rng(0)
+    variances = np.concatenate([rng.uniform(0.5, 2.0, 4000), np.zeros(1000)])  # 1000 fixed
+    errors = rng.normal(size=5000) * np.sqrt(3.0**2 * variances + 0.4**2)
+    factor, floor = factor_and_floor(errors, variances)
+    assert factor == pytest.approx(3.0, rel=0.05)
+    assert floor == pytest.approx(0.4, rel=0.1)
+    z = errors / np.sqrt(factor**2 * variances + floor**2)
+    assert np.sqrt(np.mean(z**2)) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_fits_are_reproducible_bit_for_bit(data):
@@ -477,7 +497,7 @@ def test_calibration_on_held_out_interactions_gives_them_unit_z_scores(
     model = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
     held = interaction_data["held"] + interaction_data["monomers"]
     scales = model.calibrate(held)
-    assert set(scales) == {"energy", "forces", "inter", "inter_floor"}
+    assert set(scales) == {"energy", "forces", "forces_floor", "inter", "inter_floor"}
     assert scales["inter"] > 0 and scales["inter_floor"] >= 0
     assert model.uncertainty_scale_ == scales
     groups = interaction_groups(held)
@@ -503,14 +523,12 @@ def test_without_interaction_systems_calibration_fits_no_inter_factor(
     molecular_model, interaction_data, model, data
 ):
     fitted = SparseGPR(**molecular_model.get_params()).fit(interaction_data["train"])
-    assert set(fitted.calibrate(interaction_data["monomers"])) == {"energy", "forces"}
+    plain = {"energy", "forces", "forces_floor"}
+    assert set(fitted.calibrate(interaction_data["monomers"])) == plain
     # One system (3 complexes) is too few z-scores to trust: no inter factor either.
-    assert set(fitted.calibrate(interaction_data["held"][:5])) == {"energy", "forces"}
+    assert set(fitted.calibrate(interaction_data["held"][:5])) == plain
     atomic = SparseGPR(**model.get_params()).fit(data["train"])
-    assert set(atomic.calibrate(interaction_data["held"][:5] + data["test"][:4])) == {
-        "energy",
-        "forces",
-    }
+    assert set(atomic.calibrate(interaction_data["held"][:5] + data["test"][:4])) == plain
 
 
 def test_the_inter_factor_survives_save_and_load(molecular_model, interaction_data, tmp_path):

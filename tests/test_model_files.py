@@ -126,3 +126,24 @@ def test_the_identity_of_a_model_changes_when_it_is_recalibrated(fitted):
     finally:
         fitted.uncertainty_scale_, fitted.content_sha256_ = saved, None
     assert fitted.content_sha256 == before
+
+
+def test_a_force_floor_survives_save_and_load_and_a_negative_one_is_refused(fitted, tmp_path):
+    saved = dict(fitted.uncertainty_scale_)
+    try:
+        fitted.uncertainty_scale_ = {"energy": 2.0, "forces": 1.5, "forces_floor": 0.02}
+        fitted.content_sha256_ = None
+        fitted.save(tmp_path / "floor.npz")
+        loaded = SparseGPR.load(tmp_path / "floor.npz")
+        assert loaded.uncertainty_scale_ == fitted.uncertainty_scale_
+        atoms = molecule("H2O")
+        sigma = loaded.predict(atoms).forces_uncertainty
+        loaded.uncertainty_scale_ = {"energy": 2.0, "forces": 1.5}  # an older file: no floor
+        assert sigma == pytest.approx(np.hypot(loaded.predict(atoms).forces_uncertainty, 0.02))
+        fitted.uncertainty_scale_ = {"energy": 2.0, "forces": 1.5, "forces_floor": -0.02}
+        fitted.content_sha256_ = None
+        fitted.save(tmp_path / "negative.npz")
+        with pytest.raises(ModelFileError, match="floors >= 0"):
+            SparseGPR.load(tmp_path / "negative.npz")
+    finally:
+        fitted.uncertainty_scale_, fitted.content_sha256_ = saved, None
