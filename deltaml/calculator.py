@@ -178,6 +178,7 @@ class DeltaCalculator(Calculator):
         self._dispersion: D3Dispersion | None = None
         self._molecules: tuple[weakref.ref, np.ndarray] | None = None
         self._spin_warned: set[tuple[str, int, int]] = set()
+        self._cells_checked: set[str] = set()
         Calculator.__init__(self, atoms=atoms, **kwargs)
         self.correction = correction
         _check_double_counting(self.parameters)
@@ -201,6 +202,7 @@ class DeltaCalculator(Calculator):
         self._terms_checked = False
         self._molecules = None
         self._spin_warned = set()
+        self._cells_checked = set()
         self.reset()
 
     def set(self, **kwargs: Any) -> dict:
@@ -365,6 +367,7 @@ class DeltaCalculator(Calculator):
             f_in_core=True,
         )
         self._warn_unseen_charge_or_spin(atoms, charge, multiplicity)
+        self._warn_unseen_crystal(atoms)
         wanted = ["energy", "forces"] + (["stress"] if want_stress else [])
         self.baseline.check_capabilities(atoms, wanted)
 
@@ -474,6 +477,31 @@ class DeltaCalculator(Calculator):
         self._spin_warned.add(key)
         warnings.warn(
             "; ".join(problems) + ": its correction here is an extrapolation",
+            OutOfDomainWarning,
+            stacklevel=3,
+        )
+
+    def _warn_unseen_crystal(self, atoms: Atoms) -> None:
+        """Warn, once per composition, on a cell of molecules no training cell held.
+
+        Measured (``benchmarks/README.md``, ``bench_crystals.py``): a correction
+        trained on ice cells alone moved CO2 I's lattice energy by −46 kJ/mol per
+        molecule (terms alone: −7.9 from the reference); molecular clusters do not
+        teach the periodic baseline's error either.
+        """
+        seen = getattr(self.correction, "periodic_molecules_", None)
+        composition = atoms.get_chemical_formula()
+        if seen is None or not atoms.pbc.all() or composition in self._cells_checked:
+            return
+        self._cells_checked.add(composition)
+        unseen = sorted(set(identify_molecules(atoms).formulas) - set(seen))
+        if not unseen:
+            return
+        trained = f"periodic cells of {', '.join(seen)}" if seen else "no periodic cell"
+        warnings.warn(
+            f"a periodic cell of {', '.join(unseen)}: the correction was trained on "
+            f"{trained}, so its crystal energies here are an extrapolation (trained on ice "
+            "alone, one moved CO2 I's lattice energy by -46 kJ/mol per molecule)",
             OutOfDomainWarning,
             stacklevel=3,
         )

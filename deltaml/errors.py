@@ -143,7 +143,9 @@ class OutOfDomainError(DeltaMLError, CalculationFailed):
 
 
 class OutOfDomainWarning(UserWarning):
-    """The model's predicted uncertainty exceeds the threshold (``uncertainty_action="warn"``)."""
+    """The correction extrapolates: its predicted uncertainty exceeds the threshold
+    (``uncertainty_action="warn"``), or the structure holds a spin state, charge or
+    crystal of molecules its training never held."""
 
 
 class StoreBackendError(DeltaMLError, ImportError):

@@ -212,7 +212,9 @@ class SparseGPR(BaseEstimator):
     Fitted attributes end in ``_``: ``descriptor_`` (:class:`SOAPDescriptor`),
     ``species_``, ``training_multiplicities_`` and ``training_charges_`` (2S+1 and
     total charges of the training structures; None for files written before they
-    were recorded), ``offsets_`` ({Z: eV}), ``offset_fit_``
+    were recorded), ``periodic_molecules_`` (formulas of the molecules in the
+    training's periodic cells: the composite warns on a cell of any other; None
+    for files before 2026-12-02), ``offsets_`` ({Z: eV}), ``offset_fit_``
     (:class:`~deltaml.offsets.Offsets`: with their covariance and the span of the
     training compositions), ``n_isolated_atoms_``, ``terms_`` (list of
     :class:`~deltaml.kernels.KernelTerm`: ``[atomic]`` or ``[intra, inter]``),
@@ -439,6 +441,7 @@ class SparseGPR(BaseEstimator):
         self.training_multiplicities_ = sorted({m for _, m in states})
         self.training_charges_ = sorted({q for q, _ in states})
         self.species_ = sorted({int(z) for a in frames for z in a.numbers})
+        self.periodic_molecules_ = _periodic_molecules(frames)
         self.descriptor_ = SOAPDescriptor(self.species_, **(self.descriptor or {}))
         self.offset_fit_ = self._fit_offsets(frames, anchors)
         self.offsets_ = self.offset_fit_.as_dict()
@@ -1531,3 +1534,10 @@ def _one_blas_thread() -> Any:
         _BLAS["controller"] = ThreadpoolController()
         _BLAS["modules"] = len(sys.modules)
     return _BLAS["controller"].limit(limits=1, user_api="blas")
+
+
+def _periodic_molecules(frames: Sequence[Atoms]) -> list[str]:
+    """Sorted formulas of the molecules in the periodic cells among ``frames``."""
+    from deltaml.crystals import identify_molecules
+
+    return sorted({f for a in frames if a.pbc.all() for f in identify_molecules(a).formulas})

@@ -72,6 +72,7 @@ def model_metadata(model: Any) -> dict[str, Any]:
         "n_isolated_atoms": model.n_isolated_atoms_,
         "training_multiplicities": model.training_multiplicities_,
         "training_charges": getattr(model, "training_charges_", None),
+        "periodic_molecules": getattr(model, "periodic_molecules_", None),
         "trained_with": model.trained_with_,
         "reference": model.reference_,
         "training_set_sha256": model.training_set_sha256_,
@@ -166,6 +167,8 @@ def _from_metadata(
     model.training_multiplicities_ = None if seen is None else [int(m) for m in seen]
     charges = meta.get("training_charges")
     model.training_charges_ = None if charges is None else [int(q) for q in charges]
+    periodic = meta.get("periodic_molecules")
+    model.periodic_molecules_ = None if periodic is None else [str(f) for f in periodic]
     model.terms_ = [
         KernelTerm(
             t["name"],

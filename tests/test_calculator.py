@@ -764,3 +764,41 @@ def test_a_fitted_model_records_its_charges_and_warns_on_an_ion(fitted_model, tm
     hydroxide.calc = DeltaCalculator.from_model(loaded, charge=-1)
     messages = _domain_warnings(hydroxide)
     assert any("HO has charge -1; the model was trained on charges 0" in m for m in messages)
+
+
+class _CellAware(HarmonicCorrection):
+    """A stand-in model that records the molecules of the periodic cells it was trained on."""
+
+    def __init__(self, periodic_molecules) -> None:
+        super().__init__()
+        self.periodic_molecules_ = periodic_molecules
+
+
+def test_a_cell_of_molecules_no_training_cell_held_is_warned_once(water_chain):
+    """A crystal model trained on ice alone moved CO2 I by -46 kJ/mol (benchmarks/README):
+    the composite says so on a cell of molecules its training cells never held, once."""
+    water_chain.calc = _composite(correction=_CellAware(["CO2"]))
+    (message,) = _domain_warnings(water_chain)
+    assert message.startswith("a periodic cell of H2O: the correction was trained on ")
+    assert "periodic cells of CO2, so its crystal energies here are an extrapolation" in message
+    water_chain.positions[0, 0] += 0.02
+    assert _domain_warnings(water_chain) == []  # the same composition: said once
+    water_chain.calc = _composite(correction=_CellAware([]))
+    assert "trained on no periodic cell" in _domain_warnings(water_chain)[0]
+    for quiet in (_CellAware(["H2O"]), _CellAware(None), HarmonicCorrection()):
+        water_chain.calc = _composite(correction=quiet)  # seen, or nothing recorded
+        assert _domain_warnings(water_chain) == []
+    free = molecule("H2O")  # a molecule is no cell: nothing said
+    free.calc = _composite(correction=_CellAware([]))
+    assert _domain_warnings(free) == []
+
+
+def test_a_fitted_model_records_the_molecules_of_its_periodic_cells(fitted_model, tmp_path):
+    assert fitted_model.periodic_molecules_ == []  # trained on molecules and dimers only
+    loaded = type(fitted_model).load(fitted_model.save(tmp_path / "m.npz"))
+    assert loaded.periodic_molecules_ == []
+    from deltaml.model import _periodic_molecules
+
+    ice = Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], cell=[6, 6, 6])
+    ice.pbc = True
+    assert _periodic_molecules([molecule("CO2"), ice, ice]) == ["H2O"]
