@@ -195,7 +195,8 @@ def factor_and_floor(errors: NDArray, variances: NDArray) -> tuple[float, float]
     errors : ndarray
         Held-out errors (any unit u).
     variances : ndarray
-        Their uncalibrated variances (u²), ≥ 0; at least one positive.
+        Their uncalibrated variances (u²), ≥ 0; if none is positive, the factor
+        is 1 and the floor the RMS error.
 
     Returns
     -------
@@ -203,8 +204,8 @@ def factor_and_floor(errors: NDArray, variances: NDArray) -> tuple[float, float]
         s (dimensionless) and τ (u, ≥ 0).
     """
     moved = variances > 0
-    if not moved.any():
-        raise MissingLabelError("calibrate: no error with a positive variance to scale")
+    if not moved.any():  # nothing to scale: the floor is all of σ
+        return 1.0, float(np.sqrt(np.mean(errors**2)))
     start = float(np.sqrt(np.mean(errors[moved] ** 2 / variances[moved])))
     largest = max(float(np.abs(errors).max()), 1e-12)
 

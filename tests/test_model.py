@@ -245,6 +245,10 @@ def test_factor_and_floor_recover_the_scale_and_floor_errors_were_drawn_with():
     assert floor == pytest.approx(0.4, rel=0.1)
     z = errors / np.sqrt(factor**2 * variances + floor**2)
     assert np.sqrt(np.mean(z**2)) == pytest.approx(1.0, rel=1e-6)
+    # Only forces the model cannot move (all beyond the cut-off): the floor is all of σ.
+    fixed = rng.normal(scale=0.2, size=300)
+    factor, floor = factor_and_floor(fixed, np.zeros(300))
+    assert factor == 1.0 and floor == pytest.approx(np.sqrt(np.mean(fixed**2)))
 
 
 def test_fits_are_reproducible_bit_for_bit(data):
