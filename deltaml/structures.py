@@ -555,13 +555,20 @@ def composition_counts(frames: Sequence[Atoms], species: Sequence[int]) -> NDArr
 #: physical difference and above the round-off of a file round trip.
 HASH_DECIMALS = 6
 
+#: Decimals of positions in an extxyz file (ASE writes ``%16.8f``; cells in full).
+FILE_DECIMALS = 8
+
 
 def structure_digest(digest: Any, atoms: Atoms) -> Any:
     """Feed a structure into a hashlib digest: the one structure hash of deltaml.
 
     Atomic numbers, positions and cell rounded to :data:`HASH_DECIMALS` (−0.0
     counted as 0.0, so that the sign of a zero changes nothing), and the
-    periodicity. Label keys (:func:`deltaml.store.label_key`), ranking keys and
+    periodicity. Coordinates are first rounded to the :data:`FILE_DECIMALS` an
+    extxyz file keeps: rounding straight to 1e-6 Å would send a coordinate within
+    5e-9 Å of a rounding boundary (1 % of them, so most cells of a hundred atoms)
+    to the other side once written and read back, and the label of a generated
+    structure would not be found under its exported key. Label keys (:func:`deltaml.store.label_key`), ranking keys and
     the training-set hash of a model are built on it.
 
     Returns
@@ -570,6 +577,7 @@ def structure_digest(digest: Any, atoms: Atoms) -> Any:
     """
     digest.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
     for array in (atoms.positions, atoms.cell.array):
-        digest.update((np.round(array, HASH_DECIMALS) + 0.0).astype(np.float64).tobytes())
+        rounded = np.round(np.round(array, FILE_DECIMALS), HASH_DECIMALS) + 0.0
+        digest.update(rounded.astype(np.float64).tobytes())
     digest.update(np.asarray(atoms.pbc, dtype=bool).tobytes())
     return digest

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ase import Atoms
 from ase.build import molecule
+from ase.io import read, write
 
 from deltaml.errors import ParameterError, StaleLockWarning, StoreBackendError, StoreLockedError
 from deltaml.store import LabelStore, label_key
@@ -82,6 +84,18 @@ def test_key_ignores_round_off_but_not_the_method(water):
     assert label_key(moved, RECORD) != key
     assert label_key(water, {**RECORD, "basis": "def2-svp"}) != key
     assert label_key(water, RECORD, charge=1, multiplicity=2) != key
+
+
+def test_key_survives_an_extxyz_round_trip(tmp_path):
+    # Generated coordinates are full doubles; extxyz keeps 8 decimals. Rounded
+    # straight to 1e-6 Å, about 1 % of coordinates change side on the way back.
+    rng = np.random.default_rng(3)
+    cell = np.diag([14.0, 15.0, 16.0]) + rng.normal(scale=0.3, size=(3, 3))
+    atoms = Atoms("H300", positions=rng.random((300, 3)) @ cell, cell=cell, pbc=True)
+    write(tmp_path / "cell.extxyz", atoms)
+    again = read(tmp_path / "cell.extxyz")
+    assert np.abs(again.positions - atoms.positions).max() > 0  # really rounded
+    assert label_key(again, RECORD) == label_key(atoms, RECORD)
 
 
 def test_put_and_read_back(tmp_path, water):
@@ -199,7 +213,9 @@ def test_claims_of_a_dead_process_are_released(tmp_path):
 #: Holds the store's lock as a write in progress does, until killed.
 _HOLD_LOCK = """
 import sys, time
+from ase import Atoms
 from ase.build import molecule
+from ase.io import read, write
 from deltaml.store import LabelStore
 store = LabelStore(sys.argv[1])
 store.put(molecule("H2O"), {"code": "test", "method": "toy", "basis": "none"}, energy=-1.0)
