@@ -568,8 +568,9 @@ def structure_digest(digest: Any, atoms: Atoms) -> Any:
     extxyz file keeps: rounding straight to 1e-6 Å would send a coordinate within
     5e-9 Å of a rounding boundary (1 % of them, so most cells of a hundred atoms)
     to the other side once written and read back, and the label of a generated
-    structure would not be found under its exported key. Label keys (:func:`deltaml.store.label_key`), ranking keys and
-    the training-set hash of a model are built on it.
+    structure would not be found under its exported key. Label keys
+    (:func:`deltaml.store.label_key`), ranking keys and the training-set hash of a
+    model are built on it.
 
     Returns
     -------
