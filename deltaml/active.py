@@ -5,8 +5,10 @@ starts (so that an interrupted loop resumes at the stage it stopped in, and
 nothing labelled is lost or labelled twice):
 
 1. ``explore``: Langevin MD with the current composite from every starting
-   geometry at every temperature; frames are recorded with their largest
-   predicted force uncertainty (``iteration_<k>/candidates.extxyz``).
+   geometry (or, with ``explore_starts``, the next few in rotation) at every
+   temperature; frames are recorded with their largest predicted force
+   uncertainty (``iteration_<k>/candidates.extxyz``), beside the unlabelled
+   candidates of the last ``carry`` iterations, scored again.
 2. ``select``: a batch of candidates (:func:`select_batch`): the greedy batch
    that most lowers the summed posterior variance of all candidates' atomic
    environments (``variance_reduction``), or the ``pool`` most uncertain
@@ -129,6 +131,16 @@ class ActiveLearner:
         Crystals: each periodic start is also relaxed (positions and cell) with the
         current composite for this many steps, and five frames spread over the
         path join the candidates: the cells a relax-and-rank run visits.
+    explore_starts : int, optional
+        Starting geometries explored per iteration, in rotation (iteration k takes
+        the next ``explore_starts`` after those of iteration k − 1); default all.
+        With many crystals, exploring every one every iteration costs hours of
+        composite MD per batch of labels.
+    carry : int, default=0
+        Iterations an unselected candidate stays in the pool: the candidates of the
+        last ``carry`` iterations that were not labelled join each new pool, scored
+        again by the new model (no baseline call). With ``explore_starts`` it keeps
+        every system in the selection while only a few are explored at a time.
     score : {"forces", "crystal"}, default="forces"
         The uncertainty of a candidate: its largest force σ (eV/Å), or, for
         crystals, the larger of its per-molecule energy σ and largest stress σ in
@@ -158,6 +170,8 @@ class ActiveLearner:
         strained: int = 0,
         max_strain: float = 0.05,
         relax_steps: int = 0,
+        explore_starts: int | None = None,
+        carry: int = 0,
         score: str = "forces",
     ) -> None:
         if selection not in SELECTIONS:
@@ -182,6 +196,12 @@ class ActiveLearner:
         if score not in SCORES:
             raise ParameterError(f"score must be one of {SCORES}, got {score!r}")
         self.relax_steps, self.score = int(relax_steps), score
+        if explore_starts is not None and explore_starts < 1:
+            raise ParameterError(f"explore_starts must be >= 1, got {explore_starts}")
+        if carry < 0:
+            raise ParameterError(f"carry must be >= 0, got {carry}")
+        self.explore_starts = len(starting) if explore_starts is None else int(explore_starts)
+        self.carry = int(carry)
         self.model_params = {"seed": seed, **(model or {})}
         self.validation = list(validation or [])
         self.temperatures = tuple(float(t) for t in temperatures)
@@ -322,7 +342,9 @@ class ActiveLearner:
         model = self.model(k - 1)
         calc = DeltaCalculator.from_model(model, force_uncertainty=self.score == "forces")
         candidates: list[Atoms] = []
-        for s, start in enumerate(self.starting):
+        explored = self._explored_starts(k)
+        for s in explored:
+            start = self.starting[s]
             for t, temperature in enumerate(self.temperatures):
                 atoms = start.copy()
                 atoms.calc = calc
@@ -351,22 +373,51 @@ class ActiveLearner:
                     )  # fmt: skip
                 except Exception:  # an unstable run: its frames so far are candidates
                     pass
-        candidates += self._strained_cells(k, calc)
-        candidates += self._relaxation_frames(k, calc, progress)
-        if self.score == "crystal":
-            for frame in candidates:
-                frame.info["uncertainty"] = crystal_score(model, frame)
+        candidates += self._strained_cells(k, calc, explored)
+        candidates += self._relaxation_frames(k, calc, explored, progress)
+        for frame in candidates:
+            frame.info["explored"] = k
+        fresh = len(candidates)
+        candidates += self._carried(k)
+        for i, frame in enumerate(candidates):
+            # MD frames carry the force σ of their step; the rest is scored by the model.
+            if self.score == "crystal" or i >= fresh:
+                frame.info["uncertainty"] = _model_score(model, frame, self.score)
         path = self._folder(k) / "candidates.extxyz"
         with atomic_path(path) as partial:
             write(partial, candidates, format="extxyz")
         sigma = [a.info["uncertainty"] for a in candidates]
         return {
+            "explored_starts": explored,
+            "n_carried": len(candidates) - fresh,
             "n_candidates": len(candidates),
             "candidate_uncertainty_median": float(np.median(sigma)) if sigma else None,
             "candidate_uncertainty_max": float(np.max(sigma)) if sigma else None,
         }
 
-    def _strained_cells(self, k: int, calc: DeltaCalculator) -> list[Atoms]:
+    def _explored_starts(self, k: int) -> list[int]:
+        """Indices of the starts explored in iteration ``k`` (>= 1): the next
+        ``explore_starts`` in rotation."""
+        n = len(self.starting)
+        first = (k - 1) * self.explore_starts
+        return sorted({(first + i) % n for i in range(min(self.explore_starts, n))})
+
+    def _carried(self, k: int) -> list[Atoms]:
+        """The unselected candidates of iteration ``k − 1`` explored at most ``carry``
+        iterations before ``k`` (iteration k − 1's pool holds those it carried)."""
+        path = self.workdir / f"iteration_{k - 1}" / "candidates.extxyz"
+        if not self.carry or k < 2 or not path.exists():
+            return []
+        selected = set(self._iteration_record(k - 1).get("selected", []))
+        out = []
+        for i, frame in enumerate(read(path, index=":")):
+            if i not in selected and frame.info.get("explored", k - 1) >= k - self.carry:
+                out.append(frame)
+        return out
+
+    def _strained_cells(
+        self, k: int, calc: DeltaCalculator, explored: Sequence[int]
+    ) -> list[Atoms]:
         """``strained`` copies of each periodic start, homogeneously strained (seeded).
 
         Each copy's cell is ``cell @ (I + ε)`` with a symmetric ε whose components
@@ -376,7 +427,8 @@ class ActiveLearner:
         """
         out: list[Atoms] = []
         rng = np.random.default_rng([self.seed, k, 7])
-        for s, start in enumerate(self.starting):
+        for s in explored:
+            start = self.starting[s]
             if not start.pbc.all():
                 continue
             bare = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
@@ -389,12 +441,16 @@ class ActiveLearner:
                 )
         return out
 
-    def _relaxation_frames(self, k: int, calc: DeltaCalculator, progress: bool) -> list[Atoms]:
-        """Five frames spread over a ``relax_steps`` cell relaxation of each periodic start."""
+    def _relaxation_frames(
+        self, k: int, calc: DeltaCalculator, explored: Sequence[int], progress: bool
+    ) -> list[Atoms]:
+        """Five frames spread over a ``relax_steps`` cell relaxation of each explored
+        periodic start."""
         if not self.relax_steps:
             return []
         out: list[Atoms] = []
-        for s, start in enumerate(self.starting):
+        for s in explored:
+            start = self.starting[s]
             if not start.pbc.all():
                 continue
             atoms = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
@@ -483,6 +539,15 @@ def _provenance(frame: Atoms, start: Atoms, source: str) -> None:
     frame.info["source"] = source
     if "system" in start.info:
         frame.info["system"] = start.info["system"]
+
+
+def _model_score(model: SparseGPR, frame: Atoms, score: str) -> float:
+    """A candidate's uncertainty from the model alone: :func:`crystal_score`, or the
+    largest force σ of the correction (eV/Å; the baseline has none)."""
+    if score == "crystal":
+        return crystal_score(model, frame)
+    predicted = model.predict(frame, forces=True, force_uncertainty=True)
+    return float(np.max(predicted.forces_uncertainty))
 
 
 def _largest_force_sigma(frame: Atoms, calc: DeltaCalculator) -> float:

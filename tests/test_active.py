@@ -312,3 +312,40 @@ def test_the_crystal_loop_labels_strained_and_thermal_cells_and_resumes(tmp_path
     assert all(a.get_stress().shape == (6,) for a in labels)
     model = resumed.model()
     assert model.predict(candidates[0], stress=True).stress.shape == (6,)
+
+
+@pytest.mark.slow
+def test_starts_are_explored_in_rotation_and_unlabelled_candidates_carried(tmp_path):
+    """Many crystals: a few starts explored per iteration, the rest of the pool carried."""
+    from deltaml.active import _model_score
+
+    store = LabelStore(tmp_path / "rotation.db")
+    label_structures(_dimers(5, seed=1), store, reference=REFERENCE, workers=1, progress=False)
+    starts = [_dimers(1, seed=2, scale=0.0)[0], _dimers(1, seed=3, scale=0.08)[0]]
+    learner = ActiveLearner(
+        tmp_path / "rotation", store, starts, reference=REFERENCE, model=MODEL,
+        md_steps=30, md_interval=6, batch=2, pool=4, selection="uncertainty", seed=0,
+        explore_starts=1, carry=1,
+    )  # fmt: skip
+    history = learner.run(iterations=3)
+    assert [h["explored_starts"] for h in history[1:]] == [[0], [1], [0]]
+    pools = [_candidates(learner, k) for k in (1, 2, 3)]
+    assert {a.info["source"].split(", ")[1] for a in pools[0]} == {"start 0"}
+    # Iteration 2: its own frames, then iteration 1's unselected ones, scored again.
+    fresh = [a for a in pools[1] if a.info["explored"] == 2]
+    carried = [a for a in pools[1] if a.info["explored"] == 1]
+    assert {a.info["source"].split(", ")[1] for a in fresh} == {"start 1"}
+    assert len(carried) == len(pools[0]) - 2 == history[2]["n_carried"]
+    unselected = [a for i, a in enumerate(pools[0]) if i not in history[1]["selected"]]
+    for old, new in zip(unselected, carried, strict=True):
+        np.testing.assert_allclose(new.positions, old.positions)
+        assert new.info["uncertainty"] == pytest.approx(
+            _model_score(learner.model(1), new, "forces"), rel=1e-6
+        )
+    # carry=1: iteration 3 keeps iteration 2's frames only, never iteration 1's.
+    assert {a.info["explored"] for a in pools[2]} == {2, 3}
+    assert history[3]["n_carried"] == len(fresh) - sum(
+        1 for i in history[2]["selected"] if pools[1][i].info["explored"] == 2
+    )
+    picked = learner.selected_structures()
+    assert len(picked) == 6 == len({a.positions.round(6).tobytes() for a in picked})
