@@ -6,8 +6,10 @@ ice Ih and Ic from GenIce2; ``--candidates ice`` for the seven phases of
 :func:`deltaml.rank_polymorphs` relaxes positions and cell with
 
 * ``baseline``: ``XTBBaseline(method="GFN2-xTB")`` (tblite, own D4), and
-* ``composite``: dispersion-free GFN2-xTB + the Δ-model (fitted on the shipped
-  labels, or ``--model``; energy uncertainty on) + D3(BJ),
+* ``composite``: dispersion-free GFN2-xTB + the Δ-model (``--model``, or fitted
+  on the shipped labels of ``--fit-on``: ``crystals``, the periodic CP2K labels
+  with the crystal loop's settings, the default; ``interactions``, the molecular
+  PySCF set; energy uncertainty on) + D3(BJ) of the model's reference,
 
 once per optimizer of ``--optimizers`` (default ``BFGS,PreconLBFGS``: the
 optimizer of earlier releases and the default now), counting every call to the
@@ -23,7 +25,8 @@ Usage::
 
     python benchmarks/bench_ranking.py                  # CO2 I, III, ice Ih, Ic
     python benchmarks/bench_ranking.py --candidates co2_pa3,ice:Ic --steps 30
-    python benchmarks/bench_ranking.py --candidates ice --steps 150 --model out/ice/model.npz
+    python benchmarks/bench_ranking.py --candidates ice --steps 150 --optimizers PreconLBFGS
+    python benchmarks/bench_ranking.py --candidates ice --model out/ice/model.npz
     python benchmarks/bench_ranking.py --candidates ice:Ih --methods baseline --optimizers BFGS
 
 Writes ``benchmarks/results/bench_ranking.json`` (``--out`` to change).
@@ -39,6 +42,8 @@ from pathlib import Path
 import numpy as np
 from _common import RESULTS_DIR, machine_info, markdown_table, write_json
 from ase.build import molecule
+from bench_crystals import DATA as CRYSTAL_LABELS
+from bench_crystals import MODEL as CRYSTAL_MODEL
 from bench_learning_curve import DATASET
 
 from deltaml import DeltaCalculator, SparseGPR, XTBBaseline, delta_targets, read_labelled
@@ -83,6 +88,8 @@ def main() -> None:
     parser.add_argument("--stress-tol", type=float, default=0.05, help="GPa")
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--model", type=Path, default=None, help="model.npz (default: fit)")
+    parser.add_argument("--fit-on", choices=("crystals", "interactions"), default="crystals",
+                        help="shipped labels the model is fitted on without --model")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "bench_ranking.json")
     args = parser.parse_args()
@@ -96,8 +103,10 @@ def main() -> None:
             model = SparseGPR.load(args.model)
             model.uncertainty = "energy"
         else:
-            targets, terms = delta_targets(read_labelled(DATASET, check_magnitudes=False))
-            model = SparseGPR(seed=args.seed, uncertainty="energy")
+            labels = CRYSTAL_LABELS if args.fit_on == "crystals" else DATASET
+            params = CRYSTAL_MODEL if args.fit_on == "crystals" else {"uncertainty": "energy"}
+            targets, terms = delta_targets(read_labelled(labels, check_magnitudes=False))
+            model = SparseGPR(seed=args.seed, **params)
             model.fit(targets, trained_with=terms)
     makers = {
         "baseline": lambda: XTBBaseline(method="GFN2-xTB"),
