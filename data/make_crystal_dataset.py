@@ -6,9 +6,9 @@ that a fresh checkout resumes where the last export stopped):
 
 1. ``structures``: the starting cells, seeded: seven ice phases from GenIce2
    (:func:`deltaml.crystals.ice_polymorph`: Ih, Ic, II, IX, XIII, VI, VIII), CO2 I
-   (Pa-3) and III (Cmca), α- and β-oxalic acid, urea I, benzene I and aspirin I
-   and II from ``data/crystals`` (the organic ones from the CSD,
-   ``make_organic_crystals.py``),
+   (Pa-3) and III (Cmca), α- and β-oxalic acid, urea I, benzene I, aspirin I
+   and II and two forms of an imide (3-azabicyclo[3.3.1]nonane-2,4-dione) from
+   ``data/crystals`` (the organic ones from the CSD, ``make_organic_crystals.py``),
    each the smallest supercell at least 7 Å wide (:func:`deltaml.crystals.wide_cell`:
    CP2K's Γ point and the baseline then see the same cell), written once to
    ``data/structures/crystal_starts.extxyz`` (kept, so that a rerun never changes
@@ -26,7 +26,7 @@ that a fresh checkout resumes where the last export stopped):
    of a cell relaxation (``--relax-steps``) as candidates, scored by the σ of
    the energy per molecule and of the stress (``score="crystal"``), the most
    uncertain spread by diversity, labelled with the reference, refitted; until
-   ``--budget`` labels. Its folder is ``data/work/crystal_al``. Exploring all 15
+   ``--budget`` labels. Its folder is ``data/work/crystal_al``. Exploring all 17
    starts with the composite would take about 2 hours per iteration on two cores
    (0.7 s per call on a 48-atom cell, 4-5 s on aspirin's 168 atoms), for a batch
    of six labels of 3-20 minutes each: ``--explore-starts`` (3) are explored per
@@ -100,6 +100,8 @@ CRYSTAL_FILES = (
     "benzene_i",
     "aspirin_i",
     "aspirin_ii",
+    "imide_boqqut",
+    "imide_boqqut01",
 )
 #: Every starting cell is at least this wide (Å): MD in it and a Γ-point label.
 MIN_WIDTH_A = 7.0

@@ -20,7 +20,8 @@ X-ray structures, so each is made usable for electronic structure the usual way:
   molecule), on the acceptor's side; then only the added H atoms are relaxed with
   GFN2-xTB (tblite, its D4 kept; BFGS, fmax 0.02 eV/Å).
 
-Written to ``data/crystals/<name>.extxyz`` (primitive cells as published; the
+Written to ``data/crystals/<name>.extxyz`` once (a file there is kept: the
+crystal dataset's keys depend on it; ``--force`` rebuilds) (primitive cells as published; the
 crystal dataset enlarges them to 7 Å, :func:`deltaml.crystals.wide_cell`), each
 with ``info["source"]`` naming the refcode, the CCDC deposition and what was done.
 """
@@ -51,6 +52,10 @@ CRYSTALS: dict[str, tuple[str, str]] = {
     "benzene_i": ("BENZEN", "benzene I, Pbca, Z = 4"),
     "aspirin_i": ("ACSALA", "aspirin form I, P2₁/c, Z = 4"),
     "aspirin_ii": ("ACSALA13", "aspirin form II, P2₁/c, Z = 4"),
+    # 3-azabicyclo[3.3.1]nonane-2,4-dione (C8H11NO2): an imide whose N–H···O=C
+    # hydrogen bonds differ between the two forms; 88 and 176 atoms.
+    "imide_boqqut": ("BOQQUT", "3-azabicyclo[3.3.1]nonane-2,4-dione, P2₁/a, Z = 4"),
+    "imide_boqqut01": ("BOQQUT01", "3-azabicyclo[3.3.1]nonane-2,4-dione, P2₁/c, Z = 8"),
 }
 #: Mean X–H bond lengths from neutron diffraction, Å (Allen et al. 1987).
 NEUTRON_XH_A = {"C": 1.083, "N": 1.009, "O": 0.983}
@@ -142,9 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database", type=Path, required=True,
                         help="pyxtal's test.db, or the pyxtal 1.1.5 wheel holding it")  # fmt: skip
+    parser.add_argument("--force", action="store_true", help="rebuild files that exist")
     args = parser.parse_args(argv)
     database = connect(read_database(args.database))
     for name, (refcode, description) in CRYSTALS.items():
+        path = HERE / "crystals" / f"{name}.extxyz"
+        if path.exists() and not args.force:
+            continue
         row = database.get(csd_code=refcode)
         atoms = prepared(row.toatoms())
         atoms.info = {
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"test.db: {description}; X-H at neutron lengths"
             ),
         }
-        write(HERE / "crystals" / f"{name}.extxyz", atoms, format="extxyz")
+        write(path, atoms, format="extxyz")
         molecules, _ = whole_molecules(atoms)
         print(f"{name}: {refcode}, {len(atoms)} atoms, {len(molecules.formulas)} molecules "
               f"{sorted(set(molecules.formulas))}")  # fmt: skip

@@ -23,6 +23,8 @@ ORGANIC = {
     "benzene_i": ("BENZEN", "C6H6", 4),
     "aspirin_i": ("ACSALA", "C9H8O4", 4),
     "aspirin_ii": ("ACSALA13", "C9H8O4", 4),
+    "imide_boqqut": ("BOQQUT", "C8H11NO2", 4),
+    "imide_boqqut01": ("BOQQUT01", "C8H11NO2", 8),
 }
 
 
@@ -83,7 +85,7 @@ def test_crystal_starts_are_wide_cells_of_whole_molecules():
 
     starts = read(DATA / "structures" / "crystal_starts.extxyz", ":")
     systems = [a.info["system"] for a in starts]
-    assert len(set(systems)) == len(systems) == 15
+    assert len(set(systems)) == len(systems) == 17
     assert {"co2_pa3", "co2_cmca", *ORGANIC} <= set(systems)
     for atoms in starts:
         assert perpendicular_widths(atoms.cell.array).min() >= 7.0
