@@ -45,12 +45,13 @@ from ase.units import GPa, kJ, mol
 from deltaml import SparseGPR, delta_targets, read_labelled
 from deltaml.crystals import identify_molecules
 from deltaml.evaluation import cross_calibrated_fit
+from deltaml.model import CRYSTAL_PARAMS
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "labelled" / "crystals.extxyz"
 KJ_MOL = kJ / mol
-#: Model settings of every fit (the crystal dataset's loop uses the same δ;
-#: ``--inter-delta`` sets ``inter_delta``, e.g. ``cv``, SparseGPR's default).
-MODEL: dict = {"uncertainty": "energy", "inter_delta": 0.05}
+#: Model settings of every fit (:data:`deltaml.model.CRYSTAL_PARAMS`, as the crystal
+#: dataset's loop; ``--inter-delta`` sets ``inter_delta``, e.g. ``cv``, SparseGPR's default).
+MODEL: dict = {"uncertainty": "energy", **CRYSTAL_PARAMS}
 #: Most folds of the cross-validation that calibrates σ.
 CALIBRATION_FOLDS = 5
 

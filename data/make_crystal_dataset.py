@@ -71,6 +71,7 @@ from deltaml.crystals import (
 from deltaml.dataset import export_labelled, import_labelled, read_labelled
 from deltaml.files import atomic_path
 from deltaml.labelling import label_structures, reference_calculator
+from deltaml.model import CRYSTAL_PARAMS
 from deltaml.store import LabelStore, label_key
 
 HERE = Path(__file__).resolve().parent
@@ -83,11 +84,9 @@ REFERENCE: dict = {"code": "cp2k"}
 #: A cheap stand-in for smoke tests of the pipeline (another method record).
 QUICK = {"code": "cp2k", "basis": "SZV-MOLOPT-SR-GTH", "cutoff_ry": 200, "rel_cutoff_ry": 40}
 
-#: The model of the loop: molecular decomposition, intermolecular δ fixed at 0.05 eV
-#: (leaving systems out, the default "cv" chose δ from fit to fit between 0.004 and
-#: 0.09 eV and left ice 8 kJ/mol per molecule off once CO2 and oxalic acid were in;
-#: 0.05 gave 0.7-3.7; benchmarks/README.md, bench_crystals.py), defaults otherwise.
-MODEL = {"uncertainty": "forces", "inter_delta": 0.05}
+#: The model of the loop: molecular decomposition, the crystal settings
+#: (:data:`deltaml.model.CRYSTAL_PARAMS`: intermolecular δ fixed at 0.05 eV), force σ.
+MODEL = {"uncertainty": "forces", **CRYSTAL_PARAMS}
 
 
 #: Crystals read from ``data/crystals`` (besides the ice phases GenIce2 builds).
