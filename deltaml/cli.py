@@ -1053,6 +1053,10 @@ def stability_command(
 @click.option("--relax-steps", default=0, show_default=True,
               help="crystals: cell-relaxation steps of each periodic start; 5 frames become "
                    "candidates")  # fmt: skip
+@click.option("--explore-starts", type=click.IntRange(min=1), default=None,
+              help="starts explored per iteration, in rotation (default all)")  # fmt: skip
+@click.option("--carry", type=click.IntRange(min=0), default=0, show_default=True,
+              help="iterations an unlabelled candidate stays in the pool")  # fmt: skip
 @click.option("--score", default="forces", show_default=True,
               type=click.Choice(["forces", "crystal"]),
               help="a candidate's uncertainty: largest force σ, or (crystals) per-molecule "
@@ -1066,15 +1070,17 @@ def active_learn_command(
     budget: int | None, target_uncertainty: float | None, batch: int, selection: str,
     temperatures: tuple[float, ...], md_steps: int, reference: str, xc: str | None,
     basis: str | None, cp2k_cutoff: float | None, strained: int, max_strain: float,
-    relax_steps: int, score: str, charge: int | None, multiplicity: int | None, workers: int,
-    seed: int,
+    relax_steps: int, explore_starts: int | None, carry: int, score: str, charge: int | None,
+    multiplicity: int | None, workers: int, seed: int,
 ) -> None:  # fmt: skip
     """Grow the store where the composite is uncertain (resumes from --workdir).
 
     Crystals: --reference cp2k labels periodic cells (with stress), --strained N
     adds N strained copies of every periodic start to each iteration's candidates,
     --relax-steps frames of a cell relaxation, and --score crystal ranks them by
-    the σ of the energy per molecule and of the stress.
+    the σ of the energy per molecule and of the stress. With many starts,
+    --explore-starts K explores K of them per iteration in rotation and --carry M
+    keeps the unlabelled candidates of the last M iterations in the pool.
     """
     if reference not in ("dft", "cp2k"):
         raise click.UsageError(
@@ -1112,6 +1118,7 @@ def active_learn_command(
             temperatures=temperatures, md_steps=md_steps, batch=batch,
             pool=max(4 * batch, 20), selection=selection, seed=seed, workers=workers,
             strained=strained, max_strain=max_strain, relax_steps=relax_steps, score=score,
+            explore_starts=explore_starts, carry=carry,
         )  # fmt: skip
         history = learner.run(
             iterations=iterations, budget=budget, target_uncertainty=target_uncertainty,

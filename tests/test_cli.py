@@ -943,6 +943,12 @@ def test_active_learn_on_crystals_takes_cp2k_and_strained_cells(tmp_path, monkey
     assert result.exit_code == 0, result.output
     assert made["reference"] == {"code": "cp2k", "cutoff_ry": 300.0}
     assert (made["strained"], made["max_strain"]) == (4, 0.05)
+    assert (made["explore_starts"], made["carry"]) == (None, 0)
+    result = run_cli(*base, "--reference", "cp2k", "--explore-starts", "3", "--carry", "4")
+    assert result.exit_code == 0, result.output
+    assert (made["explore_starts"], made["carry"]) == (3, 4)
+    result = run_cli(*base, "--reference", "cp2k", "--explore-starts", "0")
+    assert result.exit_code == 2 and "--explore-starts" in result.stderr
     result = run_cli(*base, "--cp2k-cutoff", "300")
     assert result.exit_code == 2 and "--cp2k-cutoff is for --reference cp2k" in result.stderr
     result = run_cli(*base, "--strained", "2", "--max-strain", "0.6")
