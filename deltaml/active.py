@@ -373,15 +373,16 @@ class ActiveLearner:
                     )  # fmt: skip
                 except Exception:  # an unstable run: its frames so far are candidates
                     pass
-        candidates += self._strained_cells(k, calc, explored)
+        candidates += self._strained_cells(k, explored)
         candidates += self._relaxation_frames(k, calc, explored, progress)
         for frame in candidates:
             frame.info["explored"] = k
         fresh = len(candidates)
         candidates += self._carried(k)
         for i, frame in enumerate(candidates):
-            # MD frames carry the force σ of their step; the rest is scored by the model.
-            if self.score == "crystal" or i >= fresh:
+            # MD frames carry the force σ of their step; the rest is scored by the
+            # model (the composite's σ is the correction's: no baseline call needed).
+            if self.score == "crystal" or i >= fresh or "uncertainty" not in frame.info:
                 frame.info["uncertainty"] = _model_score(model, frame, self.score)
         path = self._folder(k) / "candidates.extxyz"
         with atomic_path(path) as partial:
@@ -415,9 +416,7 @@ class ActiveLearner:
                 out.append(frame)
         return out
 
-    def _strained_cells(
-        self, k: int, calc: DeltaCalculator, explored: Sequence[int]
-    ) -> list[Atoms]:
+    def _strained_cells(self, k: int, explored: Sequence[int]) -> list[Atoms]:
         """``strained`` copies of each periodic start, homogeneously strained (seeded).
 
         Each copy's cell is ``cell @ (I + ε)`` with a symmetric ε whose components
@@ -434,11 +433,7 @@ class ActiveLearner:
             bare = Atoms(start.numbers, start.positions, cell=start.cell, pbc=True)
             for j in range(self.strained):
                 atoms = strained_cell(bare, self.max_strain, rng)
-                out.append(
-                    self._cell_candidate(
-                        atoms, start, calc, f"iteration {k}, start {s}, strain {j}"
-                    )
-                )
+                out.append(_cell_candidate(atoms, start, f"iteration {k}, start {s}, strain {j}"))
         return out
 
     def _relaxation_frames(
@@ -468,18 +463,8 @@ class ActiveLearner:
             picks = np.unique(np.linspace(0, len(path_frames) - 1, 5).round().astype(int))
             for j in picks if path_frames else []:
                 source = f"iteration {k}, start {s}, relaxation step {j + 1}"
-                out.append(self._cell_candidate(path_frames[j], start, calc, source))
+                out.append(_cell_candidate(path_frames[j], start, source))
         return out
-
-    def _cell_candidate(
-        self, atoms: Atoms, start: Atoms, calc: DeltaCalculator, source: str
-    ) -> Atoms:
-        """A bare periodic copy of ``atoms`` with its provenance (and force σ, if scored so)."""
-        frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
-        if self.score == "forces":
-            frame.info["uncertainty"] = _largest_force_sigma(frame, calc)
-        _provenance(frame, start, source)
-        return frame
 
     def _select(self, k: int, record: dict[str, Any], progress: bool) -> dict[str, Any]:
         candidates = read(self._folder(k) / "candidates.extxyz", index=":")
@@ -550,12 +535,11 @@ def _model_score(model: SparseGPR, frame: Atoms, score: str) -> float:
     return float(np.max(predicted.forces_uncertainty))
 
 
-def _largest_force_sigma(frame: Atoms, calc: DeltaCalculator) -> float:
-    """The composite's largest force σ on a structure (eV/Å); the structure keeps no calculator."""
-    atoms = frame.copy()
-    atoms.calc = calc
-    atoms.get_forces()
-    return float(np.max(calc.results["forces_uncertainty"]))
+def _cell_candidate(atoms: Atoms, start: Atoms, source: str) -> Atoms:
+    """A bare periodic copy of ``atoms`` with its provenance (scored with the pool)."""
+    frame = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+    _provenance(frame, start, source)
+    return frame
 
 
 def crystal_uncertainty(model: SparseGPR, atoms: Atoms) -> dict[str, float]:
