@@ -276,6 +276,46 @@ def cross_calibrated_fit(
     return final
 
 
+def fit_crystal_model(
+    frames: Sequence[Atoms],
+    *,
+    seed: int = 0,
+    folds: int = 5,
+    trained_with: dict[str, Any] | None = None,
+    **params: Any,
+) -> Any:
+    """The crystal model: a :class:`~deltaml.model.SparseGPR` with
+    :data:`~deltaml.model.CRYSTAL_PARAMS` and energy σ, fitted on ``frames`` and
+    calibrated by :func:`cross_calibrated_fit` over whole systems.
+
+    A crystal's cells (start, strained and MD copies) and each gas molecule are
+    held out together, so that σ is calibrated on cells unlike any fitted one, as a
+    new polymorph is. With fewer systems than ``folds`` the empty folds are left out.
+
+    Parameters
+    ----------
+    frames : sequence of ase.Atoms
+        Δ-labelled periodic cells and gas molecules (:func:`deltaml.dataset.delta_targets`).
+    seed : int, default=0
+        Seed of the model (sparse points) and of the folds.
+    folds : int, default=5
+        Cross-validation folds.
+    trained_with : dict, optional
+        Records of the terms (passed to every fit).
+    **params
+        Overrides of the model's parameters (e.g. ``inter_delta``).
+
+    Returns
+    -------
+    SparseGPR
+        Fitted on all ``frames``, calibrated.
+    """
+    from deltaml.model import CRYSTAL_PARAMS, SparseGPR
+
+    template = SparseGPR(seed=seed, **{"uncertainty": "energy", **CRYSTAL_PARAMS, **params})
+    return cross_calibrated_fit(template, frames, folds=folds, seed=seed, trained_with=trained_with)
+
+
 def errors(predictions: Predictions) -> dict[str, Any]:
     """MAE and RMSE of the composite and of the baseline alone.
 

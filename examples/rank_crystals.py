@@ -6,8 +6,8 @@ I and benzene I alone), every starting cell and the gas-phase molecule (as cut a
 relaxed, ``crystal_molecules.extxyz``) are relaxed, positions and cells, with
 
 * the composite: dispersion-free GFN2-xTB + the Δ-model fitted on the periodic CP2K
-  labels (``data/labelled/crystals.extxyz``; :data:`deltaml.model.CRYSTAL_PARAMS`,
-  energy σ calibrated by 5-fold cross-validation over whole systems) + D3(BJ), the
+  labels (``data/labelled/crystals.extxyz``;
+  :func:`deltaml.evaluation.fit_crystal_model`) + D3(BJ), the
   reference's (revPBE) partner, and
 * GFN2-xTB alone, with its own D4,
 
@@ -37,10 +37,9 @@ from ase import Atoms
 from ase.io import read
 from rank_ice_polymorphs import methods, parser_for
 
-from deltaml import SparseGPR, delta_targets, read_labelled
+from deltaml import delta_targets, read_labelled
 from deltaml.crystals import identify_molecules
-from deltaml.evaluation import cross_calibrated_fit
-from deltaml.model import CRYSTAL_PARAMS
+from deltaml.evaluation import fit_crystal_model
 from deltaml.ranking import rank_polymorphs
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -57,8 +56,7 @@ def fit_or_load_model(out: Path, model_path: Path | None, seed: int) -> Path:
     if path.is_file():
         return path
     targets, terms = delta_targets(read_labelled(LABELS, check_magnitudes=False))
-    template = SparseGPR(seed=seed, uncertainty="energy", **CRYSTAL_PARAMS)
-    model = cross_calibrated_fit(template, targets, folds=5, seed=seed, trained_with=terms)
+    model = fit_crystal_model(targets, seed=seed, trained_with=terms)
     out.mkdir(parents=True, exist_ok=True)
     return model.save(path)
 

@@ -279,3 +279,32 @@ def test_a_cross_calibrated_fit_holds_out_named_systems_whole_and_skips_unseen_e
     assert "H3N" not in seen and len(seen) == 18  # every copy held out once, NH3 never
     for fold in held_out:  # whole systems: three copies of each name
         assert all(fold.count(name) == 3 for name in fold)
+
+
+def test_the_crystal_model_uses_crystal_params_and_calibrates_over_systems():
+    """fit_crystal_model is the one recipe of the crystal benchmark and example:
+    CRYSTAL_PARAMS, energy σ, cross-calibrated; overrides win."""
+    from ase.build import molecule
+
+    from deltaml.evaluation import cross_calibrated_fit, fit_crystal_model
+    from deltaml.model import CRYSTAL_PARAMS
+
+    rng = np.random.default_rng(5)
+    frames = []
+    for name in ("H2O", "CH3OH", "CH4", "C2H6"):
+        for _ in range(2):
+            atoms = molecule(name)
+            atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+            atoms.info["system"] = name
+            frames.append(atoms)
+    frames = _labelled(frames)
+    model = fit_crystal_model(frames, seed=2, folds=2, descriptor=DESCRIPTOR, n_sparse=10)
+    assert model.inter_delta == CRYSTAL_PARAMS["inter_delta"]
+    assert model.uncertainty == "energy" and model.uncertainty_scale_["energy"] > 0
+    template = SparseGPR(descriptor=DESCRIPTOR, n_sparse=10, seed=2, uncertainty="energy",
+                         **CRYSTAL_PARAMS)  # fmt: skip
+    same = cross_calibrated_fit(template, frames, folds=2, seed=2)
+    np.testing.assert_array_equal(model.alpha_, same.alpha_)
+    assert model.uncertainty_scale_ == same.uncertainty_scale_
+    assert fit_crystal_model(frames, folds=2, descriptor=DESCRIPTOR, n_sparse=10,
+                             inter_delta=0.01).inter_delta == 0.01  # fmt: skip
