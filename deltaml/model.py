@@ -103,7 +103,7 @@ from deltaml.prior_width import (
     log_evidence,
     whitened_normal_equations,
 )
-from deltaml.sampling import SELECTIONS, select_rows
+from deltaml.sampling import SELECTIONS, distinct_rows, select_rows
 from deltaml.structures import (
     charge_and_multiplicity,
     composition_counts,
@@ -158,6 +158,11 @@ _CV_CLUSTER_SCALE = 0.05
 #: Intermolecular rows shorter than this fraction of the element's typical row are
 #: not taken as sparse points (contacts at the edge of the cut-off).
 _INTER_MIN_NORM = 0.05
+#: Most atoms per descriptor batch (besides ``batch_size`` structures): position and
+#: strain gradients of SOAP take about 9 MB per atom of a molecular crystal, so
+#: twenty 170-atom cells in one batch took 16 GB; measured on 17 crystal labels (702
+#: atoms), batches of one structure peaked at 2.3 GB against 8.1 GB, and were faster.
+BATCH_ATOMS = 256
 
 
 class SparseGPR(BaseEstimator):
@@ -218,7 +223,8 @@ class SparseGPR(BaseEstimator):
      offset_prior_    5.0               eV      prior std of an offset around its
      width                                      isolated atom's Δ
      jitter           1e-8              -       relative diagonal added to K_mm
-     batch_size       20                -       structures per descriptor batch
+     batch_size       20                -       most structures per descriptor batch
+                                                (and at most BATCH_ATOMS atoms)
      uncertainty      "forces"          -       forces, energy (cheaper), or None
      seed             0                 -       seed of every random choice
     ================ ================= ======= ===========================================
@@ -643,8 +649,20 @@ class SparseGPR(BaseEstimator):
         return max(float(np.sqrt(np.sum(energies**2) / np.sum(prior))), 1e-5)
 
     def _batches(self, frames: Sequence[Atoms]) -> list[list[Atoms]]:
-        size = int(self.batch_size)
-        return [list(frames[i : i + size]) for i in range(0, len(frames), size)]
+        """Consecutive frames in batches of at most ``batch_size`` structures and
+        :data:`BATCH_ATOMS` atoms (a larger structure sits alone), in order."""
+        batches: list[list[Atoms]] = []
+        atoms_in_last = 0
+        for atoms in frames:
+            full = batches and (
+                len(batches[-1]) >= int(self.batch_size) or atoms_in_last + len(atoms) > BATCH_ATOMS
+            )
+            if not batches or full:
+                batches.append([])
+                atoms_in_last = 0
+            batches[-1].append(atoms)
+            atoms_in_last += len(atoms)
+        return batches
 
     def _select_sparse(
         self, rows: DescriptorBatch, count: int, *, normalised: bool
@@ -659,7 +677,10 @@ class SparseGPR(BaseEstimator):
                 mine = mine[np.linalg.norm(mine, axis=1) > _INTER_MIN_NORM]
             if not len(mine):
                 continue
-            mine = np.unique(np.round(mine, 12), axis=0)  # identical environments once
+            # Identical environments once: within a tolerance first (rounding alone
+            # split copies that floating-point noise put either side of a grid line,
+            # so the fit depended on the batches), then in np.unique's order.
+            mine = np.unique(np.round(mine[distinct_rows(mine)], 12), axis=0)
             # Selection compares directions; unnormalised rows keep their length.
             unit = mine / np.linalg.norm(mine, axis=1, keepdims=True)
             picked = select_rows(unit, min(count, len(mine)), self._selection_rule(), rng)

@@ -555,3 +555,59 @@ def test_pooled_calibration_statistics_give_the_factors_of_one_calibration(
     assert set(pooled) == set(whole)
     for key, value in whole.items():
         assert pooled[key] == pytest.approx(value, rel=1e-6)
+
+
+def _synthetic_labels(frames: list[Atoms], seed: int) -> list[Atoms]:
+    """Arbitrary Δ energies, forces and (cells) stresses: the fit's arithmetic only."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        results = {"energy": rng.normal(), "forces": rng.normal(scale=0.1, size=(len(atoms), 3))}
+        if atoms.pbc.all():
+            results["stress"] = rng.normal(scale=1e-3, size=6)
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        out.append(atoms)
+    return out
+
+
+def test_the_fit_does_not_depend_on_how_structures_are_batched(co2_crystal, monkeypatch):
+    """Batches bound memory (crystal SOAP gradients take ~9 MB per atom), so they
+    must not change the model: identical environments computed in different batches
+    differ by ~1e-14 and must still be one sparse point."""
+    import deltaml.model as model_module
+
+    cells = [co2_crystal, co2_crystal.repeat((2, 1, 1)), _rattle_copy(co2_crystal, 4)]
+    frames = _synthetic_labels([*cells, molecule("CO2"), _rattle_copy(co2_crystal, 5)], seed=0)
+    settings = {"n_sparse": 500, "inter_n_sparse": 500}  # full SOAP: many features
+    one = SparseGPR(batch_size=1, **settings).fit(frames)
+    many = SparseGPR(batch_size=20, **settings)
+    monkeypatch.setattr(model_module, "BATCH_ATOMS", 30)
+    assert [len(b) for b in many._batches(frames)] == [1, 1, 3]  # 12, 24, 12+3+12 atoms
+    monkeypatch.setattr(model_module, "BATCH_ATOMS", 10_000)
+    many.fit(frames)
+    assert len(one._batches(frames)) == 5 and len(many._batches(frames)) == 1
+    np.testing.assert_array_equal(one.sparse_numbers_, many.sparse_numbers_)
+    np.testing.assert_allclose(one.sparse_values_, many.sparse_values_, atol=1e-12)
+    probe = _rattle_copy(co2_crystal, 9)
+    assert _energy(one, probe) == pytest.approx(_energy(many, probe), abs=1e-8)
+
+
+def _rattle_copy(atoms: Atoms, seed: int) -> Atoms:
+    copy = atoms.copy()
+    copy.positions += np.random.default_rng(seed).normal(scale=0.03, size=copy.positions.shape)
+    return copy
+
+
+def test_environments_equal_but_for_rounding_noise_are_one_sparse_point(co2_crystal):
+    """A cell and its copy moved by 1e-12 Å hold the same environments: the sparse
+    points are those of the cell alone (rounding the rows to a grid doubled them)."""
+    noisy = co2_crystal.copy()
+    noisy.positions += np.random.default_rng(0).normal(scale=1e-12, size=noisy.positions.shape)
+    settings = {"n_sparse": 500, "inter_n_sparse": 500}
+    alone = SparseGPR(**settings).fit(_synthetic_labels([co2_crystal], seed=1))
+    both = SparseGPR(**settings).fit(_synthetic_labels([co2_crystal, noisy], seed=1))
+    assert [t.size for t in both.terms_] == [t.size for t in alone.terms_]
+    np.testing.assert_array_equal(alone.sparse_numbers_, both.sparse_numbers_)

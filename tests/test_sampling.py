@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deltaml.errors import ParameterError
-from deltaml.sampling import farthest_points, leverage_points, select_rows
+from deltaml.sampling import distinct_rows, farthest_points, leverage_points, select_rows
 
 
 def _farthest_by_hand(rows: np.ndarray, count: int, first: int) -> list[int]:
@@ -48,3 +48,18 @@ def test_selection_is_seeded_and_refuses_unknown_rules():
     assert select_rows(rows, 40, "fps", np.random.default_rng(0)).tolist() == list(range(30))
     with pytest.raises(ParameterError, match="selection must be one of"):
         select_rows(rows, 6, "cur", np.random.default_rng(0))
+
+
+def test_distinct_rows_group_noisy_copies_that_rounding_splits():
+    """Copies of a row 1e-14 apart (one environment computed in two batches) are one;
+    rounding to a grid splits such copies whenever a value straddles a grid line."""
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(30, 200))
+    copies = rows[:10] + rng.normal(scale=1e-14, size=(10, 200))
+    apart = rows[:5] + 1e-6  # other environments, however close
+    stacked = np.vstack([copies, rows, apart])
+    kept = distinct_rows(stacked)
+    assert len(kept) == 35
+    np.testing.assert_array_equal(kept[:10], np.arange(10))  # the first of each group
+    assert len(np.unique(np.round(stacked, 12), axis=0)) > 35  # what rounding did
+    assert len(distinct_rows(np.zeros((0, 4)))) == 0
