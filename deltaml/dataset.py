@@ -460,15 +460,22 @@ def import_labelled(store: LabelStore, structures: Sequence[Atoms]) -> tuple[int
             present += 1
             continue
         results = atoms.calc.results
+        # Everything the store keeps beside a label comes back in: the terms'
+        # energies, forces, stresses and records, and the cost.
         terms = {
-            key[len("energy_") :]: {
+            name: {
                 "energy": value,
-                "forces": atoms.arrays.get(f"forces_{key[len('energy_') :]}"),
-                "record": atoms.info.get(f"record_{key[len('energy_') :]}"),
+                "forces": atoms.arrays.get(f"forces_{name}"),
+                "stress": _voigt(atoms.info.get(f"stress_{name}")),
+                "record": atoms.info.get(f"record_{name}"),
             }
-            for key, value in atoms.info.items()
-            if key.startswith("energy_") and key not in _UNIT_KEYS and _is_number(value)
+            for name, value in (
+                (key[len("energy_") :], value)
+                for key, value in atoms.info.items()
+                if key.startswith("energy_") and key not in _UNIT_KEYS and _is_number(value)
+            )
         }
+        seconds = atoms.info.get("compute_seconds")
         store.put(
             atoms,
             record,
@@ -479,6 +486,7 @@ def import_labelled(store: LabelStore, structures: Sequence[Atoms]) -> tuple[int
             charge=charge,
             multiplicity=multiplicity,
             claim=claim,
+            compute_seconds=float(seconds) if _is_number(seconds) else None,
         )
         added += 1
     return added, present

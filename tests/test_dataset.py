@@ -202,6 +202,35 @@ def test_periodic_labels_with_stress_round_trip(tmp_path, co2_crystal):
     np.testing.assert_allclose(store.labelled()[0].get_stress(), np.arange(6) * 1e-3)
 
 
+def test_a_cell_label_keeps_its_terms_stress_and_cost_through_import_and_export(
+    tmp_path, co2_crystal
+):
+    """A fresh checkout imports the shipped labels into a new store and exports them
+    again: the baseline's stress (needed for Δ stress) and the cost must survive."""
+    atoms = co2_crystal.copy()
+    atoms.calc = SinglePointCalculator(
+        atoms, energy=-100.0, forces=np.zeros((len(atoms), 3)), stress=np.arange(6) * 1e-3
+    )
+    atoms.info["method_record"] = {"code": "cp2k", "version": "2023.1", "xc": "revpbe"}
+    atoms.info["energy_baseline"] = -90.0
+    atoms.arrays["forces_baseline"] = np.full((len(atoms), 3), 0.5)
+    atoms.info["stress_baseline"] = np.arange(6) * -2e-3
+    atoms.info["compute_seconds"] = 123.5
+    first = tmp_path / "first.extxyz"
+    write_labelled(first, [atoms])
+    for generation in ("second", "third"):  # twice: what one session exports, the next imports
+        store = LabelStore(tmp_path / f"{generation}.db")
+        import_labelled(store, read_labelled(first, check_magnitudes=False))
+        first = tmp_path / f"{generation}.extxyz"
+        export_labelled(store, first)
+    back = read_labelled(first, check_magnitudes=False)[0]
+    np.testing.assert_allclose(back.info["stress_baseline"], np.arange(6) * -2e-3)
+    np.testing.assert_allclose(back.arrays["forces_baseline"], 0.5)
+    assert back.info["energy_baseline"] == -90.0
+    assert back.info["compute_seconds"] == pytest.approx(123.5)
+    np.testing.assert_allclose(back.get_stress(), np.arange(6) * 1e-3)
+
+
 def test_missing_record_is_refused_unless_given(tmp_path):
     frames = _labelled(_frames(2))
     for atoms in frames:
