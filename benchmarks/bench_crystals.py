@@ -28,7 +28,9 @@ Usage::
     python benchmarks/bench_crystals.py --sizes 10,25,50,all --baselines GFN2-xTB
     python benchmarks/bench_crystals.py --sizes all --inter-delta cv     # SparseGPR's default δ
 
-Writes ``benchmarks/results/bench_crystals.json`` (``--out`` to change).
+Writes ``benchmarks/results/bench_crystals.json`` (``--out`` to change) after each
+part (``"complete": false`` until the last), so that a run stopped for time keeps
+what it measured.
 """
 
 from __future__ import annotations
@@ -284,6 +286,7 @@ def main() -> None:
         print(f"{method}: {len(targets)} labels", flush=True)
         curve, held = learning_curve(targets, sizes, args.seed)
         report[f"curve_{method}"] = {"held_out": held, "points": curve}
+        write_json(args.out, {**report, "complete": False})  # each part as it ends
         print(f"{method}, held out {held}:")
         print(markdown_table(
             ["labels", "E_latt MAE (kJ/mol)", "F MAE (eV/Å)", "stress MAE (GPa)"],
@@ -293,6 +296,7 @@ def main() -> None:
         if args.rankings:
             ranked = rankings(targets, args.seed)
             report[f"rankings_{method}"] = ranked
+            write_json(args.out, {**report, "complete": False})
             for part in ("left_out", "in_sample"):
                 print(f"{method}, lattice energies, {part}: {ranked[f'{part}_summary']}")
                 print(f"{method}, relative energies, {part}: "
@@ -304,7 +308,7 @@ def main() -> None:
                       r["order_right"]] for r in ranked[f"relative_{part}"]],
                 ))  # fmt: skip
     report["wall_time_s"] = time.perf_counter() - start
-    write_json(args.out, report)
+    write_json(args.out, {**report, "complete": True})
     print(f"wrote {args.out}")
 
 
