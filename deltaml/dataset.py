@@ -462,19 +462,16 @@ def import_labelled(store: LabelStore, structures: Sequence[Atoms]) -> tuple[int
         results = atoms.calc.results
         # Everything the store keeps beside a label comes back in: the terms'
         # energies, forces, stresses and records, and the cost.
-        terms = {
-            name: {
-                "energy": value,
-                "forces": atoms.arrays.get(f"forces_{name}"),
-                "stress": _voigt(atoms.info.get(f"stress_{name}")),
-                "record": atoms.info.get(f"record_{name}"),
-            }
-            for name, value in (
-                (key[len("energy_") :], value)
-                for key, value in atoms.info.items()
-                if key.startswith("energy_") and key not in _UNIT_KEYS and _is_number(value)
-            )
-        }
+        terms = {}
+        for key, value in atoms.info.items():
+            if key.startswith("energy_") and key not in _UNIT_KEYS and _is_number(value):
+                name = key[len("energy_") :]
+                terms[name] = {
+                    "energy": value,
+                    "forces": atoms.arrays.get(f"forces_{name}"),
+                    "stress": _voigt(atoms.info.get(f"stress_{name}")),
+                    "record": atoms.info.get(f"record_{name}"),
+                }
         seconds = atoms.info.get("compute_seconds")
         store.put(
             atoms,
